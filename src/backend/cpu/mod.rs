@@ -1,0 +1,1 @@
+//! The CPU reference backend (f32): the executable specification of every op.

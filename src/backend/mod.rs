@@ -1,0 +1,160 @@
+//! The op set every backend implements.
+//!
+//! Layout conventions: tensors are contiguous and row-major. Images and feature maps inside the
+//! model are channels-last (`[B, H, W, C]`, "NHWC"); only the public inputs and outputs (`images`,
+//! `image_embeddings`, masks) are channels-first, and the model converts with [`Backend::permute`].
+//! Token sequences are `[B, L, C]`; multi-head tensors keep heads interleaved in the last dimension
+//! (`C = heads * head_dim`, head-major), exactly as a linear layer writes them, so attention reads
+//! q/k/v straight out of the projection output.
+//!
+//! Every op returns a fresh tensor; inputs are never modified. Ops fail with
+//! [`Error::Shape`](crate::Error::Shape) when shapes disagree (a caller bug, never user input).
+
+pub mod cpu;
+
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// Activation applied in a fused epilogue or on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// Identity.
+    None,
+    /// Exact GELU: `x * 0.5 * (1 + erf(x / sqrt(2)))`.
+    Gelu,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+/// Decomposed relative-position bias for attention over a 2D token grid (SAM's
+/// `add_decomposed_rel_pos`).
+///
+/// Query token `(qy, qx)` (row-major in a `q_grid.0 x q_grid.1` grid) attending to key token
+/// `(ky, kx)` gets the additive logit bias
+/// `sum_c q[qy,qx,c] * rh[qy,ky,c] + sum_c q[qy,qx,c] * rw[qx,kx,c]`,
+/// where `q` is the *unscaled* query of that head. The tables are already gathered for the grid
+/// (see `sam::rel_pos::gather`), so `rh` is `[qh, kh, head_dim]` and `rw` is `[qw, kw, head_dim]`,
+/// shared by all heads.
+pub struct RelPos<'a, T> {
+    /// `[qh, kh, head_dim]`.
+    pub rh: &'a T,
+    /// `[qw, kw, head_dim]`.
+    pub rw: &'a T,
+    /// Query grid `(qh, qw)`; `Lq = qh * qw`.
+    pub q_grid: (usize, usize),
+    /// Key grid `(kh, kw)`; `Lk = kh * kw`.
+    pub k_grid: (usize, usize),
+}
+
+/// A compute backend: owns device memory and implements the forward ops.
+///
+/// The CPU backend ([`cpu::Cpu`]) is the executable specification; other backends are tested
+/// against it.
+pub trait Backend: Send + Sync {
+    /// A tensor living on this backend's device.
+    type Tensor: Clone + Send + Sync + std::fmt::Debug;
+
+    /// Human-readable device name (`cpu (2 threads)`, `cuda:0 NVIDIA H100 ...`).
+    fn name(&self) -> String;
+
+    // ----- memory and views ------------------------------------------------------------------
+
+    /// Copies a host tensor to the device.
+    fn upload(&self, t: &Tensor) -> Result<Self::Tensor>;
+    /// Copies a device tensor to the host.
+    fn download(&self, t: &Self::Tensor) -> Result<Tensor>;
+    /// The dimensions of a device tensor.
+    fn dims<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
+    /// Same data, new shape (no copy). Element counts must match.
+    fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
+
+    // ----- layout ----------------------------------------------------------------------------
+
+    /// `y = x.permute(perm)`, materialised contiguously. `y.shape[i] = x.shape[perm[i]]`.
+    fn permute(&self, x: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
+    /// Concatenation along `dim`; all other dimensions must agree.
+    fn concat(&self, xs: &[&Self::Tensor], dim: usize) -> Result<Self::Tensor>;
+    /// `x[.., start..start+len, ..]` along `dim`, materialised.
+    fn narrow(&self, x: &Self::Tensor, dim: usize, start: usize, len: usize)
+        -> Result<Self::Tensor>;
+    /// Rows of `x` along dimension 0: `y[i] = x[index[i]]`.
+    fn index_select0(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
+    /// SAM's `window_partition`: `[B, H, W, C]` -> `[B * nh * nw, ws, ws, C]` with
+    /// `nh = ceil(H / ws)`, `nw = ceil(W / ws)`; the bottom/right padding is zeros. Window index
+    /// is `b * nh * nw + wy * nw + wx`.
+    fn window_partition(&self, x: &Self::Tensor, ws: usize) -> Result<Self::Tensor>;
+    /// Inverse of [`Backend::window_partition`]: `[B * nh * nw, ws, ws, C]` -> `[B, H, W, C]`,
+    /// dropping the padding.
+    fn window_unpartition(&self, x: &Self::Tensor, ws: usize, hw: (usize, usize))
+        -> Result<Self::Tensor>;
+
+    // ----- elementwise -----------------------------------------------------------------------
+
+    /// `y = alpha * a + beta * b`. `b` may be smaller than `a` when its element count divides
+    /// `a`'s: it is then tiled (broadcast over `a`'s leading dimensions), so `b`'s shape must equal
+    /// a suffix of `a`'s shape up to leading ones.
+    fn add_scaled(&self, a: &Self::Tensor, alpha: f32, b: &Self::Tensor, beta: f32)
+        -> Result<Self::Tensor>;
+    /// `y = act(x)`.
+    fn activate(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
+
+    // ----- linear algebra --------------------------------------------------------------------
+
+    /// `y = act(x @ w^T + b)`: `x` is `[.., K]`, `w` is `[N, K]` (PyTorch's Linear layout), `b` is
+    /// `[N]`; `y` is `[.., N]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, act: Act)
+        -> Result<Self::Tensor>;
+    /// Batched matrix product: `a` is `[Bt, M, K]`; `b` is `[Bt, K, N]`, or `[Bt, N, K]` when
+    /// `trans_b`; `y[t] = a[t] @ b[t]` (or `a[t] @ b[t]^T`) is `[Bt, M, N]`.
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, trans_b: bool) -> Result<Self::Tensor>;
+
+    // ----- normalisation ---------------------------------------------------------------------
+
+    /// LayerNorm over the last dimension: `y = (x - mean) / sqrt(var + eps) * g + b`, biased
+    /// variance. Channels-last LayerNorm2d is the same op.
+    fn layer_norm(&self, x: &Self::Tensor, g: &Self::Tensor, b: &Self::Tensor, eps: f32)
+        -> Result<Self::Tensor>;
+
+    // ----- attention -------------------------------------------------------------------------
+
+    /// Multi-head attention: `q` is `[B, Lq, heads * d]`, `k` and `v` are `[B, Lk, heads * d]`;
+    /// for each batch and head `o = softmax(scale * q k^T + bias) v`, where `bias` is the
+    /// decomposed relative-position bias when `rel` is given (else zero). Output
+    /// `[B, Lq, heads * d]`. The `Lq x Lk` score matrix need not be materialised.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<Self::Tensor>;
+
+    // ----- convolutions ----------------------------------------------------------------------
+
+    /// 2D convolution, channels-last: `x` `[B, H, W, Cin]`, `w` `[Cout, Cin, kh, kw]` (PyTorch
+    /// layout), optional `b` `[Cout]`, symmetric zero padding `pad`, stride `stride`. Output
+    /// `[B, Ho, Wo, Cout]` with `Ho = (H + 2 pad - kh) / stride + 1`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self::Tensor>;
+    /// Transposed convolution with kernel 2, stride 2, channels-last: `x` `[B, H, W, Cin]`, `w`
+    /// `[Cin, Cout, 2, 2]` (PyTorch layout), `b` `[Cout]`; `y[b, 2i+di, 2j+dj, o] = b[o] +
+    /// sum_c x[b,i,j,c] w[c,o,di,dj]`, shape `[B, 2H, 2W, Cout]`.
+    fn conv_transpose2x2(&self, x: &Self::Tensor, w: &Self::Tensor, b: &Self::Tensor)
+        -> Result<Self::Tensor>;
+
+    // ----- resampling (channels-first, as PyTorch's F.interpolate) --------------------------
+
+    /// `F.interpolate(x, size, mode="bilinear", align_corners=False)` on `[B, C, H, W]`.
+    fn resize_bilinear(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
+    /// `F.interpolate(x, size, mode="bicubic", align_corners=False)` (A = -0.75, border
+    /// clamped) on `[B, C, H, W]`.
+    fn resize_bicubic(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
+}

@@ -1,0 +1,2 @@
+//! `medsa-engine`: the command-line front end.
+fn main() {}
