@@ -1,1 +1,59 @@
-fn main() {}
+//! CPU benchmarks of the hot ops and of the vit_b image encoder at a reduced input size.
+//! The full 1024x1024 comparison against PyTorch lives in `tools/bench_cpu.sh` (one vit_b pass
+//! takes seconds, too long for criterion's sampling on a 2-core machine).
+
+use criterion::{criterion_group, criterion_main, Criterion};
+
+use medsa::backend::cpu::Cpu;
+use medsa::backend::{Act, Backend, RelPos};
+use medsa::sam::random::{random_checkpoint, Rng};
+use medsa::sam::{Sam, SamConfig, Trace};
+use medsa::weights::WeightStore;
+
+fn ops(c: &mut Criterion) {
+    let be = Cpu::new();
+    let mut rng = Rng::new(3);
+    let mut g = c.benchmark_group("ops");
+    g.sample_size(10);
+
+    // vit_b's qkv projection over a 64x64 token grid.
+    let x = rng.tensor(&[4096, 768], 1.0);
+    let w = rng.tensor(&[2304, 768], 0.03);
+    let b = rng.tensor(&[2304], 0.1);
+    g.bench_function("linear 4096x768 -> 2304", |bch| {
+        bch.iter(|| be.linear(&x, &w, Some(&b), Act::None).unwrap())
+    });
+
+    // One global-attention block of vit_b: 4096 tokens, 12 heads of 64, rel-pos bias.
+    let q = rng.tensor(&[1, 4096, 768], 1.0);
+    let k = rng.tensor(&[1, 4096, 768], 1.0);
+    let v = rng.tensor(&[1, 4096, 768], 1.0);
+    let rh = rng.tensor(&[64, 64, 64], 0.05);
+    let rw = rng.tensor(&[64, 64, 64], 0.05);
+    g.bench_function("attention global 4096 tok 12x64 relpos", |bch| {
+        bch.iter(|| {
+            let rel = RelPos { rh: &rh, rw: &rw, q_grid: (64, 64), k_grid: (64, 64) };
+            be.attention(&q, &k, &v, 12, 0.125, Some(rel)).unwrap()
+        })
+    });
+    let h = rng.tensor(&[4096, 3072], 1.0);
+    g.bench_function("gelu 4096x3072", |bch| bch.iter(|| be.activate(&h, Act::Gelu).unwrap()));
+    g.finish();
+}
+
+fn encoder(c: &mut Criterion) {
+    let be = Cpu::new();
+    let cfg = SamConfig::published("vit_b", true, false).unwrap();
+    let mut ws = WeightStore::from_tensors("random vit_b", random_checkpoint(&cfg, 0));
+    let model = Sam::from_store(&be, &mut ws).unwrap();
+    let x = be.upload(&Rng::new(1).tensor(&[1, 3, 256, 256], 2.0)).unwrap();
+    let mut g = c.benchmark_group("encoder");
+    g.sample_size(10);
+    g.bench_function("vit_b + Med-SA adapters, 256x256", |bch| {
+        bch.iter(|| model.encode(&be, &x, None, &mut Trace::off()).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, ops, encoder);
+criterion_main!(benches);

@@ -1,7 +1,7 @@
 //! medsa: the Medical SAM Adapter (SAM + Med-SA adapters, SD-Trans, HyP-Adpt) on a CPU reference
 //! backend and NVIDIA GPUs.
 //!
-//! `../shared/SPEC.md` (mirrored in `docs/`) defines the model; [`backend::Backend`] is the op set;
+//! `docs/SPEC.md` defines the model; [`backend::Backend`] is the op set;
 //! [`sam::Sam`] is the model.
 
 #![warn(missing_docs)]
@@ -12,3 +12,8 @@ pub mod tensor;
 
 pub use error::{Error, Result};
 pub use tensor::Tensor;
+pub mod medsa;
+pub mod nn;
+pub mod pipeline;
+pub mod sam;
+pub mod weights;

@@ -1,2 +1,471 @@
-//! `medsa-engine`: the command-line front end.
-fn main() {}
+//! `medsa-engine`: run SAM / Med-SA checkpoints from the command line.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use medsa::backend::cpu::Cpu;
+use medsa::backend::Backend;
+use medsa::medsa::depth_branch::DepthMode;
+use medsa::pipeline::{self, Preset};
+use medsa::sam::model::postprocess_masks;
+use medsa::sam::random::{random_checkpoint, Rng};
+use medsa::sam::{DepthSpec, MaskOutput, Prompts, Sam, SamConfig, Trace};
+use medsa::weights::{save_safetensors, ParamCounts, SafetensorsFile, WeightStore};
+use medsa::Tensor;
+
+#[derive(Parser)]
+#[command(name = "medsa-engine", version, about = "Medical SAM Adapter engine (SAM + Med-SA)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DepthModeArg {
+    /// Each spatial token attends over its own slices (default).
+    PerToken,
+    /// The public Med-SA code's regrouping, for adapters trained with it.
+    Compat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PresetArg {
+    /// Keep aspect, SAM mean/std, pad to square.
+    Sam,
+    /// Stretch to square, scale to [0, 1].
+    Medsa,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print the configuration inferred from a checkpoint and its parameter counts.
+    Info {
+        /// A .safetensors checkpoint (official SAM or Med-SA key names).
+        checkpoint: PathBuf,
+    },
+    /// Run the model on raw input tensors and write every output tensor.
+    Forward {
+        /// Checkpoint (.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Inputs (.safetensors): `images` (B,3,H,W) preprocessed; optional `point_coords`
+        /// (B,N,2), `point_labels` (B,N), `boxes` (B,4), `mask_inputs` (B,1,4h,4w), `depth`.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output .safetensors: image_embeddings, low_res_masks, iou_predictions, masks.
+        #[arg(long)]
+        out: PathBuf,
+        /// Three masks per prompt instead of one (default: the inputs' `multimask_output`
+        /// metadata, else off).
+        #[arg(long)]
+        multimask: Option<bool>,
+        /// Slices per volume (the batch is volumes x slices); default: a `depth` tensor or
+        /// metadata in the inputs, else 2D.
+        #[arg(long)]
+        depth: Option<usize>,
+        /// Depth-branch semantics for windowed blocks.
+        #[arg(long, value_enum, default_value = "per-token")]
+        depth_mode: DepthModeArg,
+        /// Resized image size before padding, "h,w" (default: metadata, else the input size).
+        #[arg(long)]
+        input_size: Option<String>,
+        /// Size of `masks`, "h,w" (default: metadata, else the input size).
+        #[arg(long)]
+        original_size: Option<String>,
+        /// Device: cpu (cuda[:N] with the cuda feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Segment one image from point or box prompts; writes the mask at the image's size.
+    Segment {
+        /// Checkpoint (.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A PNG or JPEG image.
+        #[arg(long)]
+        image: PathBuf,
+        /// A point "x,y[,label]" in image pixels (label 1 foreground by default, 0 background);
+        /// repeat for more points.
+        #[arg(long = "point")]
+        points: Vec<String>,
+        /// A box "x0,y0,x1,y1" in image pixels.
+        #[arg(long = "box")]
+        bbox: Option<String>,
+        /// Output mask PNG (0/255).
+        #[arg(long)]
+        out: PathBuf,
+        /// Predict three masks and keep the one with the best predicted IoU.
+        #[arg(long)]
+        multimask: bool,
+        /// Preprocessing preset.
+        #[arg(long, value_enum, default_value = "sam")]
+        preset: PresetArg,
+        /// Device: cpu (cuda[:N] with the cuda feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Time the image encoder of a random-weight model (median of repeats).
+    Bench {
+        /// vit_b, vit_l or vit_h.
+        #[arg(long, default_value = "vit_b")]
+        variant: String,
+        /// Input size in pixels (square).
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Images per batch.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed repeats.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Include Med-SA adapters.
+        #[arg(long)]
+        adapters: bool,
+        /// Device: cpu (cuda[:N] with the cuda feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn cpu_device(device: &str) -> Result<Cpu> {
+    match device {
+        "cpu" => Ok(Cpu::new()),
+        d if d == "cuda" || d.starts_with("cuda:") => bail!(
+            "--device {d}: this medsa-engine was built without a CUDA backend; use --device cpu"
+        ),
+        d => bail!("--device {d}: expected cpu or cuda[:N]"),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Info { checkpoint } => info(&checkpoint),
+        Cmd::Forward {
+            checkpoint,
+            inputs,
+            out,
+            multimask,
+            depth,
+            depth_mode,
+            input_size,
+            original_size,
+            device,
+        } => {
+            let be = cpu_device(&device)?;
+            forward(
+                &be,
+                &checkpoint,
+                &inputs,
+                &out,
+                multimask,
+                depth,
+                depth_mode,
+                input_size,
+                original_size,
+            )
+        }
+        Cmd::Segment { checkpoint, image, points, bbox, out, multimask, preset, device } => {
+            let be = cpu_device(&device)?;
+            segment(&be, &checkpoint, &image, &points, bbox.as_deref(), &out, multimask, preset)
+        }
+        Cmd::Bench { variant, size, batch, repeats, warmup, adapters, device } => {
+            let be = cpu_device(&device)?;
+            bench(&be, &variant, size, batch, repeats, warmup, adapters)
+        }
+    }
+}
+
+fn info(path: &Path) -> Result<()> {
+    let ws = WeightStore::open(path)?;
+    let cfg = SamConfig::infer(&ws)?;
+    let pc = ParamCounts::of(&ws)?;
+    let (ih, iw) = cfg.img_size();
+    println!("checkpoint      {}", path.display());
+    println!("encoder         {} (embed {}, depth {}, heads {}, head dim {}, mlp {})",
+        cfg.variant(), cfg.embed_dim, cfg.depth(), cfg.heads, cfg.embed_dim / cfg.heads, cfg.mlp_dim);
+    println!("input           {ih}x{iw} px, patch {}, token grid {}x{}", cfg.patch, cfg.pos_grid.0, cfg.pos_grid.1);
+    println!("attention       window {}, global blocks {:?}", cfg.window(), cfg.global_blocks());
+    let count = |f: fn(&medsa::sam::config::BlockConfig) -> bool| cfg.blocks.iter().filter(|b| f(b)).count();
+    println!(
+        "adapters        space {} / mlp {} / depth {} of {} blocks (bottleneck {})",
+        count(|b| b.space_adapter),
+        count(|b| b.mlp_adapter),
+        count(|b| b.depth_adapter),
+        cfg.depth(),
+        cfg.adapter_dim.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
+    );
+    println!("neck / prompt   {} channels", cfg.out_chans);
+    let dl = &cfg.decoder_layers;
+    println!(
+        "decoder         {} layers, {} heads, mlp {}, {} mask tokens; adapters hyper {} / mlp {} / cross {}",
+        dl.len(),
+        cfg.decoder_heads,
+        cfg.decoder_mlp_dim,
+        cfg.num_mask_tokens,
+        dl.iter().filter(|l| l.hyper).count(),
+        dl.iter().filter(|l| l.mlp).count(),
+        dl.iter().filter(|l| l.cross).count()
+    );
+    let m = |n: usize| format!("{:>12} ({:.2} M)", n, n as f64 / 1e6);
+    println!("parameters");
+    println!("  total           {}", m(pc.total));
+    println!("  image encoder   {}", m(pc.image_encoder));
+    println!("  prompt encoder  {}", m(pc.prompt_encoder));
+    println!("  mask decoder    {}", m(pc.mask_decoder));
+    println!("  adapters        {}", m(pc.encoder_adapters));
+    println!("  decoder adapters{}", m(pc.decoder_adapters));
+    let frac = |n: usize| 100.0 * n as f64 / pc.total.max(1) as f64;
+    println!(
+        "  trainable       {:.2}% (adapters) / {:.2}% (adapters + decoder)",
+        frac(pc.encoder_adapters + pc.decoder_adapters),
+        frac(pc.encoder_adapters + pc.mask_decoder)
+    );
+    Ok(())
+}
+
+fn parse_pair(s: &str, what: &str) -> Result<(usize, usize)> {
+    let v: Vec<&str> = s.split(',').collect();
+    if v.len() != 2 {
+        bail!("{what} \"{s}\": expected \"h,w\"");
+    }
+    let p = |x: &str| x.trim().parse::<usize>().map_err(|_| anyhow!("{what} \"{s}\": expected \"h,w\" with whole numbers"));
+    Ok((p(v[0])?, p(v[1])?))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    be: &Cpu,
+    checkpoint: &Path,
+    inputs: &Path,
+    out: &Path,
+    multimask: Option<bool>,
+    depth: Option<usize>,
+    depth_mode: DepthModeArg,
+    input_size: Option<String>,
+    original_size: Option<String>,
+) -> Result<()> {
+    let model = Sam::load(be, checkpoint)?;
+    let f = SafetensorsFile::open(inputs)?;
+    let meta = f.metadata().clone();
+    let get = |k: &str| -> Result<Option<Tensor>> {
+        if f.contains(k) {
+            Ok(Some(f.tensor(k)?))
+        } else {
+            Ok(None)
+        }
+    };
+    let images = get("images")?.ok_or_else(|| {
+        anyhow!("{}: missing tensor `images` (expected [B, 3, H, W])", inputs.display())
+    })?;
+    let s = images.shape().to_vec();
+    if s.len() != 4 || s[1] != 3 {
+        bail!("{}: tensor `images` has shape {s:?}, expected [B, 3, H, W]", inputs.display());
+    }
+    let known = ["images", "point_coords", "point_labels", "boxes", "mask_inputs", "depth"];
+    let prompts = Prompts {
+        point_coords: get("point_coords")?,
+        point_labels: get("point_labels")?,
+        boxes: get("boxes")?,
+        mask_inputs: get("mask_inputs")?,
+    };
+    let unknown: Vec<&str> = f.keys().filter(|k| !known.contains(k) && !k.contains('.') && !is_output(k)).collect();
+    if !unknown.is_empty() {
+        eprintln!("note: {}: ignoring tensors {unknown:?}", inputs.display());
+    }
+    let multimask = multimask.unwrap_or(meta.get("multimask_output").map(|v| v == "true").unwrap_or(false));
+    let d = match depth {
+        Some(d) => d,
+        None => match get("depth")? {
+            Some(t) => t.data().first().copied().unwrap_or(0.0) as usize,
+            None => meta.get("depth").and_then(|v| v.parse().ok()).unwrap_or(0),
+        },
+    };
+    let depth = (d > 0).then_some(DepthSpec {
+        d,
+        mode: match depth_mode {
+            DepthModeArg::PerToken => DepthMode::PerToken,
+            DepthModeArg::Compat => DepthMode::Compat,
+        },
+    });
+    let hw = (s[2], s[3]);
+    let pick = |arg: Option<String>, key: &str| -> Result<(usize, usize)> {
+        match arg.or_else(|| meta.get(key).cloned()) {
+            Some(v) => parse_pair(&v, key),
+            None => Ok(hw),
+        }
+    };
+    let input_size = pick(input_size, "input_size")?;
+    let original_size = pick(original_size, "original_size")?;
+    let t0 = Instant::now();
+    let o = model.forward(be, &images, &prompts, MaskOutput::from_multimask(multimask), depth, &mut Trace::off())?;
+    let low = be.upload(&o.low_res_masks)?;
+    let masks = be.download(&postprocess_masks(be, &low, hw, input_size, original_size)?)?;
+    let mut md = HashMap::new();
+    md.insert("multimask_output".to_string(), multimask.to_string());
+    md.insert("depth".to_string(), d.to_string());
+    md.insert("input_size".to_string(), format!("{},{}", input_size.0, input_size.1));
+    md.insert("original_size".to_string(), format!("{},{}", original_size.0, original_size.1));
+    save_safetensors(
+        out,
+        &[
+            ("image_embeddings".into(), o.image_embeddings),
+            ("low_res_masks".into(), o.low_res_masks),
+            ("iou_predictions".into(), o.iou_predictions),
+            ("masks".into(), masks),
+        ],
+        &md,
+    )?;
+    eprintln!("wrote {} ({} images, {:.2} s on {})", out.display(), s[0], t0.elapsed().as_secs_f64(), be.name());
+    Ok(())
+}
+
+fn is_output(k: &str) -> bool {
+    matches!(
+        k,
+        "image_embeddings" | "low_res_masks" | "iou_predictions" | "masks" | "sparse_embeddings"
+            | "dense_embeddings" | "dense_pe"
+    )
+}
+
+fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| anyhow!("{what} \"{s}\": not a list of numbers"))?;
+    if !n.contains(&v.len()) || v.iter().any(|x| !x.is_finite()) {
+        bail!("{what} \"{s}\": expected {} finite numbers", n.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" or "));
+    }
+    Ok(v)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn segment(
+    be: &Cpu,
+    checkpoint: &Path,
+    image: &Path,
+    points: &[String],
+    bbox: Option<&str>,
+    out: &Path,
+    multimask: bool,
+    preset: PresetArg,
+) -> Result<()> {
+    if points.is_empty() && bbox.is_none() {
+        bail!("give at least one --point x,y[,label] or a --box x0,y0,x1,y1");
+    }
+    let model = Sam::load(be, checkpoint)?;
+    let (sh, sw) = model.config.img_size();
+    if sh != sw {
+        bail!("{}: non-square native input {sh}x{sw} is not supported by segment", checkpoint.display());
+    }
+    let img = pipeline::load_image(image)?;
+    let preset = match preset {
+        PresetArg::Sam => Preset::Sam,
+        PresetArg::Medsa => Preset::Medsa,
+    };
+    let prep = pipeline::prepare(&img, sh, preset)?;
+    let (oh, ow) = prep.original_size;
+    let inside = |x: f32, y: f32, what: &str| -> Result<()> {
+        if x < 0.0 || y < 0.0 || x > ow as f32 || y > oh as f32 {
+            bail!("{what} ({x}, {y}) lies outside the {ow}x{oh} image {}", image.display());
+        }
+        Ok(())
+    };
+    let mut prompts = Prompts::default();
+    if !points.is_empty() {
+        let mut coords = Vec::new();
+        let mut labels = Vec::new();
+        for p in points {
+            let v = parse_floats(p, "--point", &[2, 3])?;
+            inside(v[0], v[1], "--point")?;
+            let label = v.get(2).copied().unwrap_or(1.0);
+            if label != 0.0 && label != 1.0 {
+                bail!("--point \"{p}\": label must be 1 (foreground) or 0 (background)");
+            }
+            let (x, y) = prep.map_xy(v[0], v[1]);
+            coords.extend([x, y]);
+            labels.push(label);
+        }
+        let n = labels.len();
+        prompts.point_coords = Some(Tensor::from_vec(coords, &[1, n, 2])?);
+        prompts.point_labels = Some(Tensor::from_vec(labels, &[1, n])?);
+    }
+    if let Some(b) = bbox {
+        let v = parse_floats(b, "--box", &[4])?;
+        inside(v[0], v[1], "--box corner")?;
+        inside(v[2], v[3], "--box corner")?;
+        if v[2] < v[0] || v[3] < v[1] {
+            bail!("--box \"{b}\": expected x0 <= x1 and y0 <= y1");
+        }
+        let (x0, y0) = prep.map_xy(v[0], v[1]);
+        let (x1, y1) = prep.map_xy(v[2], v[3]);
+        prompts.boxes = Some(Tensor::from_vec(vec![x0, y0, x1, y1], &[1, 4])?);
+    }
+    let t0 = Instant::now();
+    let o = model.forward(be, &prep.tensor, &prompts, MaskOutput::from_multimask(multimask), None, &mut Trace::off())?;
+    let low = be.upload(&o.low_res_masks)?;
+    let masks = be.download(&postprocess_masks(be, &low, (sh, sw), prep.input_size, prep.original_size)?)?;
+    let iou = o.iou_predictions.data();
+    let best = (0..iou.len()).max_by(|&a, &b| iou[a].total_cmp(&iou[b])).unwrap_or(0);
+    let plane = &masks.data()[best * oh * ow..(best + 1) * oh * ow];
+    pipeline::write_mask_png(out, plane, oh, ow)?;
+    let fg = plane.iter().filter(|v| **v > 0.0).count();
+    println!(
+        "wrote {} ({ow}x{oh}, mask {best} of {}, predicted IoU {:.3}, {:.1}% foreground, {:.2} s on {})",
+        out.display(),
+        iou.len(),
+        iou[best],
+        100.0 * fg as f64 / plane.len() as f64,
+        t0.elapsed().as_secs_f64(),
+        be.name()
+    );
+    Ok(())
+}
+
+fn bench(be: &Cpu, variant: &str, size: usize, batch: usize, repeats: usize, warmup: usize, adapters: bool) -> Result<()> {
+    let cfg = SamConfig::published(variant, adapters, false)
+        .ok_or_else(|| anyhow!("--variant {variant}: expected vit_b, vit_l or vit_h"))?;
+    if size == 0 || size % cfg.patch != 0 {
+        bail!("--size {size}: expected a positive multiple of {}", cfg.patch);
+    }
+    let mut ws = WeightStore::from_tensors("random", random_checkpoint(&cfg, 0));
+    let model = Sam::from_store(be, &mut ws).context("building the random model")?;
+    let mut rng = Rng::new(1);
+    let x = be.upload(&rng.tensor(&[batch, 3, size, size], 2.0))?;
+    for _ in 0..warmup {
+        model.encode(be, &x, None, &mut Trace::off())?;
+    }
+    let mut runs = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        let y = model.encode(be, &x, None, &mut Trace::off())?;
+        be.download(&y)?;
+        runs.push(t.elapsed().as_secs_f64());
+    }
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"size\":{size},\"batch\":{batch},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
+        be.name(),
+        sorted[0],
+        batch as f64 / median,
+        runs.iter().map(|r| (r * 1e4).round() / 1e4).collect::<Vec<_>>()
+    );
+    Ok(())
+}

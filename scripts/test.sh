@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Needs only the Rust toolchain: the golden fixtures are committed (tools/reference writes them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if cargo fmt --version >/dev/null 2>&1; then
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  echo "== cargo clippy"
+  cargo clippy --all-targets --quiet -- -D warnings
+fi
+echo "== cargo test"
+cargo test --all-targets 2>&1

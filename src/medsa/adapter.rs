@@ -1,0 +1,67 @@
+//! Med-SA's bottleneck adapter: `fc2(gelu(fc1 x))`, optionally plus `x`.
+//!
+//! `D_fc1: D -> D/4` and `D_fc2: D/4 -> D`, both with bias (keys `{prefix}.D_fc1`, `{prefix}.D_fc2`).
+//! Space adapters keep the skip; MLP and depth adapters drop it (SPEC sections 2 and 3).
+
+use crate::backend::{Act, Backend};
+use crate::error::Result;
+use crate::nn::Linear;
+use crate::weights::WeightStore;
+
+/// A bottleneck adapter.
+pub struct Adapter<B: Backend> {
+    /// `D -> hidden`.
+    pub fc1: Linear<B>,
+    /// `hidden -> D`.
+    pub fc2: Linear<B>,
+    /// Whether the input is added back (`x + fc2(gelu(fc1 x))`).
+    pub skip: bool,
+    /// Activation between the layers (exact GELU in the encoder; none in HyP-Adpt's fallback).
+    pub act: Act,
+}
+
+impl<B: Backend> Adapter<B> {
+    /// Loads `{prefix}.D_fc1` / `{prefix}.D_fc2` with the given widths.
+    pub fn load(
+        be: &B,
+        ws: &mut WeightStore,
+        prefix: &str,
+        dim: usize,
+        hidden: usize,
+        skip: bool,
+    ) -> Result<Self> {
+        Ok(Adapter {
+            fc1: Linear::load(be, ws, &format!("{prefix}.D_fc1"), dim, hidden, true)?,
+            fc2: Linear::load(be, ws, &format!("{prefix}.D_fc2"), hidden, dim, true)?,
+            skip,
+            act: Act::Gelu,
+        })
+    }
+
+    /// Loads the adapter if `{prefix}.D_fc1.weight` exists, taking its hidden width from the file.
+    pub fn load_opt(
+        be: &B,
+        ws: &mut WeightStore,
+        prefix: &str,
+        dim: usize,
+        skip: bool,
+    ) -> Result<Option<Self>> {
+        let key = format!("{prefix}.D_fc1.weight");
+        if !ws.has(&key) {
+            return Ok(None);
+        }
+        let hidden = ws.shape(&key)?[0];
+        Self::load(be, ws, prefix, dim, hidden, skip).map(Some)
+    }
+
+    /// Applies the adapter to `x` `[.., D]`.
+    pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let h = self.fc1.forward(be, x, self.act)?;
+        let y = self.fc2.forward(be, &h, Act::None)?;
+        if self.skip {
+            be.add_scaled(x, 1.0, &y, 1.0)
+        } else {
+            Ok(y)
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! SAM's ViT image encoder with the Med-SA adapters and the SD-Trans depth branch.
+//!
+//! Shapes: images `[B, 3, H, W]` (H, W multiples of the patch) -> tokens `[B, h, w, D]` ->
+//! blocks -> neck -> embeddings `[B, C, h, w]`. The absolute position embedding is resampled
+//! bicubically when `(h, w)` differs from its native grid, and each block's relative-position
+//! tables are resampled linearly (`sam::rel_pos`), so any multiple-of-patch input works.
+//!
+//! Block order. Official SAM: `norm1` then window partition (padding is zeros after the norm).
+//! Med-SA blocks (any adapter present) partition first and normalise after, as the reference
+//! code does, so padded tokens become `norm1(0) = norm1.bias`; we follow each checkpoint's own
+//! reference so that results match the code it was trained with.
+
+use crate::backend::{Act, Backend, RelPos};
+use crate::error::{Error, Result};
+use crate::medsa::adapter::Adapter;
+use crate::medsa::depth_branch::{self, DepthMode};
+use crate::nn::{Conv2d, LayerNorm, Linear};
+use crate::sam::config::{BlockConfig, SamConfig};
+use crate::sam::rel_pos;
+use crate::sam::Trace;
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+
+/// How a batch of images is to be read as volumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepthSpec {
+    /// Slices per volume; the batch is `volumes * d` images, slice index fastest.
+    pub d: usize,
+    /// Treatment of windowed blocks.
+    pub mode: DepthMode,
+}
+
+/// Encoder self-attention with decomposed relative-position bias.
+pub struct EncoderAttention<B: Backend> {
+    /// `dim -> 3*dim`.
+    pub qkv: Linear<B>,
+    /// `dim -> dim`.
+    pub proj: Linear<B>,
+    /// Host copies of the `rel_pos_h` / `rel_pos_w` tables `[2S-1, head_dim]`: they are
+    /// resampled and gathered per token grid.
+    pub rel_pos_h: Tensor,
+    /// See `rel_pos_h`.
+    pub rel_pos_w: Tensor,
+    /// Heads.
+    pub heads: usize,
+}
+
+impl<B: Backend> EncoderAttention<B> {
+    /// Self-attention over `x` `[N, gh, gw, D]` (each of the N maps attends within itself).
+    pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        let s = be.dims(x).to_vec();
+        let (n, gh, gw, dim) = (s[0], s[1], s[2], s[3]);
+        let xs = be.reshape(x, &[n, gh * gw, dim])?;
+        let qkv = self.qkv.forward(be, &xs, Act::None)?;
+        let q = be.narrow(&qkv, 2, 0, dim)?;
+        let k = be.narrow(&qkv, 2, dim, dim)?;
+        let v = be.narrow(&qkv, 2, 2 * dim, dim)?;
+        let rh = be.upload(&rel_pos::gather(&self.rel_pos_h, gh, gh)?)?;
+        let rw = be.upload(&rel_pos::gather(&self.rel_pos_w, gw, gw)?)?;
+        let hd = dim / self.heads;
+        let rel = RelPos { rh: &rh, rw: &rw, q_grid: (gh, gw), k_grid: (gh, gw) };
+        let o = be.attention(&q, &k, &v, self.heads, (hd as f32).powf(-0.5), Some(rel))?;
+        let o = self.proj.forward(be, &o, Act::None)?;
+        be.reshape(&o, &[n, gh, gw, dim])
+    }
+}
+
+/// One transformer block (SPEC sections 1-3).
+pub struct Block<B: Backend> {
+    /// Configuration (window, adapters).
+    pub cfg: BlockConfig,
+    /// Pre-attention norm.
+    pub norm1: LayerNorm<B>,
+    /// Attention.
+    pub attn: EncoderAttention<B>,
+    /// Pre-MLP norm.
+    pub norm2: LayerNorm<B>,
+    /// MLP first layer (GELU).
+    pub lin1: Linear<B>,
+    /// MLP second layer.
+    pub lin2: Linear<B>,
+    /// Med-SA adapter after attention (with skip).
+    pub space_adapter: Option<Adapter<B>>,
+    /// Med-SA adapter parallel to the MLP (no skip, scale 0.5).
+    pub mlp_adapter: Option<Adapter<B>>,
+    /// SD-Trans depth adapter (no skip).
+    pub depth_adapter: Option<Adapter<B>>,
+}
+
+/// Scale of the MLP adapter's contribution (Med-SA's `scale`).
+pub const MLP_ADAPTER_SCALE: f32 = 0.5;
+
+impl<B: Backend> Block<B> {
+    fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig, i: usize) -> Result<Self> {
+        let p = format!("image_encoder.blocks.{i}");
+        let bc = cfg.blocks[i].clone();
+        let d = cfg.embed_dim;
+        let hd = d / cfg.heads;
+        let table = |ws: &mut WeightStore, axis: &str| -> Result<Tensor> {
+            let a = format!("{p}.attn.rel_pos_{axis}");
+            let b = format!("{p}.attn.rel_{axis}");
+            let len = ws.shape(&ws.find(&[&a, &b]).unwrap_or(a.clone()))?[0];
+            let s = if bc.window == 0 {
+                if axis == "h" {
+                    cfg.pos_grid.0
+                } else {
+                    cfg.pos_grid.1
+                }
+            } else {
+                bc.window
+            };
+            if len != 2 * s - 1 {
+                return Err(Error::ShapeMismatch {
+                    path: ws.path().to_path_buf(),
+                    key: ws.find(&[&a, &b]).unwrap_or(a),
+                    expected: vec![2 * s - 1, hd],
+                    found: vec![len, hd],
+                });
+            }
+            ws.take_alias(&[&a, &b], &[len, hd])
+        };
+        let rel_pos_h = table(ws, "h")?;
+        let rel_pos_w = table(ws, "w")?;
+        Ok(Block {
+            norm1: LayerNorm::load(be, ws, &format!("{p}.norm1"), d, 1e-6)?,
+            attn: EncoderAttention {
+                qkv: Linear::load(be, ws, &format!("{p}.attn.qkv"), d, 3 * d, true)?,
+                proj: Linear::load(be, ws, &format!("{p}.attn.proj"), d, d, true)?,
+                rel_pos_h,
+                rel_pos_w,
+                heads: cfg.heads,
+            },
+            norm2: LayerNorm::load(be, ws, &format!("{p}.norm2"), d, 1e-6)?,
+            lin1: Linear::load(be, ws, &format!("{p}.mlp.lin1"), d, cfg.mlp_dim, true)?,
+            lin2: Linear::load(be, ws, &format!("{p}.mlp.lin2"), cfg.mlp_dim, d, true)?,
+            space_adapter: Adapter::load_opt(be, ws, &format!("{p}.Space_Adapter"), d, true)?,
+            mlp_adapter: Adapter::load_opt(be, ws, &format!("{p}.MLP_Adapter"), d, false)?,
+            depth_adapter: Adapter::load_opt(be, ws, &format!("{p}.Depth_Adapter"), d, false)?,
+            cfg: bc,
+        })
+    }
+
+    /// The SD-Trans branch on `x` `[b*d, h, w, C]` (see `medsa::depth_branch`).
+    fn depth_branch(&self, be: &B, x: &B::Tensor, d: usize, adapter: &Adapter<B>) -> Result<B::Tensor> {
+        let s = be.dims(x).to_vec();
+        let (dh, dw) = depth_branch::depth_grid(d);
+        let xd = depth_branch::to_depth_major(be, x, d)?;
+        let xd = self.norm1.forward(be, &xd)?;
+        let n = be.dims(&xd)[0];
+        let xd = be.reshape(&xd, &[n, dh, dw, s[3]])?;
+        let xd = self.attn.forward(be, &xd)?;
+        let xd = adapter.forward(be, &xd)?;
+        depth_branch::from_depth_major(be, &xd, d, (s[1], s[2]))
+    }
+
+    /// `x` `[B, h, w, D]` -> `[B, h, w, D]`.
+    pub fn forward(&self, be: &B, x: &B::Tensor, depth: Option<DepthSpec>) -> Result<B::Tensor> {
+        let s = be.dims(x).to_vec();
+        let (h, w) = (s[1], s[2]);
+        let ws = self.cfg.window;
+        let depth = match (&self.depth_adapter, depth) {
+            (Some(a), Some(spec)) => Some((a, spec)),
+            _ => None,
+        };
+        // Partitioned input of the attention (and of the compat depth branch).
+        let (xw, attn_in) = if self.cfg.is_medsa() {
+            let xw = if ws > 0 { be.window_partition(x, ws)? } else { x.clone() };
+            let xn = self.norm1.forward(be, &xw)?;
+            (xw, xn)
+        } else {
+            let xn = self.norm1.forward(be, x)?;
+            let xn = if ws > 0 { be.window_partition(&xn, ws)? } else { xn };
+            (x.clone(), xn)
+        };
+        let mut a = self.attn.forward(be, &attn_in)?;
+        if let Some(sa) = &self.space_adapter {
+            a = sa.forward(be, &a)?;
+        }
+        let mut late_depth = None;
+        if let Some((ad, spec)) = depth {
+            if spec.mode == DepthMode::Compat || ws == 0 {
+                let xd = self.depth_branch(be, &xw, spec.d, ad)?;
+                a = be.add_scaled(&a, 1.0, &xd, 1.0)?;
+            } else {
+                late_depth = Some(self.depth_branch(be, x, spec.d, ad)?);
+            }
+        }
+        if ws > 0 {
+            a = be.window_unpartition(&a, ws, (h, w))?;
+        }
+        let mut x = be.add_scaled(x, 1.0, &a, 1.0)?;
+        if let Some(xd) = late_depth {
+            x = be.add_scaled(&x, 1.0, &xd, 1.0)?;
+        }
+        let xn = self.norm2.forward(be, &x)?;
+        let m = self.lin1.forward(be, &xn, Act::Gelu)?;
+        let m = self.lin2.forward(be, &m, Act::None)?;
+        let mut x = be.add_scaled(&x, 1.0, &m, 1.0)?;
+        if let Some(ma) = &self.mlp_adapter {
+            let y = ma.forward(be, &xn)?;
+            x = be.add_scaled(&x, 1.0, &y, MLP_ADAPTER_SCALE)?;
+        }
+        Ok(x)
+    }
+}
+
+/// The image encoder.
+pub struct ImageEncoder<B: Backend> {
+    /// Patch embedding (kernel = stride = patch).
+    pub patch_embed: Conv2d<B>,
+    /// Host copy of the absolute position embedding `[1, gh, gw, D]`.
+    pub pos_embed_host: Tensor,
+    /// The same on the device, at its native grid.
+    pub pos_embed: B::Tensor,
+    /// Blocks.
+    pub blocks: Vec<Block<B>>,
+    /// Neck 1x1 conv as a linear layer `[C, D]`, no bias.
+    pub neck_conv1: Linear<B>,
+    /// Neck LayerNorm2d.
+    pub neck_norm1: LayerNorm<B>,
+    /// Neck 3x3 conv, no bias.
+    pub neck_conv2: Conv2d<B>,
+    /// Neck LayerNorm2d.
+    pub neck_norm2: LayerNorm<B>,
+    /// Patch size.
+    pub patch: usize,
+}
+
+impl<B: Backend> ImageEncoder<B> {
+    /// Loads `image_encoder.*`.
+    pub fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig) -> Result<Self> {
+        let d = cfg.embed_dim;
+        let p = cfg.patch;
+        let pos_embed_host =
+            ws.take("image_encoder.pos_embed", &[1, cfg.pos_grid.0, cfg.pos_grid.1, d])?;
+        let neck_w = ws.take("image_encoder.neck.0.weight", &[cfg.out_chans, d, 1, 1])?;
+        Ok(ImageEncoder {
+            patch_embed: Conv2d::load(be, ws, "image_encoder.patch_embed.proj", 3, d, p, p, 0, true)?,
+            pos_embed: be.upload(&pos_embed_host)?,
+            pos_embed_host,
+            blocks: (0..cfg.depth()).map(|i| Block::load(be, ws, cfg, i)).collect::<Result<_>>()?,
+            neck_conv1: Linear {
+                weight: be.upload(&neck_w.reshape(&[cfg.out_chans, d])?)?,
+                bias: None,
+            },
+            neck_norm1: LayerNorm::load(be, ws, "image_encoder.neck.1", cfg.out_chans, 1e-6)?,
+            neck_conv2: Conv2d::load(
+                be,
+                ws,
+                "image_encoder.neck.2",
+                cfg.out_chans,
+                cfg.out_chans,
+                3,
+                1,
+                1,
+                false,
+            )?,
+            neck_norm2: LayerNorm::load(be, ws, "image_encoder.neck.3", cfg.out_chans, 1e-6)?,
+            patch: p,
+        })
+    }
+
+    /// The position embedding for a `(gh, gw)` token grid, `[1, gh, gw, D]`.
+    pub fn pos_embed_for(&self, be: &B, grid: (usize, usize)) -> Result<B::Tensor> {
+        let s = self.pos_embed_host.shape();
+        if (s[1], s[2]) == grid {
+            return Ok(self.pos_embed.clone());
+        }
+        let nchw = be.permute(&self.pos_embed, &[0, 3, 1, 2])?;
+        let r = be.resize_bicubic(&nchw, grid)?;
+        be.permute(&r, &[0, 2, 3, 1])
+    }
+
+    /// `images` `[B, 3, H, W]` -> embeddings `[B, C, H/p, W/p]`.
+    pub fn forward(
+        &self,
+        be: &B,
+        images: &B::Tensor,
+        depth: Option<DepthSpec>,
+        trace: &mut Trace<B>,
+    ) -> Result<B::Tensor> {
+        let s = be.dims(images).to_vec();
+        if s.len() != 4 || s[1] != 3 || s[2] % self.patch != 0 || s[3] % self.patch != 0 || s[2] == 0
+        {
+            return Err(Error::Input(format!(
+                "images have shape {s:?}; expected [B, 3, H, W] with H and W positive multiples of {}",
+                self.patch
+            )));
+        }
+        if let Some(spec) = depth {
+            if spec.d == 0 || s[0] % spec.d != 0 {
+                return Err(Error::Input(format!(
+                    "a batch of {} images is not a whole number of {}-slice volumes",
+                    s[0], spec.d
+                )));
+            }
+        }
+        let grid = (s[2] / self.patch, s[3] / self.patch);
+        let x = be.permute(images, &[0, 2, 3, 1])?;
+        let x = self.patch_embed.forward(be, &x)?;
+        let pos = self.pos_embed_for(be, grid)?;
+        let mut x = be.add_scaled(&x, 1.0, &pos, 1.0)?;
+        trace.record(be, "enc.patch_embed", &x);
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(be, &x, depth)?;
+            trace.record_with(be, || format!("enc.blocks.{i}"), &x);
+        }
+        let y = self.neck_conv1.forward(be, &x, Act::None)?;
+        let y = self.neck_norm1.forward(be, &y)?;
+        let y = self.neck_conv2.forward(be, &y)?;
+        let y = self.neck_norm2.forward(be, &y)?;
+        be.permute(&y, &[0, 3, 1, 2])
+    }
+}

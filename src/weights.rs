@@ -1,0 +1,308 @@
+//! Safetensors I/O: memory-mapped reading (F32, F16 and BF16 converted to f32), atomic writing,
+//! and [`WeightStore`], which hands tensors to the model builder by key, checks shapes, accepts
+//! key aliases (official SAM vs Med-SA names) and reports any tensor left unused.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, Metadata, TensorInfo};
+
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// A memory-mapped safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    header_len: usize,
+    infos: BTreeMap<String, TensorInfo>,
+    metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and parses its header. Fails with the file name on I/O or format errors.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file =
+            std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        // SAFETY: the map is read-only; a file truncated under us while mapped is the one case
+        // memmap cannot protect against, as with every mmap-based loader.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|source| Error::Io { path: path.clone(), source })?;
+        let (n, meta): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
+        let infos = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(SafetensorsFile { path, mmap, header_len: n + 8, infos, metadata })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// All tensor names, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.infos.keys().map(|s| s.as_str())
+    }
+
+    /// Whether `key` exists.
+    pub fn contains(&self, key: &str) -> bool {
+        self.infos.contains_key(key)
+    }
+
+    /// The shape of `key`, if present.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.infos.get(key).map(|i| i.shape.as_slice())
+    }
+
+    /// The `__metadata__` string map (empty when absent).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Reads `key` as an f32 tensor (F32, F16 and BF16 are accepted).
+    pub fn tensor(&self, key: &str) -> Result<Tensor> {
+        let info = self.infos.get(key).ok_or_else(|| Error::MissingKey {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected: vec![],
+        })?;
+        let (a, b) = info.data_offsets;
+        let bytes = &self.mmap[self.header_len + a..self.header_len + b];
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::DType {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    found: format!("{other:?}"),
+                })
+            }
+        };
+        Tensor::from_vec(data, &info.shape).map_err(|_| Error::Safetensors {
+            path: self.path.clone(),
+            msg: format!("tensor `{key}`: data length does not match shape {:?}", info.shape),
+        })
+    }
+}
+
+/// Writes `tensors` as an F32 safetensors file, atomically (temporary file + rename), so a
+/// reader never sees a half-written file.
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(k, t)| {
+            let bytes: &[u8] = bytemuck::cast_slice(t.data());
+            safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), bytes)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: e.to_string() })
+        })
+        .collect::<Result<_>>()?;
+    let meta = if metadata.is_empty() { None } else { Some(metadata.clone()) };
+    let bytes = safetensors::tensor::serialize(views, meta)
+        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(e)
+    })
+}
+
+/// Where a [`WeightStore`] reads from.
+enum Source {
+    File(SafetensorsFile),
+    Memory { name: PathBuf, tensors: BTreeMap<String, Tensor> },
+}
+
+/// Hands out a checkpoint's tensors to the model builder and remembers which were used.
+pub struct WeightStore {
+    source: Source,
+    used: BTreeSet<String>,
+}
+
+impl WeightStore {
+    /// Opens a checkpoint.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Ok(WeightStore { source: Source::File(SafetensorsFile::open(path)?), used: BTreeSet::new() })
+    }
+
+    /// A store over tensors already in memory (random models for benchmarks and tests); `name`
+    /// stands in for the file name in errors.
+    pub fn from_tensors(name: &str, tensors: BTreeMap<String, Tensor>) -> Self {
+        WeightStore {
+            source: Source::Memory { name: PathBuf::from(name), tensors },
+            used: BTreeSet::new(),
+        }
+    }
+
+    /// The checkpoint path (or the in-memory store's name).
+    pub fn path(&self) -> &Path {
+        match &self.source {
+            Source::File(f) => f.path(),
+            Source::Memory { name, .. } => name,
+        }
+    }
+
+    /// All keys, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        match &self.source {
+            Source::File(f) => f.keys().map(String::from).collect(),
+            Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
+        }
+    }
+
+    /// The `__metadata__` map of a file store (empty for memory stores).
+    pub fn metadata(&self) -> HashMap<String, String> {
+        match &self.source {
+            Source::File(f) => f.metadata().clone(),
+            Source::Memory { .. } => HashMap::new(),
+        }
+    }
+
+    fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
+        match &self.source {
+            Source::File(f) => f.shape(key).map(|s| s.to_vec()),
+            Source::Memory { tensors, .. } => tensors.get(key).map(|t| t.shape().to_vec()),
+        }
+    }
+
+    /// Whether the checkpoint has `key`.
+    pub fn has(&self, key: &str) -> bool {
+        self.shape_of(key).is_some()
+    }
+
+    /// The shape of `key`, or a missing-key error.
+    pub fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        self.shape_of(key).ok_or_else(|| Error::MissingKey {
+            path: self.path().to_path_buf(),
+            key: key.to_string(),
+            expected: vec![],
+        })
+    }
+
+    /// The first of `keys` present in the checkpoint (aliases, e.g. `rel_pos_h` / `rel_h`).
+    pub fn find(&self, keys: &[&str]) -> Option<String> {
+        keys.iter().find(|k| self.has(k)).map(|k| k.to_string())
+    }
+
+    /// Takes `key`, checking its shape against `expected`.
+    pub fn take(&mut self, key: &str, expected: &[usize]) -> Result<Tensor> {
+        let found = self.shape_of(key).ok_or_else(|| Error::MissingKey {
+            path: self.path().to_path_buf(),
+            key: key.to_string(),
+            expected: expected.to_vec(),
+        })?;
+        if found != expected {
+            return Err(Error::ShapeMismatch {
+                path: self.path().to_path_buf(),
+                key: key.to_string(),
+                expected: expected.to_vec(),
+                found,
+            });
+        }
+        self.used.insert(key.to_string());
+        match &self.source {
+            Source::File(f) => f.tensor(key),
+            Source::Memory { tensors, .. } => Ok(tensors[key].clone()),
+        }
+    }
+
+    /// Takes the first present key among `aliases` (error names the first alias).
+    pub fn take_alias(&mut self, aliases: &[&str], expected: &[usize]) -> Result<Tensor> {
+        let key = self.find(aliases).unwrap_or_else(|| aliases[0].to_string());
+        self.take(&key, expected)
+    }
+
+    /// Marks keys matching `pred` as used without loading them (parts of a checkpoint a caller
+    /// deliberately ignores, e.g. the decoder when only the encoder is benchmarked).
+    pub fn skip(&mut self, pred: impl Fn(&str) -> bool) {
+        for k in self.keys() {
+            if pred(&k) {
+                self.used.insert(k);
+            }
+        }
+    }
+
+    /// Fails when any tensor of the checkpoint was not taken (an unknown or misnamed key).
+    pub fn finish(&self) -> Result<()> {
+        let unused: Vec<String> =
+            self.keys().into_iter().filter(|k| !self.used.contains(k)).collect();
+        if unused.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::UnexpectedKeys {
+                path: self.path().to_path_buf(),
+                keys: unused.into_iter().take(10).collect(),
+            })
+        }
+    }
+}
+
+/// Parameter counts of a checkpoint, by part.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ParamCounts {
+    /// Every tensor.
+    pub total: usize,
+    /// `image_encoder.*` (adapters included).
+    pub image_encoder: usize,
+    /// `prompt_encoder.*`.
+    pub prompt_encoder: usize,
+    /// `mask_decoder.*` (adapters included).
+    pub mask_decoder: usize,
+    /// Med-SA encoder adapters (Space, MLP, Depth).
+    pub encoder_adapters: usize,
+    /// Decoder adapters (Hyper, MLP, Cross).
+    pub decoder_adapters: usize,
+}
+
+impl ParamCounts {
+    /// Counts a store's parameters by key.
+    pub fn of(ws: &WeightStore) -> Result<Self> {
+        let mut c = ParamCounts::default();
+        for k in ws.keys() {
+            let n: usize = ws.shape(&k)?.iter().product();
+            c.total += n;
+            let adapter = k.contains("_Adapter.");
+            if k.starts_with("image_encoder.") {
+                c.image_encoder += n;
+                if adapter {
+                    c.encoder_adapters += n;
+                }
+            } else if k.starts_with("prompt_encoder.") {
+                c.prompt_encoder += n;
+            } else if k.starts_with("mask_decoder.") {
+                c.mask_decoder += n;
+                if adapter {
+                    c.decoder_adapters += n;
+                }
+            }
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests: golden-file loading and tolerant comparison.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use medsa::weights::SafetensorsFile;
+use medsa::Tensor;
+
+/// `tests/fixtures/<case>/<file>.safetensors`.
+pub fn fixture(case: &str, file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
+        .join(format!("{file}.safetensors"))
+}
+
+/// Opens a fixture file.
+pub fn open(case: &str, file: &str) -> SafetensorsFile {
+    SafetensorsFile::open(fixture(case, file)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Parses "a,b" metadata.
+pub fn pair(s: &str) -> (usize, usize) {
+    let v: Vec<usize> = s.split(',').map(|x| x.trim().parse().unwrap()).collect();
+    (v[0], v[1])
+}
+
+/// Checks `|got - want| <= atol + rtol * |want|` element-wise; on failure returns a report with
+/// the worst element (by excess over its bound), its index and the max absolute error.
+pub fn compare(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<(), String> {
+    if got.shape() != want.shape() {
+        return Err(format!("{name}: shape {:?}, expected {:?}", got.shape(), want.shape()));
+    }
+    let mut worst = (0usize, f32::NEG_INFINITY);
+    let mut max_abs = 0f32;
+    let mut bad = 0usize;
+    for (i, (&g, &w)) in got.data().iter().zip(want.data()).enumerate() {
+        let err = (g - w).abs();
+        let excess = err - (atol + rtol * w.abs());
+        if !(err.is_finite()) || excess > 0.0 {
+            bad += 1;
+        }
+        if excess > worst.1 || !err.is_finite() {
+            worst = (i, if err.is_finite() { excess } else { f32::INFINITY });
+        }
+        if err > max_abs || !err.is_finite() {
+            max_abs = err;
+        }
+    }
+    if bad == 0 {
+        return Ok(());
+    }
+    let i = worst.0;
+    Err(format!(
+        "{name}: {bad} of {} elements out of tolerance (rtol {rtol}, atol {atol}); worst at flat index {i} ({:?}): got {}, expected {}; max abs error {max_abs}",
+        got.numel(),
+        unravel(i, got.shape()),
+        got.data()[i],
+        want.data()[i],
+    ))
+}
+
+fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for d in (0..shape.len()).rev() {
+        idx[d] = i % shape[d].max(1);
+        i /= shape[d].max(1);
+    }
+    idx
+}
+
+/// Root-mean-square of a tensor (scale for absolute tolerances).
+pub fn rms(t: &Tensor) -> f32 {
+    if t.numel() == 0 {
+        return 0.0;
+    }
+    (t.data().iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / t.numel() as f64).sqrt() as f32
+}

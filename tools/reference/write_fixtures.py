@@ -1,0 +1,767 @@
+#!/usr/bin/env python3
+"""Write the numerical fixtures that the medsa Rust tests compare against.
+
+The oracle is the official `segment_anything.modeling` package (SAM) plus a
+small PyTorch implementation, written for this project, of the Med-SA parts
+described in shared/SPEC.md sections 2-4:
+
+  * Med-SA encoder blocks (Space / MLP adapters, section 2),
+  * the SD-Trans depth branch (Depth adapter, section 3), in two flavours:
+    `per_token` (our semantics) and `compat` (the public reference code),
+  * decoder adapters (HyP-Adpt / MLP / Cross, section 4).
+
+Every case builds a small model with random (but non-trivial) weights, runs
+it on CPU in float32, and writes
+
+  tests/fixtures/<case>/weights.safetensors   the state dict
+  tests/fixtures/<case>/<run>.safetensors     inputs + intermediate stages
+
+See tools/reference/README.md for the list of cases, runs and keys.
+
+Usage:  .venv-ref/bin/python tools/reference/write_fixtures.py [--out DIR] [--only CASE ...]
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.image_encoder import (
+    Block,
+    ImageEncoderViT,
+    window_partition,
+    window_unpartition,
+)
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from segment_anything.modeling.prompt_encoder import PromptEncoder
+from segment_anything.modeling.sam import Sam
+from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.normpath(os.path.join(HERE, "..", "..", "tests", "fixtures"))
+
+# Number of output tokens that the mask decoder puts in front of the sparse
+# prompt tokens: 1 IoU token + (3 multimask + 1) mask tokens.
+N_OUTPUT_TOKENS = 1 + 4
+
+ENC_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------
+# Med-SA building blocks
+# --------------------------------------------------------------------------
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter: D -> D/4 -> D with exact GELU, optional residual."""
+
+    def __init__(self, dim: int, skip: bool):
+        super().__init__()
+        hidden = dim // 4
+        self.D_fc1 = nn.Linear(dim, hidden)
+        self.D_fc2 = nn.Linear(hidden, dim)
+        self.skip = skip
+
+    def forward(self, x):
+        y = self.D_fc2(F.gelu(self.D_fc1(x)))
+        return x + y if self.skip else y
+
+
+class HyperAdapter(nn.Module):
+    """HyP-Adpt (SPEC section 4): a bottleneck whose middle layers are
+    generated, one per sparse prompt token, by a small hyper-network."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        r = dim // 4
+        self.r = r
+        self.D_fc1 = nn.Linear(dim, r)
+        self.D_fc2 = nn.Linear(r, dim)
+        self.hyper = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, r * r))
+        self.norm = nn.LayerNorm(r)
+
+    def forward(self, x, prompts):
+        # x: (B, L, dim); prompts: (B, N, dim) -- each sample its own prompts
+        h = self.D_fc1(x)
+        bsz, n_prompts, _ = prompts.shape
+        if n_prompts > 0:
+            gen = self.hyper(prompts).reshape(bsz, n_prompts, self.r, self.r)
+            for i in range(n_prompts):
+                h = F.relu(self.norm(torch.matmul(h, gen[:, i])))
+        return x + self.D_fc2(h)
+
+
+def depth_grid(d: int):
+    """Factorisation of the slice count used by the reference (SPEC 3)."""
+    if d == 1:
+        return 1, 1
+    a = int(math.isqrt(d))
+    b = a + 1
+    while True:
+        if a * b == d:
+            return a, b
+        if a * b < d:
+            b += 1
+        else:
+            a -= 1
+
+
+def _slices_to_tokens(x, depth):
+    """(b*d, H, W, C) with slice index fastest -> (b*H*W, d, C)."""
+    n, h, w, c = x.shape
+    b = n // depth
+    return x.reshape(b, depth, h, w, c).permute(0, 2, 3, 1, 4).reshape(b * h * w, depth, c)
+
+
+def _tokens_to_slices(x, depth, h, w):
+    """Inverse of _slices_to_tokens: (b*H*W, ..., C) -> (b*d, H, W, C)."""
+    c = x.shape[-1]
+    b = x.shape[0] // (h * w)
+    return x.reshape(b, h, w, depth, c).permute(0, 3, 1, 2, 4).reshape(b * depth, h, w, c)
+
+
+class MedSABlock(Block):
+    """Encoder block with Med-SA adapters (SPEC sections 2 and 3).
+
+    Differs from the official Block in the order of norm1 and the window
+    partition (Med-SA partitions, i.e. zero-pads, first and normalises the
+    padded tokens), and in the adapters."""
+
+    def __init__(self, dim, num_heads, window_size, input_size,
+                 space=True, mlp=True, depth_adapter=False):
+        super().__init__(
+            dim=dim,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=ENC_EPS),
+            act_layer=nn.GELU,
+            use_rel_pos=True,
+            rel_pos_zero_init=False,
+            window_size=window_size,
+            input_size=input_size,
+        )
+        self.Space_Adapter = Adapter(dim, skip=True) if space else None
+        self.MLP_Adapter = Adapter(dim, skip=False) if mlp else None
+        self.Depth_Adapter = Adapter(dim, skip=False) if depth_adapter else None
+
+    def _depth_branch(self, x):
+        # x: (n, d, C) tokens over slices -> attention over the (dh, dw) grid
+        n, d, c = x.shape
+        dh, dw = depth_grid(d)
+        y = self.norm1(x).reshape(n, dh, dw, c)
+        y = self.attn(y)
+        return self.Depth_Adapter(y)
+
+    def forward(self, x, depth: int = 0, mode: str = "per_token"):
+        if mode not in ("per_token", "compat"):
+            raise ValueError(mode)
+        ws = self.window_size
+        H, W = x.shape[1], x.shape[2]
+        use_depth = depth > 0 and self.Depth_Adapter is not None
+        compat_windowed = use_depth and mode == "compat" and ws > 0
+
+        shortcut = x
+        if ws > 0:
+            xw, pad_hw = window_partition(x, ws)
+        else:
+            xw = x
+        s = self.attn(self.norm1(xw))
+        if self.Space_Adapter is not None:
+            s = self.Space_Adapter(s)
+        if compat_windowed:
+            # Reference regrouping: the partitioned (padded, un-normed) windows
+            # are read as '(b d) h w c', which mixes windows with slices.
+            nwin = xw.shape[0]
+            xd = self._depth_branch(_slices_to_tokens(xw, depth))
+            dh, dw = depth_grid(depth)
+            c = xd.shape[-1]
+            # '(b n) dh dw c -> (b dh dw) n c', n = ws*ws, then n -> (ws, ws)
+            xd = xd.reshape(nwin // depth, ws * ws, dh, dw, c).permute(0, 2, 3, 1, 4)
+            xd = xd.reshape(nwin, ws, ws, c)
+            s = s + xd
+        if ws > 0:
+            s = window_unpartition(s, ws, pad_hw, (H, W))
+        x = shortcut + s
+        if use_depth and not compat_windowed:
+            xd = self._depth_branch(_slices_to_tokens(shortcut, depth))
+            x = x + _tokens_to_slices(xd, depth, H, W)
+
+        xn = self.norm2(x)
+        if self.MLP_Adapter is not None:
+            x = x + self.mlp(xn) + 0.5 * self.MLP_Adapter(xn)
+        else:
+            x = x + self.mlp(xn)
+        return x
+
+
+class MedSAEncoder(ImageEncoderViT):
+    """Official ImageEncoderViT with (optionally) Med-SA blocks swapped in and
+    a forward that resizes the absolute position embedding to the token grid
+    and records the per-stage activations."""
+
+    def __init__(self, *, img_size, patch_size, embed_dim, depth, num_heads,
+                 out_chans, window_size, global_attn_indexes, adapter_blocks=(),
+                 depth_adapters=False):
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=3,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=4.0,
+            out_chans=out_chans,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=ENC_EPS),
+            act_layer=nn.GELU,
+            use_abs_pos=True,
+            use_rel_pos=True,
+            rel_pos_zero_init=False,
+            window_size=window_size,
+            global_attn_indexes=tuple(global_attn_indexes),
+        )
+        grid = img_size // patch_size
+        for i in adapter_blocks:
+            ws = 0 if i in global_attn_indexes else window_size
+            self.blocks[i] = MedSABlock(
+                embed_dim, num_heads, ws,
+                (grid, grid) if ws == 0 else (ws, ws),
+                space=True, mlp=True, depth_adapter=depth_adapters,
+            )
+
+    def forward_stages(self, x, depth=0, mode="per_token", stages=None):
+        x = self.patch_embed(x)
+        hg, wg = x.shape[1], x.shape[2]
+        pos = self.pos_embed
+        if tuple(pos.shape[1:3]) != (hg, wg):
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(hg, wg), mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)
+        x = x + pos
+        if stages is not None:
+            stages["enc.patch_embed"] = x
+        for i, blk in enumerate(self.blocks):
+            if isinstance(blk, MedSABlock):
+                x = blk(x, depth, mode)
+            else:
+                x = blk(x)
+            if stages is not None:
+                stages[f"enc.blocks.{i}"] = x
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class AdaptedTwoWayBlock(TwoWayAttentionBlock):
+    """Two-way transformer block with the decoder adapters of SPEC 4."""
+
+    def __init__(self, embedding_dim, num_heads, mlp_dim, skip_first_layer_pe):
+        super().__init__(
+            embedding_dim=embedding_dim,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            activation=nn.ReLU,
+            attention_downsample_rate=2,
+            skip_first_layer_pe=skip_first_layer_pe,
+        )
+        self.Hyper_Adapter = HyperAdapter(embedding_dim)
+        self.MLP_Adapter = Adapter(embedding_dim, skip=False)
+        self.Cross_Adapter = Adapter(embedding_dim, skip=True)
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        # The transformer passes the initial tokens as query_pe; the sparse
+        # prompt embeddings are the tokens after the output tokens.
+        prompts = query_pe[:, N_OUTPUT_TOKENS:, :]
+
+        # 1. self-attention over the tokens
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            qp = queries + query_pe
+            queries = queries + self.self_attn(q=qp, k=qp, v=queries)
+        queries = self.norm1(queries)
+
+        # 2. tokens -> image cross attention, then HyP-Adpt
+        qp = queries + query_pe
+        kp = keys + key_pe
+        queries = queries + self.cross_attn_token_to_image(q=qp, k=kp, v=keys)
+        queries = self.Hyper_Adapter(queries, prompts)
+        queries = self.norm2(queries)
+
+        # 3. MLP with the parallel adapter
+        queries = queries + self.mlp(queries) + 0.5 * self.MLP_Adapter(queries)
+        queries = self.norm3(queries)
+
+        # 4. image -> tokens cross attention, then the Cross adapter on keys
+        qp = queries + query_pe
+        kp = keys + key_pe
+        keys = keys + self.cross_attn_image_to_token(q=kp, k=qp, v=queries)
+        keys = self.Cross_Adapter(keys)
+        keys = self.norm4(keys)
+        return queries, keys
+
+
+# --------------------------------------------------------------------------
+# model construction
+# --------------------------------------------------------------------------
+
+
+def build_model(cfg):
+    torch.manual_seed(cfg["weights_seed"])
+    grid = cfg["img"] // 16
+    C = cfg["C"]
+    nblocks = cfg["depth"]
+    enc = MedSAEncoder(
+        img_size=cfg["img"],
+        patch_size=16,
+        embed_dim=cfg["embed"],
+        depth=nblocks,
+        num_heads=cfg["heads"],
+        out_chans=C,
+        window_size=cfg["window"],
+        global_attn_indexes=cfg["global"],
+        adapter_blocks=range(nblocks) if cfg["enc_adapters"] else (),
+        depth_adapters=cfg.get("depth_adapters", False),
+    )
+    pe = PromptEncoder(embed_dim=C, image_embedding_size=(grid, grid),
+                       input_image_size=(cfg["img"], cfg["img"]), mask_in_chans=16)
+    transformer = TwoWayTransformer(depth=2, embedding_dim=C, mlp_dim=cfg["mlp"], num_heads=8)
+    if cfg["dec_adapters"]:
+        for i in range(len(transformer.layers)):
+            transformer.layers[i] = AdaptedTwoWayBlock(C, 8, cfg["mlp"], skip_first_layer_pe=(i == 0))
+    dec = MaskDecoder(transformer_dim=C, transformer=transformer, num_multimask_outputs=3,
+                      iou_head_depth=3, iou_head_hidden_dim=C)
+    sam = Sam(enc, pe, dec).eval()
+    randomize(sam)
+    boost_decoder_outputs(dec)
+    # Round to the storage dtype first: the stored weights are exactly those
+    # the fp32 reference ran with.
+    dtype = cfg["dtype"]
+    with torch.no_grad():
+        for t in sam.state_dict().values():
+            t.copy_(t.to(dtype).to(torch.float32))
+    return sam
+
+
+def randomize(model):
+    """Make every parameter that SAM initialises trivially non-trivial."""
+    with torch.no_grad():
+        for _, mod in model.named_modules():
+            if isinstance(mod, (nn.LayerNorm, LayerNorm2d)):
+                mod.weight.copy_(1.0 + 0.1 * torch.randn_like(mod.weight))
+                mod.bias.copy_(0.1 * torch.randn_like(mod.bias))
+        for name, p in model.named_parameters():
+            if name.endswith("rel_pos_h") or name.endswith("rel_pos_w"):
+                p.copy_(0.05 * torch.randn_like(p))
+            elif name.endswith("pos_embed"):
+                p.copy_(0.1 * torch.randn_like(p))
+
+
+# With default init the mask logits of these narrow decoders are ~0.05; scale
+# the last layers so that logits are O(1-10) and the GELUs of the upscaling
+# path leave their linear regime.
+UPSCALE_GAIN = 6.0
+HYPER_GAIN = 10.0
+IOU_GAIN = 10.0
+
+
+def boost_decoder_outputs(dec):
+    with torch.no_grad():
+        last_up = dec.output_upscaling[3]
+        last_up.weight.mul_(UPSCALE_GAIN)
+        last_up.bias.mul_(UPSCALE_GAIN)
+        for mlp in dec.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(HYPER_GAIN)
+            mlp.layers[-1].bias.mul_(HYPER_GAIN)
+        dec.iou_prediction_head.layers[-1].weight.mul_(IOU_GAIN)
+        dec.iou_prediction_head.layers[-1].bias.mul_(IOU_GAIN)
+
+
+def export_state_dict(sam, cfg):
+    out = {}
+    for k, v in sam.state_dict().items():
+        if cfg["medsa_names"]:
+            k = k.replace("attn.rel_pos_h", "attn.rel_h").replace("attn.rel_pos_w", "attn.rel_w")
+        out[k] = v.detach().to(cfg["dtype"]).contiguous().clone()
+    return out
+
+
+# --------------------------------------------------------------------------
+# byte-reproducible safetensors writer
+# --------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def save_file(tensors, path, metadata):
+    """Write a safetensors file with sorted header keys, so that re-running the
+    script reproduces the files byte for byte (the library writer orders the
+    metadata map arbitrarily).  Read back with the library as a check."""
+    header = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hbytes += b" " * ((8 - len(hbytes) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hbytes).to_bytes(8, "little"))
+        f.write(hbytes)
+        for raw in blobs:
+            f.write(raw)
+    back = load_file(path)
+    assert set(back) == set(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+# --------------------------------------------------------------------------
+# running a case
+# --------------------------------------------------------------------------
+
+
+def postprocess(low_res, model_hw, input_size, original_size):
+    m = F.interpolate(low_res, size=model_hw, mode="bilinear", align_corners=False)
+    m = m[..., : input_size[0], : input_size[1]]
+    return F.interpolate(m, size=original_size, mode="bilinear", align_corners=False)
+
+
+def run_case(sam, cfg, run):
+    """Returns the dict of tensors for one run (inputs + stages)."""
+    enc, pe, dec = sam.image_encoder, sam.prompt_encoder, sam.mask_decoder
+    images = run["images"]
+    H, W = images.shape[-2:]
+    hg, wg = H // 16, W // 16
+    pe.image_embedding_size = (hg, wg)
+    pe.input_image_size = (H, W)
+    depth, mode = run.get("depth", 0), run.get("mode", "per_token")
+
+    stages = {}
+    img32 = images.to(torch.float32)
+    if cfg["official"]:
+        # Plain SAM: the official encoder forward, stages via hooks.
+        hooks = [enc.patch_embed.register_forward_hook(
+            lambda m, i, o: stages.__setitem__("enc.patch_embed", o + enc.pos_embed))]
+        for bi, blk in enumerate(enc.blocks):
+            hooks.append(blk.register_forward_hook(
+                lambda m, i, o, bi=bi: stages.__setitem__(f"enc.blocks.{bi}", o)))
+        emb = ImageEncoderViT.forward(enc, img32)
+        for h in hooks:
+            h.remove()
+        # Our generic path must agree with the official one.
+        mine = enc.forward_stages(img32, stages={})
+        assert torch.allclose(mine, emb, atol=1e-5, rtol=1e-5), "encoder self-check failed"
+    else:
+        emb = enc.forward_stages(img32, depth=depth, mode=mode, stages=stages)
+
+    points = None
+    if "point_coords" in run:
+        points = (run["point_coords"], run["point_labels"])
+    sparse, dense = pe(points=points, boxes=run.get("boxes"), masks=run.get("mask_inputs"))
+    dense_pe = pe.get_dense_pe()
+    B = images.shape[0]
+    assert sparse.shape[0] == B, (sparse.shape, B)
+
+    lows, ious = [], []
+    for b in range(B):  # sample b uses image embedding b
+        low, iou = dec(image_embeddings=emb[b:b + 1], image_pe=dense_pe,
+                       sparse_prompt_embeddings=sparse[b:b + 1],
+                       dense_prompt_embeddings=dense[b:b + 1],
+                       multimask_output=run["multimask"])
+        lows.append(low)
+        ious.append(iou)
+    low = torch.cat(lows, 0)
+    iou = torch.cat(ious, 0)
+    masks = postprocess(low, (H, W), run["input_size"], run["original_size"])
+    if cfg["official"] and (H, W) == (enc.img_size, enc.img_size):
+        ref = sam.postprocess_masks(low, run["input_size"], run["original_size"])
+        assert torch.equal(ref, masks), "postprocess self-check failed"
+
+    out = {"images": images}
+    for k in ("point_coords", "point_labels", "boxes", "mask_inputs"):
+        if k in run:
+            out[k] = run[k]
+    out.update(stages)
+    out["image_embeddings"] = emb
+    out["sparse_embeddings"] = sparse
+    out["dense_embeddings"] = dense
+    out["dense_pe"] = dense_pe
+    out["low_res_masks"] = low
+    out["iou_predictions"] = iou
+    out["masks"] = masks
+    for k, v in out.items():
+        assert torch.isfinite(v.float()).all(), f"non-finite values in {k}"
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------
+# case definitions
+# --------------------------------------------------------------------------
+
+
+def make_images(B, H, W, input_size, dtype=torch.float32):
+    x = torch.randn(B, 3, H, W)
+    # zero the bottom/right padding, as the SAM preprocessing does
+    x[..., input_size[0]:, :] = 0
+    x[..., :, input_size[1]:] = 0
+    return x.to(dtype)
+
+
+def tiny_runs():
+    runs = []
+
+    def add(name, seed, fn):
+        torch.manual_seed(seed)
+        r = fn()
+        r["name"], r["seed"] = name, seed
+        runs.append(r)
+
+    add("points", 101, lambda: dict(
+        images=make_images(2, 96, 96, (72, 96)),
+        point_coords=torch.tensor([[[20.0, 30.0], [60.5, 50.25], [10.0, 70.0]],
+                                   [[80.0, 12.0], [33.0, 44.0], [5.5, 5.5]]]),
+        point_labels=torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]]),
+        multimask=True, input_size=(72, 96), original_size=(150, 200)))
+    add("box", 102, lambda: dict(
+        images=make_images(1, 96, 96, (96, 72)),
+        boxes=torch.tensor([[10.0, 15.0, 60.0, 80.0]]),
+        multimask=False, input_size=(96, 72), original_size=(64, 48)))
+    add("points_box", 103, lambda: dict(
+        images=make_images(1, 96, 96, (96, 96)),
+        point_coords=torch.tensor([[[40.0, 40.0], [70.0, 20.0]]]),
+        point_labels=torch.tensor([[1.0, 0.0]]),
+        boxes=torch.tensor([[20.0, 10.0, 90.0, 85.0]]),
+        multimask=True, input_size=(96, 96), original_size=(100, 100)))
+    add("mask_input", 104, lambda: dict(
+        images=make_images(1, 96, 96, (43, 96)),
+        point_coords=torch.tensor([[[48.0, 20.0]]]),
+        point_labels=torch.tensor([[1.0]]),
+        mask_inputs=2.0 * torch.randn(1, 1, 24, 24),
+        multimask=False, input_size=(43, 96), original_size=(40, 90)))
+    add("none", 105, lambda: dict(
+        images=make_images(1, 96, 96, (96, 96)),
+        multimask=True, input_size=(96, 96), original_size=(96, 96)))
+    add("nonsquare", 106, lambda: dict(
+        images=make_images(1, 80, 112, (78, 112)),
+        point_coords=torch.tensor([[[50.0, 30.0]]]),
+        point_labels=torch.tensor([[1.0]]),
+        multimask=False, input_size=(78, 112), original_size=(39, 56)))
+    return runs
+
+
+def sam_geom_runs():
+    torch.manual_seed(201)
+    return [dict(
+        name="points", seed=201,
+        images=make_images(1, 1024, 1024, (768, 1024), dtype=torch.float16),
+        point_coords=torch.tensor([[[300.0, 200.0], [700.0, 500.0], [512.0, 700.0]]]),
+        point_labels=torch.tensor([[1.0, 1.0, 0.0]]),
+        multimask=True, input_size=(768, 1024), original_size=(300, 400))]
+
+
+def volume_runs():
+    d = 6
+    runs = []
+    for name, seed in (("per_token", 301), ("compat", 302)):
+        # identical inputs for both modes (same seed for the data)
+        torch.manual_seed(301)
+        images = make_images(d, 64, 64, (64, 64))
+        coords = torch.tensor([[[8.0 + 6 * s, 50.0 - 5 * s]] for s in range(d)])
+        runs.append(dict(
+            name=name, seed=301, images=images,
+            point_coords=coords, point_labels=torch.ones(d, 1),
+            multimask=False, input_size=(64, 64), original_size=(100, 100),
+            depth=d, mode=name))
+    return runs
+
+
+def tiny_plain_runs():
+    torch.manual_seed(401)
+    return [dict(
+        name="points", seed=401,
+        images=make_images(1, 64, 64, (64, 48)),
+        point_coords=torch.tensor([[[20.0, 30.0], [40.0, 10.0]]]),
+        point_labels=torch.tensor([[1.0, 0.0]]),
+        multimask=True, input_size=(64, 48), original_size=(120, 90))]
+
+
+CASES = {
+    "tiny": dict(
+        weights_seed=1, img=96, embed=32, depth=2, heads=2, window=4, global_=[1],
+        C=32, mlp=64, enc_adapters=True, dec_adapters=True, medsa_names=True,
+        dtype=torch.float32, official=False, runs=tiny_runs),
+    "sam_geom": dict(
+        weights_seed=2, img=1024, embed=128, depth=2, heads=2, window=14, global_=[1],
+        C=32, mlp=64, enc_adapters=False, dec_adapters=False, medsa_names=False,
+        dtype=torch.float16, official=True, runs=sam_geom_runs),
+    "volume": dict(
+        weights_seed=3, img=64, embed=32, depth=2, heads=2, window=2, global_=[1],
+        C=32, mlp=64, enc_adapters=True, depth_adapters=True, dec_adapters=False,
+        medsa_names=True, dtype=torch.bfloat16, official=False, runs=volume_runs),
+    "tiny_plain": dict(
+        weights_seed=4, img=64, embed=32, depth=2, heads=4, window=3, global_=[1],
+        C=32, mlp=64, enc_adapters=False, dec_adapters=False, medsa_names=False,
+        dtype=torch.float32, official=True, runs=tiny_plain_runs),
+}
+for _c in CASES.values():
+    _c["global"] = _c.pop("global_")
+
+
+# --------------------------------------------------------------------------
+# self checks of the Med-SA code against the official modules
+# --------------------------------------------------------------------------
+
+
+def self_checks():
+    torch.manual_seed(1234)
+    dim, heads = 32, 2
+    # (a) A Med-SA block whose adapters are neutral equals the official Block
+    #     when the window divides the grid (no padding, so the norm1/partition
+    #     order does not matter).
+    for ws in (0, 2):
+        blk = MedSABlock(dim, heads, ws, (4, 4) if ws == 0 else (ws, ws))
+        randomize(blk)
+        with torch.no_grad():
+            blk.Space_Adapter.D_fc2.weight.zero_()
+            blk.Space_Adapter.D_fc2.bias.zero_()
+            blk.MLP_Adapter.D_fc2.weight.zero_()
+            blk.MLP_Adapter.D_fc2.bias.zero_()
+        x = torch.randn(2, 4, 4, dim)
+        assert torch.allclose(blk(x), Block.forward(blk, x), atol=1e-5), "block check"
+    # (b) per_token == compat when each slice is a single window.
+    blk = MedSABlock(dim, heads, 4, (4, 4), depth_adapter=True)
+    randomize(blk)
+    x = torch.randn(6, 4, 4, dim)
+    assert torch.allclose(blk(x, 6, "per_token"), blk(x, 6, "compat"), atol=1e-5), "depth check"
+    # (c) per_token depth branch against a token-by-token loop.
+    blk = MedSABlock(dim, heads, 2, (2, 2), depth_adapter=True)
+    randomize(blk)
+    d, hh, ww = 6, 3, 5
+    x = torch.randn(2 * d, hh, ww, dim)
+    spatial = blk(x, 0)
+    full = blk(x, d, "per_token")
+    # rebuild the expected output: spatial part + depth part, then MLP
+    ws_x, pad_hw = window_partition(x, 2)
+    s = window_unpartition(blk.Space_Adapter(blk.attn(blk.norm1(ws_x))), 2, pad_hw, (hh, ww))
+    xd = torch.zeros_like(x)
+    dh, dw = depth_grid(d)
+    for b in range(2):
+        for i in range(hh):
+            for j in range(ww):
+                seq = x[b * d:(b + 1) * d, i, j, :]
+                y = blk.Depth_Adapter(blk.attn(blk.norm1(seq).reshape(1, dh, dw, dim)))
+                xd[b * d:(b + 1) * d, i, j, :] = y.reshape(d, dim)
+    y = x + s + xd
+    yn = blk.norm2(y)
+    y = y + blk.mlp(yn) + 0.5 * blk.MLP_Adapter(yn)
+    assert torch.allclose(full, y, atol=1e-5), "per_token loop check"
+    assert not torch.allclose(full, spatial, atol=1e-3)
+    # (d) decoder block with neutral adapters equals the official block.
+    for first in (True, False):
+        tb = AdaptedTwoWayBlock(dim, 8, 64, skip_first_layer_pe=first)
+        randomize(tb)
+        with torch.no_grad():
+            for a in (tb.Hyper_Adapter, tb.MLP_Adapter, tb.Cross_Adapter):
+                a.D_fc2.weight.zero_()
+                a.D_fc2.bias.zero_()
+        q, k = torch.randn(2, 7, dim), torch.randn(2, 20, dim)
+        qpe, kpe = torch.randn(2, 7, dim), torch.randn(2, 20, dim)
+        got = tb(q, k, qpe, kpe)
+        ref = TwoWayAttentionBlock.forward(tb, q, k, qpe, kpe)
+        assert all(torch.allclose(g, r, atol=1e-5) for g, r in zip(got, ref)), "decoder check"
+    # (e) HyP-Adpt against the per-sample formula of SPEC 4.
+    ha = HyperAdapter(dim)
+    randomize(ha)
+    xq, pr = torch.randn(2, 7, dim), torch.randn(2, 3, dim)
+    got = ha(xq, pr)
+    for b in range(2):
+        h = xq[b] @ ha.D_fc1.weight.T + ha.D_fc1.bias
+        for i in range(3):
+            Wi = ha.hyper(pr[b, i]).reshape(ha.r, ha.r)
+            h = torch.relu(F.layer_norm(h @ Wi, (ha.r,), ha.norm.weight, ha.norm.bias, 1e-5))
+        assert torch.allclose(got[b], xq[b] + h @ ha.D_fc2.weight.T + ha.D_fc2.bias, atol=1e-5)
+    assert torch.allclose(ha(xq, pr[:, :0]), xq + ha.D_fc2(ha.D_fc1(xq)), atol=1e-6)
+    # (f) depth_grid reproduces the documented factorisations.
+    want = {96: (8, 12), 4: (1, 4), 9: (1, 9), 16: (2, 8), 64: (4, 16), 6: (2, 3), 7: (1, 7),
+            1: (1, 1)}
+    for d, g in want.items():
+        assert depth_grid(d) == g, (d, depth_grid(d), g)
+
+
+# --------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--only", nargs="*", default=None, help="case names to (re)write")
+    args = ap.parse_args()
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        torch.use_deterministic_algorithms(True)
+    except Exception as e:  # pragma: no cover
+        print("warning: deterministic algorithms unavailable:", e, file=sys.stderr)
+
+    with torch.no_grad():
+        self_checks()
+
+    summary = []
+    for case, cfg in CASES.items():
+        if args.only and case not in args.only:
+            continue
+        with torch.no_grad():
+            sam = build_model(cfg)
+            cdir = os.path.join(args.out, case)
+            os.makedirs(cdir, exist_ok=True)
+            wpath = os.path.join(cdir, "weights.safetensors")
+            save_file(export_state_dict(sam, cfg), wpath,
+                      metadata={"case": case, "seed": str(cfg["weights_seed"])})
+            summary.append((case, "weights", os.path.getsize(wpath), ""))
+            for run in cfg["runs"]():
+                tensors = run_case(sam, cfg, run)
+                meta = {
+                    "multimask_output": "true" if run["multimask"] else "false",
+                    "depth": str(run.get("depth", 0)),
+                    "depth_mode": run.get("mode", "per_token"),
+                    "input_size": "%d,%d" % tuple(run["input_size"]),
+                    "original_size": "%d,%d" % tuple(run["original_size"]),
+                    "case": case,
+                    "run": run["name"],
+                    "seed": str(run["seed"]),
+                }
+                rpath = os.path.join(cdir, run["name"] + ".safetensors")
+                save_file(tensors, rpath, metadata=meta)
+                m = tensors["masks"]
+                info = "masks %s range [%.2f, %.2f] std %.2f; iou %s" % (
+                    tuple(m.shape), m.min().item(), m.max().item(), m.std().item(),
+                    [round(v, 3) for v in tensors["iou_predictions"].flatten()[:4].tolist()])
+                summary.append((case, run["name"], os.path.getsize(rpath), info))
+
+    total_all = 0
+    for root, _, files in os.walk(args.out):
+        for f in files:
+            total_all += os.path.getsize(os.path.join(root, f))
+    print("%-11s %-11s %10s  %s" % ("case", "file", "bytes", "check"))
+    for case, name, size, info in summary:
+        print("%-11s %-11s %10d  %s" % (case, name, size, info))
+    print("cases: %d, files: %d, written bytes: %d, fixture folder total: %d bytes (%.2f MB)" % (
+        len({s[0] for s in summary}), len(summary), sum(s[2] for s in summary),
+        total_all, total_all / 1e6))
+    if total_all > 25e6:
+        print("ERROR: fixtures exceed 25 MB", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
