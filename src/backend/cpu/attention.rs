@@ -97,7 +97,7 @@ pub(crate) fn attention(
             Some((r.rh.data(), r.rw.data(), qw, kh, kw))
         }
     };
-    let mut out = vec![0.0f32; b * lq * c];
+    let mut out = super::zeroed(b * lq * c);
     if lq == 0 || d == 0 {
         return make(out, sq);
     }
@@ -144,8 +144,8 @@ pub(crate) fn attention(
                 );
             }
             if let Some((rh, rw, qw, kh, kw)) = rel {
-                let mut bh = vec![0.0f32; kh];
-                let mut bw = vec![0.0f32; kw];
+                let mut bh = super::zeroed(kh);
+                let mut bw = super::zeroed(kw);
                 for r in 0..rows {
                     let i = i0 + r;
                     let (qy, qx) = (i / qw, i % qw);

@@ -46,7 +46,7 @@ pub(crate) fn conv2d(
     let kk = kh * kw * cin;
     // [Cout, Cin, kh, kw] -> [Cout, kh, kw, Cin].
     let wsrc = w.data();
-    let mut wr = vec![0.0f32; cout * kk];
+    let mut wr = super::zeroed(cout * kk);
     for o in 0..cout {
         for c in 0..cin {
             for t in 0..kh * kw {
@@ -59,7 +59,7 @@ pub(crate) fn conv2d(
     let col = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
         x.reshape(&[m, cin])?
     } else {
-        let mut col = vec![0.0f32; m * kk];
+        let mut col = super::zeroed(m * kk);
         let src = x.data();
         for_chunks(&mut col, kk, |row, dst| {
             let (bi, oy, ox) = (row / (ho * wo), (row / wo) % ho, row % wo);
@@ -108,7 +108,7 @@ pub(crate) fn conv_transpose2x2(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Te
     let n4 = 4 * cout;
     // [Cin, Cout, di, dj] -> [Cin, di, dj, Cout]: each (di, dj) tap becomes a contiguous Cout run.
     let wsrc = w.data();
-    let mut wr = vec![0.0f32; cin * n4];
+    let mut wr = super::zeroed(cin * n4);
     for c in 0..cin {
         for o in 0..cout {
             for t in 0..4 {
@@ -117,7 +117,7 @@ pub(crate) fn conv_transpose2x2(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Te
         }
     }
     let m = bn * h * wd;
-    let mut y = vec![0.0f32; m * n4];
+    let mut y = super::zeroed(m * n4);
     // SAFETY: x is m x cin, wr is cin x n4, y is m x n4, all row-major and live.
     unsafe {
         gemm_into(
@@ -142,7 +142,7 @@ pub(crate) fn conv_transpose2x2(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Te
         );
     }
     let (ho, wo) = (2 * h, 2 * wd);
-    let mut out = vec![0.0f32; bn * ho * wo * cout];
+    let mut out = super::zeroed(bn * ho * wo * cout);
     let bias = b.data();
     for_chunks(&mut out, wo * cout, |row, dst| {
         let (bi, oy) = (row / ho, row % ho);

@@ -25,7 +25,7 @@ pub(crate) fn add_scaled(a: &Tensor, alpha: f32, b: &Tensor, beta: f32) -> Resul
     }
     let (ad, bd) = (a.data(), b.data());
     let nb = bd.len();
-    let mut out = vec![0.0f32; ad.len()];
+    let mut out = super::zeroed(ad.len());
     if nb == 0 {
         return make(out, sa);
     }
@@ -58,14 +58,21 @@ pub(crate) fn activate(x: &Tensor, act: Act) -> Result<Tensor> {
 
 /// Applies `act` in place, in parallel over fixed slices when large.
 pub(crate) fn apply_act(xs: &mut [f32], act: Act) {
+    if act != Act::None {
+        for_chunks(xs, 8192, |_, c| apply_act_serial(c, act));
+    }
+}
+
+/// Applies `act` in place on the calling thread.
+pub(crate) fn apply_act_serial(xs: &mut [f32], act: Act) {
     match act {
         Act::None => {}
-        Act::Relu => for_chunks(xs, 8192, |_, c| {
-            for v in c.iter_mut() {
+        Act::Relu => {
+            for v in xs.iter_mut() {
                 // A select rather than `max` so NaN propagates as in PyTorch.
                 *v = if *v < 0.0 { 0.0 } else { *v };
             }
-        }),
-        Act::Gelu => for_chunks(xs, 8192, |_, c| math::gelu_inplace(c)),
+        }
+        Act::Gelu => math::gelu_inplace(xs),
     }
 }

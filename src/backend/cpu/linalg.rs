@@ -12,7 +12,9 @@ use crate::backend::Act;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::{elementwise::apply_act, for_chunks, make};
+use rayon::prelude::*;
+
+use super::{elementwise::apply_act_serial, make, PAR_MIN};
 
 /// Threading for one product of `m x k` by `k x n`: below ~2 MFLOP the fork/join overhead of
 /// splitting across threads outweighs the work.
@@ -85,6 +87,39 @@ pub(crate) unsafe fn gemm_into(
     );
 }
 
+/// A fresh `m x n` row-major product `lhs @ rhs`, written by gemm straight into unzeroed memory
+/// (zeroing a buffer gemm overwrites anyway costs a full extra pass over it).
+pub(crate) fn gemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat,
+    rhs: Mat,
+    par: Parallelism,
+) -> Vec<f32> {
+    let len = m * n;
+    let mut out = super::with_capacity(len);
+    // SAFETY: with accumulate = false, gemm_into writes every element of the m x n block (zeros
+    // when k = 0) before anything reads it, so the length can be set afterwards.
+    unsafe {
+        gemm_into(m, n, k, out.as_mut_ptr(), n, false, lhs, rhs, 1.0, par);
+        out.set_len(len);
+    }
+    out
+}
+
+/// Adds the bias to each `n`-wide row and applies the activation, in one pass over the rows.
+fn epilogue(rows: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act) {
+    if let Some(b) = bias {
+        for row in rows.chunks_exact_mut(n) {
+            for (y, &bb) in row.iter_mut().zip(b) {
+                *y += bb;
+            }
+        }
+    }
+    apply_act_serial(rows, act);
+}
+
 /// `act(x @ w^T + b)`.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
     let (sx, sw) = (x.shape(), w.shape());
@@ -103,41 +138,30 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Re
             ));
         }
     }
-    let m = x.numel() / k.max(1);
-    let m = if k == 0 {
-        sx[..sx.len() - 1].iter().product()
-    } else {
-        m
+    let m: usize = sx[..sx.len() - 1].iter().product();
+    let lhs = Mat {
+        ptr: x.data().as_ptr(),
+        rs: k as isize,
+        cs: 1,
     };
-    let mut out = vec![0.0f32; m * n];
-    if let Some(b) = b {
-        for_chunks(&mut out, n, |_, row| row.copy_from_slice(b.data()));
+    // w is n x k row-major: read as the k x n right operand by swapping strides.
+    let rhs = Mat {
+        ptr: w.data().as_ptr(),
+        rs: 1,
+        cs: k as isize,
+    };
+    let bias = b.map(|b| b.data());
+    let mut out = gemm_new(m, n, k, lhs, rhs, par_for(m, n, k));
+    if n > 0 && (bias.is_some() || act != Act::None) {
+        // Row groups of >= 8K elements so the epilogue runs on all cores when large.
+        let rows_per = (8192 / n).max(1);
+        if out.len() >= PAR_MIN {
+            out.par_chunks_mut(rows_per * n)
+                .for_each(|c| epilogue(c, n, bias, act));
+        } else {
+            epilogue(&mut out, n, bias, act);
+        }
     }
-    // SAFETY: x is m x k row-major, w is n x k row-major (read as k x n with swapped strides),
-    // out is m x n; all live for the call.
-    unsafe {
-        gemm_into(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            n,
-            b.is_some(),
-            Mat {
-                ptr: x.data().as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            },
-            Mat {
-                ptr: w.data().as_ptr(),
-                rs: 1,
-                cs: k as isize,
-            },
-            1.0,
-            par_for(m, n, k),
-        );
-    }
-    apply_act(&mut out, act);
     let mut shape = sx.to_vec();
     *shape.last_mut().unwrap() = n;
     make(out, &shape)
@@ -159,7 +183,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     if kb != k {
         return Err(bad());
     }
-    let mut out = vec![0.0f32; bt * m * n];
+    let mut out = super::zeroed(bt * m * n);
     let (rs, cs) = if trans_b {
         (1, k as isize)
     } else {
@@ -197,7 +221,6 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     let par = par_for(m, n, k);
     if matches!(par, Parallelism::None) && bt > 1 && bt * m * n * k >= (1 << 20) {
         // Many small products: parallelise over the batch instead of inside each product.
-        use rayon::prelude::*;
         out.par_chunks_mut(m * n)
             .enumerate()
             .for_each(|(t, dst)| one(t, dst, Parallelism::None));

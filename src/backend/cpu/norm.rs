@@ -37,7 +37,7 @@ pub(crate) fn layer_norm(x: &Tensor, g: &Tensor, b: &Tensor, eps: f32) -> Result
             format!("x {s:?} with g {:?} b {:?}", g.shape(), b.shape()),
         ));
     }
-    let mut out = vec![0.0f32; x.numel()];
+    let mut out = super::zeroed(x.numel());
     let (xd, gd, bd) = (x.data(), g.data(), b.data());
     for_chunks(&mut out, c, |r, dst| {
         let row = &xd[r * c..(r + 1) * c];

@@ -71,7 +71,7 @@ pub(crate) fn resize(x: &Tensor, size: (usize, usize), mode: Mode) -> Result<Ten
     let ty = taps(h, oh, mode);
     let src = x.data();
     // Horizontal pass: every input row -> ow columns.
-    let mut tmp = vec![0.0f32; planes * h * ow];
+    let mut tmp = super::zeroed(planes * h * ow);
     for_chunks(&mut tmp, ow, |row, dst| {
         let r = &src[row * w..(row + 1) * w];
         for (o, (idx, wt)) in dst.iter_mut().zip(&tx) {
@@ -83,7 +83,7 @@ pub(crate) fn resize(x: &Tensor, size: (usize, usize), mode: Mode) -> Result<Ten
         }
     });
     // Vertical pass: each output row is a weighted sum of nt intermediate rows.
-    let mut out = vec![0.0f32; planes * oh * ow];
+    let mut out = super::zeroed(planes * oh * ow);
     for_chunks(&mut out, ow, |row, dst| {
         let (p, oy) = (row / oh, row % oh);
         let (idx, wt) = &ty[oy];
