@@ -141,6 +141,24 @@ fn sum16(xs: &[f32]) -> f32 {
     s
 }
 
+/// Maximum of a slice (-inf when empty), with 16 independent lanes so it vectorises (a plain
+/// fold is a serial dependency chain). NaN inputs are ignored rather than propagated, which only
+/// matters for a softmax that is NaN anyway.
+pub fn max(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &v in chunks.remainder().iter().chain(&acc) {
+        m = if v > m { v } else { m };
+    }
+    m
+}
+
 /// Generates the runtime-dispatched public entry point and its three compiled variants.
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty, $body:ident) => {
