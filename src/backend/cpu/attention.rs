@@ -11,7 +11,9 @@
 //! one gemm into per-thread scratch, adds the bias, applies a vectorised softmax and multiplies by
 //! V with a second gemm straight into the strided output. Tasks run in parallel on rayon; the
 //! normalisation by the softmax sum is applied to the `d`-wide output rows rather than the
-//! `Lk`-wide probabilities because it is cheaper.
+//! `Lk`-wide probabilities because it is cheaper. The per-block bias + softmax is one
+//! runtime-dispatched kernel (AVX-512 / AVX2+FMA / portable) because the crate itself is built
+//! for baseline x86-64 and that loop is a fifth of the attention time.
 
 use std::cell::RefCell;
 
@@ -37,14 +39,15 @@ thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// `<a, b>` with 16 lanes of fused multiply-adds.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
+fn dot<const F: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let mut ca = a.chunks_exact(16);
+    let mut cb = b.chunks_exact(16);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+        for i in 0..16 {
+            acc[i] = math::madd::<F>(x[i], y[i], acc[i]);
         }
     }
     let mut s: f32 = ca
@@ -58,6 +61,112 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
+
+/// `out[k] = sum_c q[c] * t[c, k]` for a `[d, K]` table `t`.
+#[inline(always)]
+fn axpy_rows<const F: bool>(q: &[f32], t: &[f32], out: &mut [f32]) {
+    let k = out.len();
+    out.fill(0.0);
+    for (c, &qc) in q.iter().enumerate() {
+        for (o, &tv) in out.iter_mut().zip(&t[c * k..(c + 1) * k]) {
+            *o = math::madd::<F>(qc, tv, *o);
+        }
+    }
+}
+
+/// `out[k] = <q, t[k, :]>` for one query row against a table slice; `t` is the table as given
+/// (`[K, d]`) and `tt` the same slice transposed (`[d, K]`). Wide tables (global attention,
+/// K = 64) use the transposed form: accumulating `q[c] * tt[c, :]` is a vector axpy over keys,
+/// where per-key dot products would each end in a horizontal reduction. Narrow ones (windows,
+/// K = 14) would leave the axpy mostly in its scalar remainder, so they take the dot products.
+#[inline(always)]
+fn table_bias<const F: bool>(q: &[f32], t: &[f32], tt: &[f32], out: &mut [f32]) {
+    let (k, d) = (out.len(), q.len());
+    if k >= 16 {
+        axpy_rows::<F>(q, &tt[..d * k], out);
+    } else {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = dot::<F>(q, &t[j * d..(j + 1) * d]);
+        }
+    }
+}
+
+/// `[a, b, d]` -> `[a, d, b]` (the relative-position tables, so each query's bias is an axpy).
+fn transpose_table(t: &[f32], a: usize, b: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; a * b * d];
+    for i in 0..a {
+        for j in 0..b {
+            for c in 0..d {
+                out[(i * d + c) * b + j] = t[(i * b + j) * d + c];
+            }
+        }
+    }
+    out
+}
+
+/// One query block's softmax inputs: the contiguous `rows x d` queries, the block's first query
+/// index, the key count and the relative-position tables if any.
+struct Block<'a> {
+    q: &'a [f32],
+    d: usize,
+    i0: usize,
+    lk: usize,
+    rel: Option<&'a Rel<'a>>,
+}
+
+/// The relative-position tables of one call, as given and transposed.
+struct Rel<'a> {
+    /// `[qh, kh, d]`.
+    rh: &'a [f32],
+    /// `[qw, kw, d]`.
+    rw: &'a [f32],
+    /// `[qh, d, kh]`.
+    rh_t: Vec<f32>,
+    /// `[qw, d, kw]`.
+    rw_t: Vec<f32>,
+    qw: usize,
+    kh: usize,
+    kw: usize,
+}
+
+/// In place on the block's `rows x Lk` scaled scores: add the relative-position bias, then
+/// `s = exp(s - rowmax)`, storing `1 / rowsum` in `inv` (0 for an empty key set).
+#[inline(always)]
+fn softmax_block_body<const F: bool>(blk: &Block<'_>, s: &mut [f32], inv: &mut [f32]) {
+    let (d, lk) = (blk.d, blk.lk);
+    let mut tables = blk.rel.map(|r| (vec![0.0f32; r.kh], vec![0.0f32; r.kw]));
+    for (r, iv) in inv.iter_mut().enumerate() {
+        let srow = &mut s[r * lk..(r + 1) * lk];
+        if let (Some(rel), Some((bh, bw))) = (blk.rel, tables.as_mut()) {
+            let (kh, kw) = (rel.kh, rel.kw);
+            let i = blk.i0 + r;
+            let (qy, qx) = (i / rel.qw, i % rel.qw);
+            let qrow = &blk.q[r * d..(r + 1) * d];
+            table_bias::<F>(qrow, &rel.rh[qy * kh * d..], &rel.rh_t[qy * d * kh..], bh);
+            table_bias::<F>(qrow, &rel.rw[qx * kw * d..], &rel.rw_t[qx * d * kw..], bw);
+            for (seg, &hy) in srow.chunks_exact_mut(kw).zip(bh.iter()) {
+                for (x, &wx) in seg.iter_mut().zip(bw.iter()) {
+                    *x += hy + wx;
+                }
+            }
+        }
+        if lk == 0 {
+            *iv = 0.0;
+            continue;
+        }
+        let m = math::max(srow);
+        for x in srow.iter_mut() {
+            *x = math::exp1::<F>(*x - m);
+        }
+        *iv = 1.0 / math::sum16(srow);
+    }
+}
+
+math::dispatch!(
+    /// Bias + softmax numerator and inverse denominator of one query block (see the body).
+    fn softmax_block(blk: &Block<'_>, s: &mut [f32], inv: &mut [f32]) -> (),
+    softmax_block_body
+);
 
 /// `softmax(scale * q k^T + bias) v` per batch and head.
 pub(crate) fn attention(
@@ -96,7 +205,15 @@ pub(crate) fn attention(
                     r.k_grid
                 )));
             }
-            Some((r.rh.data(), r.rw.data(), qw, kh, kw))
+            Some(Rel {
+                rh: r.rh.data(),
+                rw: r.rw.data(),
+                rh_t: transpose_table(r.rh.data(), qh, kh, d),
+                rw_t: transpose_table(r.rw.data(), qw, kw, d),
+                qw,
+                kh,
+                kw,
+            })
         }
     };
     let mut out = super::zeroed(b * lq * c);
@@ -186,33 +303,14 @@ pub(crate) fn attention(
                     Parallelism::None,
                 );
             }
-            if let Some((rh, rw, qw, kh, kw)) = rel {
-                let mut bh = super::zeroed(kh);
-                let mut bw = super::zeroed(kw);
-                for r in 0..rows {
-                    let i = i0 + r;
-                    let (qy, qx) = (i / qw, i % qw);
-                    let qrow = &qblk[r * d..(r + 1) * d];
-                    for (ky, o) in bh.iter_mut().enumerate() {
-                        *o = dot(qrow, &rh[(qy * kh + ky) * d..(qy * kh + ky + 1) * d]);
-                    }
-                    for (kx, o) in bw.iter_mut().enumerate() {
-                        *o = dot(qrow, &rw[(qx * kw + kx) * d..(qx * kw + kx + 1) * d]);
-                    }
-                    let srow = &mut s[r * lk..(r + 1) * lk];
-                    for (seg, &hy) in srow.chunks_exact_mut(kw).zip(&bh) {
-                        for (x, &wx) in seg.iter_mut().zip(&bw) {
-                            *x += hy + wx;
-                        }
-                    }
-                }
-            }
-            // An empty key set gives a zero output rather than 0/0.
-            inv[..rows].fill(0.0);
-            for (r, srow) in s.chunks_exact_mut(lk.max(1)).take(rows).enumerate() {
-                let m = math::max(srow);
-                inv[r] = 1.0 / math::exp_shift_sum(srow, m);
-            }
+            let blk = Block {
+                q: &qblk[..rows * d],
+                d,
+                i0,
+                lk,
+                rel: rel.as_ref(),
+            };
+            softmax_block(&blk, &mut s[..rows * lk], &mut inv[..rows]);
             let o0 = (bi * lq + i0) * c + h * d;
             // SAFETY: output rows i0..i0+rows, columns h*d..(h+1)*d belong to this task only;
             // the V panel is Lk x d.

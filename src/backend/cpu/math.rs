@@ -18,7 +18,7 @@
 
 /// `a * b + c`, fused when `F` (only instantiated as `true` inside FMA-enabled functions).
 #[inline(always)]
-fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub(crate) fn madd<const F: bool>(a: f32, b: f32, c: f32) -> f32 {
     if F {
         a.mul_add(b, c)
     } else {
@@ -34,7 +34,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 const ROUND_MAGIC: f32 = 12_582_912.0;
 
 #[inline(always)]
-fn exp1<const F: bool>(x: f32) -> f32 {
+pub(crate) fn exp1<const F: bool>(x: f32) -> f32 {
     // Upper clamp keeps n <= 128 (so the result overflows to inf as it should); below -104 the
     // true value is under half the smallest subnormal.
     let xc = x.clamp(-104.0, 89.0);
@@ -126,7 +126,7 @@ fn gelu1<const F: bool>(x: f32) -> f32 {
 /// Sum of a slice with 16 independent partial sums: a single accumulator would serialise the
 /// loop on the add latency and forbid vectorisation.
 #[inline(always)]
-fn sum16(xs: &[f32]) -> f32 {
+pub(crate) fn sum16(xs: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let mut chunks = xs.chunks_exact(16);
     for c in &mut chunks {
@@ -144,6 +144,7 @@ fn sum16(xs: &[f32]) -> f32 {
 /// Maximum of a slice (-inf when empty), with 16 independent lanes so it vectorises (a plain
 /// fold is a serial dependency chain). NaN inputs are ignored rather than propagated, which only
 /// matters for a softmax that is NaN anyway.
+#[inline(always)]
 pub fn max(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let mut chunks = xs.chunks_exact(16);
@@ -159,11 +160,14 @@ pub fn max(xs: &[f32]) -> f32 {
     m
 }
 
-/// Generates the runtime-dispatched public entry point and its three compiled variants.
+/// Generates the runtime-dispatched public entry point and its three compiled variants. The body
+/// is an `#[inline(always)]` function generic over `const F: bool` (use fused multiply-adds),
+/// so plain loops in it are vectorised for the detected CPU (the crate itself is compiled for
+/// baseline x86-64, i.e. SSE2).
 macro_rules! dispatch {
-    ($(#[$doc:meta])* $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty, $body:ident) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),*) -> $ret:ty, $body:ident) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
@@ -187,6 +191,7 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 #[inline(always)]
 fn exp_body<const F: bool>(xs: &mut [f32]) {
@@ -219,21 +224,21 @@ fn exp_shift_sum_body<const F: bool>(xs: &mut [f32], shift: f32) -> f32 {
 
 dispatch!(
     /// `x = exp(x)` elementwise, in place.
-    exp_inplace(xs: &mut [f32]) -> (),
+    pub fn exp_inplace(xs: &mut [f32]) -> (),
     exp_body
 );
 dispatch!(
     /// `x = erf(x)` elementwise, in place.
-    erf_inplace(xs: &mut [f32]) -> (),
+    pub fn erf_inplace(xs: &mut [f32]) -> (),
     erf_body
 );
 dispatch!(
     /// Exact GELU `x * 0.5 * (1 + erf(x / sqrt 2))` elementwise, in place.
-    gelu_inplace(xs: &mut [f32]) -> (),
+    pub fn gelu_inplace(xs: &mut [f32]) -> (),
     gelu_body
 );
 dispatch!(
     /// `x = exp(x - shift)` in place; returns the sum of the results (the softmax denominator).
-    exp_shift_sum(xs: &mut [f32], shift: f32) -> f32,
+    pub fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32,
     exp_shift_sum_body
 );
