@@ -242,3 +242,53 @@ dispatch!(
     pub fn exp_shift_sum(xs: &mut [f32], shift: f32) -> f32,
     exp_shift_sum_body
 );
+
+#[cfg(test)]
+mod tests {
+    //! The integration tests exercise whichever variant this CPU dispatches to; these check the
+    //! non-FMA (portable) arithmetic as well, which other machines may run.
+
+    use super::*;
+
+    fn erf_ref(x: f64) -> f64 {
+        // All-positive series (no cancellation): 2/sqrt(pi) e^{-x^2} sum 2^n x^{2n+1} / (2n+1)!!.
+        let a = x.abs().min(6.0);
+        let (mut term, mut sum, mut n) = (a, a, 0.0);
+        while term > 1e-17 * sum {
+            n += 1.0;
+            term *= 2.0 * a * a / (2.0 * n + 1.0);
+            sum += term;
+        }
+        (2.0 / std::f64::consts::PI.sqrt() * (-a * a).exp() * sum)
+            .min(1.0)
+            .copysign(x)
+    }
+
+    fn check<const F: bool>() {
+        let n = 200_000;
+        for i in 0..=n {
+            let x = -87.0 + 175.0 * i as f32 / n as f32;
+            let want = (x as f64).exp();
+            let got = exp1::<F>(x) as f64;
+            assert!(
+                (got - want).abs() <= 2e-7 * want,
+                "exp({x}) = {got}, want {want} (F={F})"
+            );
+            let x = -7.0 + 14.0 * i as f32 / n as f32;
+            let want = erf_ref(x as f64);
+            let got = erf1::<F>(x) as f64;
+            assert!(
+                (got - want).abs() <= 2e-7,
+                "erf({x}) = {got}, want {want} (F={F})"
+            );
+        }
+    }
+
+    #[test]
+    fn portable_and_fused_variants_are_accurate() {
+        check::<false>();
+        // `mul_add` is exact whether or not the CPU has FMA (libm otherwise), so this runs
+        // everywhere.
+        check::<true>();
+    }
+}
