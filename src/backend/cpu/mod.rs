@@ -1,1 +1,508 @@
 //! The CPU reference backend (f32): the executable specification of every op.
+//!
+//! Tensors are host [`Tensor`]s (shape + shared contiguous row-major buffer), so upload/download
+//! are reference-count clones. Work is spread over rayon's global pool (RAYON_NUM_THREADS or all
+//! cores); the heavy products go through the `gemm` crate. This file holds the struct and the
+//! memory/layout ops (pure data movement); the arithmetic lives in the sibling modules:
+//!
+//! * `elementwise`: `y = alpha a + beta b` with tiling broadcast, activations;
+//! * [`math`]: vectorised `exp` / `erf` kernels;
+//! * `linalg`: linear and batched matmul (`gemm`);
+//! * `norm`: layer norm;
+//! * `attention`: blocked multi-head attention with decomposed relative-position bias;
+//! * `conv`: conv2d (im2col + gemm) and the 2x2 stride-2 transposed conv (gemm + scatter);
+//! * `resize`: bilinear / bicubic interpolation.
+
+mod attention;
+mod conv;
+mod elementwise;
+mod linalg;
+pub mod math;
+mod norm;
+mod resize;
+
+use rayon::prelude::*;
+
+use super::{Act, Backend, RelPos};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// Below this many elements an op runs on the calling thread: rayon's fork/join costs a few
+/// microseconds, more than copying or transforming a small tensor.
+pub(crate) const PAR_MIN: usize = 1 << 15;
+
+/// The CPU backend. Stateless: threads come from rayon's global pool.
+#[derive(Clone, Debug)]
+pub struct Cpu {
+    _private: (),
+}
+
+impl Cpu {
+    /// A CPU backend on rayon's global thread pool.
+    pub fn new() -> Self {
+        Cpu { _private: () }
+    }
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A raw pointer that may cross threads; used where parallel tasks write provably disjoint parts
+/// of one output buffer that cannot be split into slices up front (strided layouts).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+// SAFETY: every user writes disjoint elements from each task and the buffer outlives the scope.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer. A method (rather than field access) so closures capture the whole wrapper,
+    /// which is `Sync`, instead of the bare pointer field.
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Buffers at least this large (bytes) are backed by transparent huge pages where the kernel
+/// allows it on request (`madvise` mode): a fresh 50 MB activation otherwise takes ~12K page
+/// faults, which measured ~20% of a large linear layer.
+const HUGE_MIN_BYTES: usize = 4 << 20;
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+extern "C" {
+    fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+}
+
+/// Asks for huge pages over the 2 MiB-aligned interior of `v`'s allocation (a hint: failure or
+/// an unsupported kernel just leaves normal pages).
+fn advise_huge(v: &mut Vec<f32>) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const HUGE: usize = 2 << 20;
+        const MADV_HUGEPAGE: i32 = 14;
+        let bytes = v.capacity() * 4;
+        if bytes < HUGE_MIN_BYTES {
+            return;
+        }
+        let start = v.as_mut_ptr() as usize;
+        let lo = start.next_multiple_of(HUGE);
+        let hi = (start + bytes) / HUGE * HUGE;
+        if hi > lo {
+            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes no
+            // contents, only how future faults are served.
+            unsafe {
+                madvise(lo as *mut std::ffi::c_void, hi - lo, MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = v;
+}
+
+/// A zero-filled buffer of `n` floats (huge-page backed when large).
+pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    // calloc leaves fresh large blocks untouched (the kernel's pages are already zero), so the
+    // advice still applies to every page's first fault.
+    let mut v = vec![0.0f32; n];
+    advise_huge(&mut v);
+    v
+}
+
+/// An empty buffer with room for `n` floats (huge-page backed when large), for producers that
+/// write every element through the raw pointer before `set_len`.
+pub(crate) fn with_capacity(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    advise_huge(&mut v);
+    v
+}
+
+/// Builds an output tensor; `data.len()` always matches `shape` by construction in this backend.
+pub(crate) fn make(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, shape)
+}
+
+/// Splits `out` into chunks of `chunk` elements and runs `f(chunk_index, chunk)` on each, in
+/// parallel when the tensor is large enough to pay for it.
+pub(crate) fn for_chunks(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if chunk == 0 || out.is_empty() {
+        return;
+    }
+    if out.len() >= PAR_MIN {
+        // Group small chunks so each task moves at least ~4K elements.
+        let per = (4096 / chunk).max(1);
+        out.par_chunks_mut(chunk * per)
+            .enumerate()
+            .for_each(|(g, grp)| {
+                for (i, c) in grp.chunks_mut(chunk).enumerate() {
+                    f(g * per + i, c);
+                }
+            });
+    } else {
+        for (i, c) in out.chunks_mut(chunk).enumerate() {
+            f(i, c);
+        }
+    }
+}
+
+fn check_perm(op: &'static str, rank: usize, perm: &[usize]) -> Result<()> {
+    let mut seen = vec![false; rank];
+    if perm.len() != rank {
+        return Err(Error::shape(
+            op,
+            format!("perm {perm:?} for a rank-{rank} tensor"),
+        ));
+    }
+    for &p in perm {
+        if p >= rank || seen[p] {
+            return Err(Error::shape(
+                op,
+                format!("{perm:?} is not a permutation of 0..{rank}"),
+            ));
+        }
+        seen[p] = true;
+    }
+    Ok(())
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Offset into the input of the `idx`-th element of a multi-index space `dims` whose axes have
+/// input strides `st` (row-major decomposition).
+#[inline]
+fn offset_of(mut idx: usize, dims: &[usize], st: &[usize]) -> usize {
+    let mut off = 0;
+    for a in (0..dims.len()).rev() {
+        off += (idx % dims[a]) * st[a];
+        idx /= dims[a];
+    }
+    off
+}
+
+/// `permute` on the simplified problem: output axes `dims` with input strides `st` (size-1 axes
+/// dropped and input-adjacent axes merged by the caller).
+fn permute_data(x: &[f32], dims: &[usize], st: &[usize]) -> Vec<f32> {
+    let n: usize = dims.iter().product();
+    let mut out = zeroed(n);
+    let r = dims.len();
+    if r == 0 {
+        out.copy_from_slice(x);
+        return out;
+    }
+    let last = dims[r - 1];
+    if st[r - 1] == 1 {
+        // The output's innermost axis is contiguous in the input too: copy runs.
+        let (od, os) = (&dims[..r - 1], &st[..r - 1]);
+        for_chunks(&mut out, last, |row, dst| {
+            let o = offset_of(row, od, os);
+            dst.copy_from_slice(&x[o..o + last]);
+        });
+        return out;
+    }
+    // Otherwise some other output axis `q` is the input's contiguous one: a (batched) transpose
+    // between axis q and the last axis. Tiles of TxT keep both reads and writes in cache lines.
+    const T: usize = 32;
+    let q = (0..r - 1)
+        .find(|&a| st[a] == 1)
+        .expect("some axis has input stride 1");
+    let qn = dims[q];
+    let s_last = st[r - 1];
+    let ostr = strides(dims);
+    let os_q = ostr[q];
+    let outer_axes: Vec<usize> = (0..r - 1).filter(|&a| a != q).collect();
+    let odims: Vec<usize> = outer_axes.iter().map(|&a| dims[a]).collect();
+    let oin: Vec<usize> = outer_axes.iter().map(|&a| st[a]).collect();
+    let oout: Vec<usize> = outer_axes.iter().map(|&a| ostr[a]).collect();
+    let outer: usize = odims.iter().product();
+    let qblocks = qn.div_ceil(T);
+    let ptr = SendPtr(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (o, qb) = (t / qblocks, t % qblocks);
+        let in_off = offset_of(o, &odims, &oin);
+        let out_off = offset_of(o, &odims, &oout);
+        let q0 = qb * T;
+        let q1 = (q0 + T).min(qn);
+        for l0 in (0..last).step_by(T) {
+            let l1 = (l0 + T).min(last);
+            for qi in q0..q1 {
+                let dst = out_off + qi * os_q;
+                for li in l0..l1 {
+                    // SAFETY: (o, qi, li) enumerates each output element exactly once across
+                    // tasks, and dst + li < n.
+                    unsafe { *ptr.get().add(dst + li) = x[in_off + qi + li * s_last] };
+                }
+            }
+        }
+    };
+    if n >= PAR_MIN {
+        (0..outer * qblocks).into_par_iter().for_each(task);
+    } else {
+        (0..outer * qblocks).for_each(task);
+    }
+    out
+}
+
+impl Backend for Cpu {
+    type Tensor = Tensor;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, t: &Tensor) -> Result<Tensor> {
+        Ok(t.clone())
+    }
+
+    fn dims<'a>(&self, t: &'a Tensor) -> &'a [usize] {
+        t.shape()
+    }
+
+    fn reshape(&self, t: &Tensor, shape: &[usize]) -> Result<Tensor> {
+        t.reshape(shape)
+    }
+
+    fn permute(&self, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+        let shape = x.shape();
+        check_perm("permute", shape.len(), perm)?;
+        let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+        let ist = strides(shape);
+        // Simplify: drop size-1 axes, then merge output-adjacent axes that are also adjacent (in
+        // order) in the input, so e.g. NCHW->NHWC becomes a batched 2-D transpose.
+        let mut dims: Vec<usize> = Vec::new();
+        let mut st: Vec<usize> = Vec::new();
+        for &p in perm {
+            if shape[p] == 1 {
+                continue;
+            }
+            // Mergeable when stepping the previous axis once equals running through all of p.
+            match st.last() {
+                Some(&prev) if prev == ist[p] * shape[p] => {
+                    let l = dims.len() - 1;
+                    dims[l] *= shape[p];
+                    st[l] = ist[p];
+                }
+                _ => {
+                    dims.push(shape[p]);
+                    st.push(ist[p]);
+                }
+            }
+        }
+        let data = permute_data(x.data(), &dims, &st);
+        make(data, &out_shape)
+    }
+
+    fn concat(&self, xs: &[&Tensor], dim: usize) -> Result<Tensor> {
+        let first = xs
+            .first()
+            .ok_or_else(|| Error::shape("concat", "no inputs"))?;
+        let r = first.rank();
+        if dim >= r {
+            return Err(Error::shape("concat", format!("dim {dim} for rank {r}")));
+        }
+        let mut out_shape = first.shape().to_vec();
+        out_shape[dim] = 0;
+        for t in xs {
+            let s = t.shape();
+            if s.len() != r || (0..r).any(|a| a != dim && s[a] != first.shape()[a]) {
+                return Err(Error::shape(
+                    "concat",
+                    format!(
+                        "shapes {:?} and {:?} differ outside dim {dim}",
+                        first.shape(),
+                        s
+                    ),
+                ));
+            }
+            out_shape[dim] += s[dim];
+        }
+        let inner: usize = out_shape[dim + 1..].iter().product();
+        let row = out_shape[dim] * inner;
+        let n: usize = out_shape.iter().product();
+        let mut out = zeroed(n);
+        for_chunks(&mut out, row, |o, dst| {
+            let mut at = 0;
+            for t in xs {
+                let len = t.shape()[dim] * inner;
+                dst[at..at + len].copy_from_slice(&t.data()[o * len..(o + 1) * len]);
+                at += len;
+            }
+        });
+        make(out, &out_shape)
+    }
+
+    fn narrow(&self, x: &Tensor, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        let s = x.shape();
+        if dim >= s.len() || start + len > s[dim] {
+            return Err(Error::shape(
+                "narrow",
+                format!("{start}..{} along dim {dim} of {s:?}", start + len),
+            ));
+        }
+        let inner: usize = s[dim + 1..].iter().product();
+        let mut out_shape = s.to_vec();
+        out_shape[dim] = len;
+        let n: usize = out_shape.iter().product();
+        let mut out = zeroed(n);
+        let (row_in, row_out) = (s[dim] * inner, len * inner);
+        let src = x.data();
+        for_chunks(&mut out, row_out, |o, dst| {
+            let b = o * row_in + start * inner;
+            dst.copy_from_slice(&src[b..b + row_out]);
+        });
+        make(out, &out_shape)
+    }
+
+    fn index_select0(&self, x: &Tensor, index: &[usize]) -> Result<Tensor> {
+        let s = x.shape();
+        if s.is_empty() {
+            return Err(Error::shape("index_select0", "scalar input"));
+        }
+        if let Some(&bad) = index.iter().find(|&&i| i >= s[0]) {
+            return Err(Error::shape(
+                "index_select0",
+                format!("index {bad} for {s:?}"),
+            ));
+        }
+        let row: usize = s[1..].iter().product();
+        let mut out_shape = s.to_vec();
+        out_shape[0] = index.len();
+        let mut out = zeroed(index.len() * row);
+        let src = x.data();
+        for_chunks(&mut out, row, |i, dst| {
+            dst.copy_from_slice(&src[index[i] * row..(index[i] + 1) * row]);
+        });
+        make(out, &out_shape)
+    }
+
+    fn window_partition(&self, x: &Tensor, ws: usize) -> Result<Tensor> {
+        let s = x.shape();
+        if s.len() != 4 || ws == 0 {
+            return Err(Error::shape(
+                "window_partition",
+                format!("{s:?} with window {ws}"),
+            ));
+        }
+        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+        let nwin = b * nh * nw;
+        let mut out = zeroed(nwin * ws * ws * c);
+        let src = x.data();
+        // One task per window row; rows below the image stay zero (padding).
+        for_chunks(&mut out, ws * c, |idx, dst| {
+            let (win, r) = (idx / ws, idx % ws);
+            let bi = win / (nh * nw);
+            let (wy, wx) = ((win / nw) % nh, win % nw);
+            let y = wy * ws + r;
+            if y >= h {
+                return;
+            }
+            let x0 = wx * ws;
+            let cols = ws.min(w - x0);
+            let at = ((bi * h + y) * w + x0) * c;
+            dst[..cols * c].copy_from_slice(&src[at..at + cols * c]);
+        });
+        make(out, &[nwin, ws, ws, c])
+    }
+
+    fn window_unpartition(&self, x: &Tensor, ws: usize, hw: (usize, usize)) -> Result<Tensor> {
+        let s = x.shape();
+        let (h, w) = hw;
+        let (nh, nw) = (h.div_ceil(ws.max(1)), w.div_ceil(ws.max(1)));
+        if s.len() != 4
+            || ws == 0
+            || s[1] != ws
+            || s[2] != ws
+            || nh * nw == 0
+            || !s[0].is_multiple_of(nh * nw)
+        {
+            return Err(Error::shape(
+                "window_unpartition",
+                format!("{s:?} with window {ws} into {h}x{w}"),
+            ));
+        }
+        let c = s[3];
+        let b = s[0] / (nh * nw);
+        let mut out = zeroed(b * h * w * c);
+        let src = x.data();
+        for_chunks(&mut out, w * c, |row, dst| {
+            let (bi, y) = (row / h, row % h);
+            let (wy, r) = (y / ws, y % ws);
+            for wx in 0..nw {
+                let win = (bi * nh + wy) * nw + wx;
+                let x0 = wx * ws;
+                let cols = ws.min(w - x0);
+                let at = (win * ws + r) * ws * c;
+                dst[x0 * c..(x0 + cols) * c].copy_from_slice(&src[at..at + cols * c]);
+            }
+        });
+        make(out, &[b, h, w, c])
+    }
+
+    fn add_scaled(&self, a: &Tensor, alpha: f32, b: &Tensor, beta: f32) -> Result<Tensor> {
+        elementwise::add_scaled(a, alpha, b, beta)
+    }
+
+    fn activate(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        elementwise::activate(x, act)
+    }
+
+    fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
+        linalg::linear(x, w, b, act)
+    }
+
+    fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+        linalg::matmul(a, b, trans_b)
+    }
+
+    fn layer_norm(&self, x: &Tensor, g: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
+        norm::layer_norm(x, g, b, eps)
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Tensor>>,
+    ) -> Result<Tensor> {
+        attention::attention(q, k, v, heads, scale, rel)
+    }
+
+    fn conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor> {
+        conv::conv2d(x, w, b, stride, pad)
+    }
+
+    fn conv_transpose2x2(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        conv::conv_transpose2x2(x, w, b)
+    }
+
+    fn resize_bilinear(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        resize::resize(x, size, resize::Mode::Bilinear)
+    }
+
+    fn resize_bicubic(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
+        resize::resize(x, size, resize::Mode::Bicubic)
+    }
+}
