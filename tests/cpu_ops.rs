@@ -533,6 +533,8 @@ fn add_scaled_same_and_broadcast() {
         &[1, 1, 6, 7],
         &[5, 6, 7],
         &[1, 2, 5, 6, 7],
+        &[1],
+        &[1, 1],
     ] {
         let b = rng.tensor(bshape);
         let y = cpu.add_scaled(&a, 0.5, &b, -2.0).unwrap();
@@ -559,12 +561,32 @@ fn add_scaled_same_and_broadcast() {
         .map(|(&x, &z)| x as f64 + z as f64)
         .collect();
     assert_close("add_scaled large", &y, a.shape(), &want, 1e-6);
-    let b = rng.tensor(&[96]);
-    let y = cpu.add_scaled(&a, 1.0, &b, 3.0).unwrap();
-    let want: Vec<f64> = (0..a.numel())
-        .map(|i| a.data()[i] as f64 + 3.0 * b.data()[i % 96] as f64)
-        .collect();
-    assert_close("add_scaled large broadcast", &y, a.shape(), &want, 1e-6);
+    for bshape in [&[96][..], &[1], &[3, 64, 96], &[7 * 64 * 96]] {
+        let shape_a: &[usize] = if bshape == [7 * 64 * 96] {
+            &[3, 7 * 64 * 96]
+        } else {
+            a.shape()
+        };
+        let a = rng.tensor(shape_a);
+        let b = rng.tensor(bshape);
+        if bshape == [3, 64, 96] {
+            // Not a suffix of [64, 64, 96].
+            assert!(cpu.add_scaled(&a, 1.0, &b, 3.0).is_err());
+            continue;
+        }
+        let y = cpu.add_scaled(&a, 1.0, &b, 3.0).unwrap();
+        let nb = b.numel();
+        let want: Vec<f64> = (0..a.numel())
+            .map(|i| a.data()[i] as f64 + 3.0 * b.data()[i % nb] as f64)
+            .collect();
+        assert_close(
+            &format!("add_scaled large b {bshape:?}"),
+            &y,
+            a.shape(),
+            &want,
+            1e-6,
+        );
+    }
     for bad in [&[6][..], &[5, 7], &[2, 7], &[3, 6, 7]] {
         assert!(
             cpu.add_scaled(&rng.tensor(&[2, 5, 6, 7]), 1.0, &rng.tensor(bad), 1.0)

@@ -29,15 +29,29 @@ pub(crate) fn add_scaled(a: &Tensor, alpha: f32, b: &Tensor, beta: f32) -> Resul
     if nb == 0 {
         return make(out, sa);
     }
-    // Chunks are whole tiles of b (or rows of it when b is large) so the inner loop is a plain
-    // zip that vectorises; a whole-tensor b is cut into fixed slices for parallelism.
-    let chunk = if nb == ad.len() { 8192.min(nb) } else { nb };
+    // Tasks cover ~8K elements: fixed slices when b is whole, else whole numbers of b-tiles so
+    // each tile lines up with b from its start and the inner loop is a plain zip that vectorises.
+    let whole = nb == ad.len();
+    let chunk = if whole {
+        8192.min(nb)
+    } else {
+        nb * (8192 / nb).max(1)
+    };
+    let f = |x: f32, z: f32| alpha * x + beta * z;
     for_chunks(&mut out, chunk, |i, dst| {
-        let off = (i * chunk) % nb;
-        let src_a = &ad[i * chunk..i * chunk + dst.len()];
-        let src_b = &bd[off..off + dst.len()];
-        for ((y, &x), &z) in dst.iter_mut().zip(src_a).zip(src_b) {
-            *y = alpha * x + beta * z;
+        let start = i * chunk;
+        let src_a = &ad[start..start + dst.len()];
+        if whole {
+            let src_b = &bd[start..start + dst.len()];
+            for ((y, &x), &z) in dst.iter_mut().zip(src_a).zip(src_b) {
+                *y = f(x, z);
+            }
+        } else {
+            for (dt, at) in dst.chunks_mut(nb).zip(src_a.chunks(nb)) {
+                for ((y, &x), &z) in dt.iter_mut().zip(at).zip(bd) {
+                    *y = f(x, z);
+                }
+            }
         }
     });
     make(out, sa)
