@@ -32,12 +32,19 @@ fn ops(c: &mut Criterion) {
     let rw = rng.tensor(&[64, 64, 64], 0.05);
     g.bench_function("attention global 4096 tok 12x64 relpos", |bch| {
         bch.iter(|| {
-            let rel = RelPos { rh: &rh, rw: &rw, q_grid: (64, 64), k_grid: (64, 64) };
+            let rel = RelPos {
+                rh: &rh,
+                rw: &rw,
+                q_grid: (64, 64),
+                k_grid: (64, 64),
+            };
             be.attention(&q, &k, &v, 12, 0.125, Some(rel)).unwrap()
         })
     });
     let h = rng.tensor(&[4096, 3072], 1.0);
-    g.bench_function("gelu 4096x3072", |bch| bch.iter(|| be.activate(&h, Act::Gelu).unwrap()));
+    g.bench_function("gelu 4096x3072", |bch| {
+        bch.iter(|| be.activate(&h, Act::Gelu).unwrap())
+    });
     g.finish();
 }
 
@@ -46,7 +53,9 @@ fn encoder(c: &mut Criterion) {
     let cfg = SamConfig::published("vit_b", true, false).unwrap();
     let mut ws = WeightStore::from_tensors("random vit_b", random_checkpoint(&cfg, 0));
     let model = Sam::from_store(&be, &mut ws).unwrap();
-    let x = be.upload(&Rng::new(1).tensor(&[1, 3, 256, 256], 2.0)).unwrap();
+    let x = be
+        .upload(&Rng::new(1).tensor(&[1, 3, 256, 256], 2.0))
+        .unwrap();
     let mut g = c.benchmark_group("encoder");
     g.sample_size(10);
     g.bench_function("vit_b + Med-SA adapters, 256x256", |bch| {

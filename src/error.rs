@@ -92,6 +92,9 @@ pub enum Error {
 impl Error {
     /// Shorthand for a shape error in `op`.
     pub fn shape(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Shape { op, msg: msg.into() }
+        Error::Shape {
+            op,
+            msg: msg.into(),
+        }
     }
 }

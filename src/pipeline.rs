@@ -40,23 +40,39 @@ pub enum Preset {
 /// Reads a PNG or JPEG (8- or 16-bit, grey or colour) as RGB on the 0..255 scale.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let img = image::ImageReader::open(path)
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
         .with_guessed_format()
-        .map_err(|source| Error::Io { path: path.to_path_buf(), source })?
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
         .decode()
         .map_err(|e| Error::Input(format!("{}: cannot decode image: {e}", path.display())))?;
     let rgb = img.to_rgb32f();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if w == 0 || h == 0 {
-        return Err(Error::Input(format!("{}: image has no pixels", path.display())));
+        return Err(Error::Input(format!(
+            "{}: image has no pixels",
+            path.display()
+        )));
     }
-    Ok(RgbImage { height: h, width: w, data: rgb.into_raw().into_iter().map(|v| v * 255.0).collect() })
+    Ok(RgbImage {
+        height: h,
+        width: w,
+        data: rgb.into_raw().into_iter().map(|v| v * 255.0).collect(),
+    })
 }
 
 /// SAM's target size for resizing the longest side to `long`.
 pub fn preprocess_shape(h: usize, w: usize, long: usize) -> (usize, usize) {
     let scale = long as f64 / h.max(w) as f64;
-    ((h as f64 * scale + 0.5) as usize, (w as f64 * scale + 0.5) as usize)
+    (
+        (h as f64 * scale + 0.5) as usize,
+        (w as f64 * scale + 0.5) as usize,
+    )
 }
 
 /// Antialiased linear resampling weights: for each output index, `(first input index, weights)`.
@@ -108,7 +124,11 @@ pub fn resize(img: &RgbImage, h: usize, w: usize) -> RgbImage {
             }
         }
     }
-    RgbImage { height: h, width: w, data: out }
+    RgbImage {
+        height: h,
+        width: w,
+        data: out,
+    }
 }
 
 /// A preprocessed image and how to map coordinates onto it.
@@ -166,12 +186,18 @@ pub fn prepare(img: &RgbImage, size: usize, preset: Preset) -> Result<Prepared> 
 
 /// Writes a binary mask (`logits > 0` -> 255) of `[H, W]` logits as an 8-bit PNG, atomically.
 pub fn write_mask_png(path: &Path, logits: &[f32], h: usize, w: usize) -> Result<()> {
-    let px: Vec<u8> = logits.iter().map(|&v| if v > 0.0 { 255 } else { 0 }).collect();
+    let px: Vec<u8> = logits
+        .iter()
+        .map(|&v| if v > 0.0 { 255 } else { 0 })
+        .collect();
     let img = image::GrayImage::from_raw(w as u32, h as u32, px)
         .ok_or_else(|| Error::Input(format!("mask of {} values is not {w}x{h}", logits.len())))?;
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Input(format!("{}: cannot encode PNG: {e}", path.display())))?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Input(format!("{}: cannot encode PNG: {e}", path.display())))?;
     crate::weights::write_atomic(path, &bytes)
 }
 
@@ -187,7 +213,11 @@ mod tests {
 
     #[test]
     fn resize_keeps_constant_images_constant() {
-        let img = RgbImage { height: 7, width: 5, data: vec![42.0; 7 * 5 * 3] };
+        let img = RgbImage {
+            height: 7,
+            width: 5,
+            data: vec![42.0; 7 * 5 * 3],
+        };
         for (h, w) in [(3, 2), (14, 10), (7, 5)] {
             let r = resize(&img, h, w);
             assert!(r.data.iter().all(|v| (v - 42.0).abs() < 1e-4));

@@ -31,19 +31,28 @@ impl Tensor {
                 format!("shape {shape:?} needs {n} elements, got {}", data.len()),
             ));
         }
-        Ok(Tensor { shape: shape.to_vec(), data: Arc::new(data) })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data: Arc::new(data),
+        })
     }
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
         let n = shape.iter().product();
-        Tensor { shape: shape.to_vec(), data: Arc::new(vec![0.0; n]) }
+        Tensor {
+            shape: shape.to_vec(),
+            data: Arc::new(vec![0.0; n]),
+        }
     }
 
     /// A tensor filled with `v`.
     pub fn full(shape: &[usize], v: f32) -> Self {
         let n = shape.iter().product();
-        Tensor { shape: shape.to_vec(), data: Arc::new(vec![v; n]) }
+        Tensor {
+            shape: shape.to_vec(),
+            data: Arc::new(vec![v; n]),
+        }
     }
 
     /// The dimensions.
@@ -92,6 +101,9 @@ impl Tensor {
                 format!("cannot view {:?} as {shape:?}", self.shape),
             ));
         }
-        Ok(Tensor { shape: shape.to_vec(), data: self.data.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data: self.data.clone(),
+        })
     }
 }

@@ -23,17 +23,34 @@ impl SafetensorsFile {
     /// Maps `path` and parses its header. Fails with the file name on I/O or format errors.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file =
-            std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+        let file = std::fs::File::open(&path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         // SAFETY: the map is read-only; a file truncated under us while mapped is the one case
         // memmap cannot protect against, as with every mmap-based loader.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|source| Error::Io { path: path.clone(), source })?;
-        let (n, meta): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::Safetensors { path: path.clone(), msg: e.to_string() })?;
-        let infos = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (n, meta): (usize, Metadata) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        let infos = meta
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect();
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(SafetensorsFile { path, mmap, header_len: n + 8, infos, metadata })
+        Ok(SafetensorsFile {
+            path,
+            mmap,
+            header_len: n + 8,
+            infos,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -93,7 +110,10 @@ impl SafetensorsFile {
         };
         Tensor::from_vec(data, &info.shape).map_err(|_| Error::Safetensors {
             path: self.path.clone(),
-            msg: format!("tensor `{key}`: data length does not match shape {:?}", info.shape),
+            msg: format!(
+                "tensor `{key}`: data length does not match shape {:?}",
+                info.shape
+            ),
         })
     }
 }
@@ -112,21 +132,39 @@ pub fn save_safetensors(
             let bytes: &[u8] = bytemuck::cast_slice(t.data());
             safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), bytes)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: e.to_string() })
+                .map_err(|e| Error::Safetensors {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })
         })
         .collect::<Result<_>>()?;
-    let meta = if metadata.is_empty() { None } else { Some(metadata.clone()) };
-    let bytes = safetensors::tensor::serialize(views, meta)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), msg: e.to_string() })?;
+    let meta = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata.clone())
+    };
+    let bytes = safetensors::tensor::serialize(views, meta).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     write_atomic(path, &bytes)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -137,7 +175,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Where a [`WeightStore`] reads from.
 enum Source {
     File(SafetensorsFile),
-    Memory { name: PathBuf, tensors: BTreeMap<String, Tensor> },
+    Memory {
+        name: PathBuf,
+        tensors: BTreeMap<String, Tensor>,
+    },
 }
 
 /// Hands out a checkpoint's tensors to the model builder and remembers which were used.
@@ -149,14 +190,20 @@ pub struct WeightStore {
 impl WeightStore {
     /// Opens a checkpoint.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        Ok(WeightStore { source: Source::File(SafetensorsFile::open(path)?), used: BTreeSet::new() })
+        Ok(WeightStore {
+            source: Source::File(SafetensorsFile::open(path)?),
+            used: BTreeSet::new(),
+        })
     }
 
     /// A store over tensors already in memory (random models for benchmarks and tests); `name`
     /// stands in for the file name in errors.
     pub fn from_tensors(name: &str, tensors: BTreeMap<String, Tensor>) -> Self {
         WeightStore {
-            source: Source::Memory { name: PathBuf::from(name), tensors },
+            source: Source::Memory {
+                name: PathBuf::from(name),
+                tensors,
+            },
             used: BTreeSet::new(),
         }
     }
@@ -251,8 +298,11 @@ impl WeightStore {
 
     /// Fails when any tensor of the checkpoint was not taken (an unknown or misnamed key).
     pub fn finish(&self) -> Result<()> {
-        let unused: Vec<String> =
-            self.keys().into_iter().filter(|k| !self.used.contains(k)).collect();
+        let unused: Vec<String> = self
+            .keys()
+            .into_iter()
+            .filter(|k| !self.used.contains(k))
+            .collect();
         if unused.is_empty() {
             Ok(())
         } else {

@@ -13,11 +13,16 @@ use medsa::{Error, Tensor};
 
 fn tiny() -> Vec<(String, Tensor)> {
     let f = common::open("tiny", "weights");
-    f.keys().map(|k| (k.to_string(), f.tensor(k).unwrap())).collect()
+    f.keys()
+        .map(|k| (k.to_string(), f.tensor(k).unwrap()))
+        .collect()
 }
 
 fn write(name: &str, t: &[(String, Tensor)]) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("medsa-bad-{name}-{}.safetensors", std::process::id()));
+    let p = std::env::temp_dir().join(format!(
+        "medsa-bad-{name}-{}.safetensors",
+        std::process::id()
+    ));
     save_safetensors(&p, t, &HashMap::new()).unwrap();
     p
 }
@@ -31,10 +36,16 @@ fn load_err(p: &PathBuf) -> Error {
 
 #[test]
 fn missing_key_is_named() {
-    let t: Vec<_> = tiny().into_iter().filter(|(k, _)| k != "image_encoder.blocks.1.mlp.lin2.bias").collect();
+    let t: Vec<_> = tiny()
+        .into_iter()
+        .filter(|(k, _)| k != "image_encoder.blocks.1.mlp.lin2.bias")
+        .collect();
     let p = write("missing", &t);
     let e = load_err(&p).to_string();
-    assert!(e.contains("image_encoder.blocks.1.mlp.lin2.bias") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("image_encoder.blocks.1.mlp.lin2.bias") && e.contains("missing"),
+        "{e}"
+    );
     assert!(e.contains(&p.display().to_string()), "{e}");
 }
 
@@ -47,14 +58,20 @@ fn wrong_shape_names_key_and_both_shapes() {
         }
     }
     let e = load_err(&write("shape", &t)).to_string();
-    assert!(e.contains("mask_decoder.transformer.layers.0.norm2.weight"), "{e}");
+    assert!(
+        e.contains("mask_decoder.transformer.layers.0.norm2.weight"),
+        "{e}"
+    );
     assert!(e.contains("[31]") && e.contains("[32]"), "{e}");
 }
 
 #[test]
 fn unexpected_key_is_reported() {
     let mut t = tiny();
-    t.push(("image_encoder.blocks.0.Mystery_Adapter.weight".into(), Tensor::zeros(&[3])));
+    t.push((
+        "image_encoder.blocks.0.Mystery_Adapter.weight".into(),
+        Tensor::zeros(&[3]),
+    ));
     let e = load_err(&write("extra", &t)).to_string();
     assert!(e.contains("Mystery_Adapter"), "{e}");
 }
@@ -68,13 +85,22 @@ fn integer_dtype_is_rejected_with_key() {
     let ints: Vec<u8> = vec![0u8; 32 * 4];
     for (k, v) in &t {
         let view = if k == key {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![1, 32], &ints).unwrap()
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![1, 32], &ints)
+                .unwrap()
         } else {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, v.shape().to_vec(), bytemuck::cast_slice(v.data())).unwrap()
+            safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                v.shape().to_vec(),
+                bytemuck::cast_slice(v.data()),
+            )
+            .unwrap()
         };
         views.push((k.clone(), view));
     }
-    let p = std::env::temp_dir().join(format!("medsa-bad-dtype-{}.safetensors", std::process::id()));
+    let p = std::env::temp_dir().join(format!(
+        "medsa-bad-dtype-{}.safetensors",
+        std::process::id()
+    ));
     std::fs::write(&p, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
     let e = load_err(&p).to_string();
     assert!(e.contains(key) && e.contains("I32"), "{e}");
@@ -82,9 +108,15 @@ fn integer_dtype_is_rejected_with_key() {
 
 #[test]
 fn truncated_and_garbage_files_are_errors() {
-    let p = std::env::temp_dir().join(format!("medsa-bad-garbage-{}.safetensors", std::process::id()));
+    let p = std::env::temp_dir().join(format!(
+        "medsa-bad-garbage-{}.safetensors",
+        std::process::id()
+    ));
     std::fs::write(&p, b"definitely not a safetensors file").unwrap();
-    let e = SafetensorsFile::open(&p).err().expect("garbage parsed").to_string();
+    let e = SafetensorsFile::open(&p)
+        .err()
+        .expect("garbage parsed")
+        .to_string();
     assert!(e.contains("not a valid safetensors file"), "{e}");
     let good = std::fs::read(common::fixture("tiny", "weights")).unwrap();
     std::fs::write(&p, &good[..good.len() / 2]).unwrap();

@@ -22,15 +22,24 @@ fn tmpdir(name: &str) -> PathBuf {
 
 fn run_ok(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
-    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success(), "command failed: {cmd:?}\nstdout: {so}\nstderr: {se}");
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success(),
+        "command failed: {cmd:?}\nstdout: {so}\nstderr: {se}"
+    );
     format!("{so}{se}")
 }
 
 fn run_err(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
     let se = String::from_utf8_lossy(&o.stderr).to_string();
-    assert!(!o.status.success(), "command unexpectedly succeeded: {cmd:?}");
+    assert!(
+        !o.status.success(),
+        "command unexpectedly succeeded: {cmd:?}"
+    );
     assert!(!se.contains("panicked"), "command panicked: {se}");
     se
 }
@@ -52,7 +61,12 @@ fn forward_reproduces_fixture_outputs() {
         );
         let want = open(case, run);
         let got = medsa::weights::SafetensorsFile::open(&out).unwrap();
-        for k in ["image_embeddings", "low_res_masks", "iou_predictions", "masks"] {
+        for k in [
+            "image_embeddings",
+            "low_res_masks",
+            "iou_predictions",
+            "masks",
+        ] {
             let (g, w) = (got.tensor(k).unwrap(), want.tensor(k).unwrap());
             // Same tolerance and reasons as tests/fixtures.rs.
             compare(&format!("{case}/{run} {k}"), &g, &w, 1e-4, 1e-4 * rms(&w)).unwrap();
@@ -88,7 +102,15 @@ fn segment_writes_mask_at_image_size() {
             .arg(fixture("tiny", "weights"))
             .arg("--image")
             .arg(example())
-            .args(["--point", "128,80", "--point", "60,78,0", "--box", "100,50,170,120", "--multimask"])
+            .args([
+                "--point",
+                "128,80",
+                "--point",
+                "60,78,0",
+                "--box",
+                "100,50,170,120",
+                "--multimask",
+            ])
             .arg("--out")
             .arg(&out),
     );
@@ -97,7 +119,10 @@ fn segment_writes_mask_at_image_size() {
     assert_eq!((img.width(), img.height()), (192, 160));
     assert!(img.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
     // No temporary file is left next to the output.
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 1, "{left:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -147,7 +172,14 @@ fn missing_files_and_devices_are_clear_errors() {
             .arg("/tmp/never.png"),
     );
     assert!(e.contains("cuda:0"), "{e}");
-    let e = run_err(bin().arg("segment").arg("--checkpoint").arg(fixture("tiny", "weights"))
-        .arg("--image").arg(fixture("tiny", "weights")).args(["--point", "1,1", "--out", "/tmp/never.png"]));
+    let e = run_err(
+        bin()
+            .arg("segment")
+            .arg("--checkpoint")
+            .arg(fixture("tiny", "weights"))
+            .arg("--image")
+            .arg(fixture("tiny", "weights"))
+            .args(["--point", "1,1", "--out", "/tmp/never.png"]),
+    );
     assert!(e.contains("cannot decode image"), "{e}");
 }

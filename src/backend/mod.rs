@@ -75,8 +75,13 @@ pub trait Backend: Send + Sync {
     /// Concatenation along `dim`; all other dimensions must agree.
     fn concat(&self, xs: &[&Self::Tensor], dim: usize) -> Result<Self::Tensor>;
     /// `x[.., start..start+len, ..]` along `dim`, materialised.
-    fn narrow(&self, x: &Self::Tensor, dim: usize, start: usize, len: usize)
-        -> Result<Self::Tensor>;
+    fn narrow(
+        &self,
+        x: &Self::Tensor,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Self::Tensor>;
     /// Rows of `x` along dimension 0: `y[i] = x[index[i]]`.
     fn index_select0(&self, x: &Self::Tensor, index: &[usize]) -> Result<Self::Tensor>;
     /// SAM's `window_partition`: `[B, H, W, C]` -> `[B * nh * nw, ws, ws, C]` with
@@ -85,16 +90,25 @@ pub trait Backend: Send + Sync {
     fn window_partition(&self, x: &Self::Tensor, ws: usize) -> Result<Self::Tensor>;
     /// Inverse of [`Backend::window_partition`]: `[B * nh * nw, ws, ws, C]` -> `[B, H, W, C]`,
     /// dropping the padding.
-    fn window_unpartition(&self, x: &Self::Tensor, ws: usize, hw: (usize, usize))
-        -> Result<Self::Tensor>;
+    fn window_unpartition(
+        &self,
+        x: &Self::Tensor,
+        ws: usize,
+        hw: (usize, usize),
+    ) -> Result<Self::Tensor>;
 
     // ----- elementwise -----------------------------------------------------------------------
 
     /// `y = alpha * a + beta * b`. `b` may be smaller than `a` when its element count divides
     /// `a`'s: it is then tiled (broadcast over `a`'s leading dimensions), so `b`'s shape must equal
     /// a suffix of `a`'s shape up to leading ones.
-    fn add_scaled(&self, a: &Self::Tensor, alpha: f32, b: &Self::Tensor, beta: f32)
-        -> Result<Self::Tensor>;
+    fn add_scaled(
+        &self,
+        a: &Self::Tensor,
+        alpha: f32,
+        b: &Self::Tensor,
+        beta: f32,
+    ) -> Result<Self::Tensor>;
     /// `y = act(x)`.
     fn activate(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
 
@@ -102,8 +116,13 @@ pub trait Backend: Send + Sync {
 
     /// `y = act(x @ w^T + b)`: `x` is `[.., K]`, `w` is `[N, K]` (PyTorch's Linear layout), `b` is
     /// `[N]`; `y` is `[.., N]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>, act: Act)
-        -> Result<Self::Tensor>;
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Act,
+    ) -> Result<Self::Tensor>;
     /// Batched matrix product: `a` is `[Bt, M, K]`; `b` is `[Bt, K, N]`, or `[Bt, N, K]` when
     /// `trans_b`; `y[t] = a[t] @ b[t]` (or `a[t] @ b[t]^T`) is `[Bt, M, N]`.
     fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, trans_b: bool) -> Result<Self::Tensor>;
@@ -112,8 +131,13 @@ pub trait Backend: Send + Sync {
 
     /// LayerNorm over the last dimension: `y = (x - mean) / sqrt(var + eps) * g + b`, biased
     /// variance. Channels-last LayerNorm2d is the same op.
-    fn layer_norm(&self, x: &Self::Tensor, g: &Self::Tensor, b: &Self::Tensor, eps: f32)
-        -> Result<Self::Tensor>;
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        g: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
 
     // ----- attention -------------------------------------------------------------------------
 
@@ -147,8 +171,12 @@ pub trait Backend: Send + Sync {
     /// Transposed convolution with kernel 2, stride 2, channels-last: `x` `[B, H, W, Cin]`, `w`
     /// `[Cin, Cout, 2, 2]` (PyTorch layout), `b` `[Cout]`; `y[b, 2i+di, 2j+dj, o] = b[o] +
     /// sum_c x[b,i,j,c] w[c,o,di,dj]`, shape `[B, 2H, 2W, Cout]`.
-    fn conv_transpose2x2(&self, x: &Self::Tensor, w: &Self::Tensor, b: &Self::Tensor)
-        -> Result<Self::Tensor>;
+    fn conv_transpose2x2(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
 
     // ----- resampling (channels-first, as PyTorch's F.interpolate) --------------------------
 

@@ -18,7 +18,11 @@ use medsa::weights::{save_safetensors, ParamCounts, SafetensorsFile, WeightStore
 use medsa::Tensor;
 
 #[derive(Parser)]
-#[command(name = "medsa-engine", version, about = "Medical SAM Adapter engine (SAM + Med-SA)")]
+#[command(
+    name = "medsa-engine",
+    version,
+    about = "Medical SAM Adapter engine (SAM + Med-SA)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -179,11 +183,37 @@ fn run(cli: Cli) -> Result<()> {
                 original_size,
             )
         }
-        Cmd::Segment { checkpoint, image, points, bbox, out, multimask, preset, device } => {
+        Cmd::Segment {
+            checkpoint,
+            image,
+            points,
+            bbox,
+            out,
+            multimask,
+            preset,
+            device,
+        } => {
             let be = cpu_device(&device)?;
-            segment(&be, &checkpoint, &image, &points, bbox.as_deref(), &out, multimask, preset)
+            segment(
+                &be,
+                &checkpoint,
+                &image,
+                &points,
+                bbox.as_deref(),
+                &out,
+                multimask,
+                preset,
+            )
         }
-        Cmd::Bench { variant, size, batch, repeats, warmup, adapters, device } => {
+        Cmd::Bench {
+            variant,
+            size,
+            batch,
+            repeats,
+            warmup,
+            adapters,
+            device,
+        } => {
             let be = cpu_device(&device)?;
             bench(&be, &variant, size, batch, repeats, warmup, adapters)
         }
@@ -196,18 +226,36 @@ fn info(path: &Path) -> Result<()> {
     let pc = ParamCounts::of(&ws)?;
     let (ih, iw) = cfg.img_size();
     println!("checkpoint      {}", path.display());
-    println!("encoder         {} (embed {}, depth {}, heads {}, head dim {}, mlp {})",
-        cfg.variant(), cfg.embed_dim, cfg.depth(), cfg.heads, cfg.embed_dim / cfg.heads, cfg.mlp_dim);
-    println!("input           {ih}x{iw} px, patch {}, token grid {}x{}", cfg.patch, cfg.pos_grid.0, cfg.pos_grid.1);
-    println!("attention       window {}, global blocks {:?}", cfg.window(), cfg.global_blocks());
-    let count = |f: fn(&medsa::sam::config::BlockConfig) -> bool| cfg.blocks.iter().filter(|b| f(b)).count();
+    println!(
+        "encoder         {} (embed {}, depth {}, heads {}, head dim {}, mlp {})",
+        cfg.variant(),
+        cfg.embed_dim,
+        cfg.depth(),
+        cfg.heads,
+        cfg.embed_dim / cfg.heads,
+        cfg.mlp_dim
+    );
+    println!(
+        "input           {ih}x{iw} px, patch {}, token grid {}x{}",
+        cfg.patch, cfg.pos_grid.0, cfg.pos_grid.1
+    );
+    println!(
+        "attention       window {}, global blocks {:?}",
+        cfg.window(),
+        cfg.global_blocks()
+    );
+    let count = |f: fn(&medsa::sam::config::BlockConfig) -> bool| {
+        cfg.blocks.iter().filter(|b| f(b)).count()
+    };
     println!(
         "adapters        space {} / mlp {} / depth {} of {} blocks (bottleneck {})",
         count(|b| b.space_adapter),
         count(|b| b.mlp_adapter),
         count(|b| b.depth_adapter),
         cfg.depth(),
-        cfg.adapter_dim.map(|d| d.to_string()).unwrap_or_else(|| "-".into())
+        cfg.adapter_dim
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into())
     );
     println!("neck / prompt   {} channels", cfg.out_chans);
     let dl = &cfg.decoder_layers;
@@ -243,7 +291,11 @@ fn parse_pair(s: &str, what: &str) -> Result<(usize, usize)> {
     if v.len() != 2 {
         bail!("{what} \"{s}\": expected \"h,w\"");
     }
-    let p = |x: &str| x.trim().parse::<usize>().map_err(|_| anyhow!("{what} \"{s}\": expected \"h,w\" with whole numbers"));
+    let p = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|_| anyhow!("{what} \"{s}\": expected \"h,w\" with whole numbers"))
+    };
     Ok((p(v[0])?, p(v[1])?))
 }
 
@@ -270,24 +322,44 @@ fn forward(
         }
     };
     let images = get("images")?.ok_or_else(|| {
-        anyhow!("{}: missing tensor `images` (expected [B, 3, H, W])", inputs.display())
+        anyhow!(
+            "{}: missing tensor `images` (expected [B, 3, H, W])",
+            inputs.display()
+        )
     })?;
     let s = images.shape().to_vec();
     if s.len() != 4 || s[1] != 3 {
-        bail!("{}: tensor `images` has shape {s:?}, expected [B, 3, H, W]", inputs.display());
+        bail!(
+            "{}: tensor `images` has shape {s:?}, expected [B, 3, H, W]",
+            inputs.display()
+        );
     }
-    let known = ["images", "point_coords", "point_labels", "boxes", "mask_inputs", "depth"];
+    let known = [
+        "images",
+        "point_coords",
+        "point_labels",
+        "boxes",
+        "mask_inputs",
+        "depth",
+    ];
     let prompts = Prompts {
         point_coords: get("point_coords")?,
         point_labels: get("point_labels")?,
         boxes: get("boxes")?,
         mask_inputs: get("mask_inputs")?,
     };
-    let unknown: Vec<&str> = f.keys().filter(|k| !known.contains(k) && !k.contains('.') && !is_output(k)).collect();
+    let unknown: Vec<&str> = f
+        .keys()
+        .filter(|k| !known.contains(k) && !k.contains('.') && !is_output(k))
+        .collect();
     if !unknown.is_empty() {
         eprintln!("note: {}: ignoring tensors {unknown:?}", inputs.display());
     }
-    let multimask = multimask.unwrap_or(meta.get("multimask_output").map(|v| v == "true").unwrap_or(false));
+    let multimask = multimask.unwrap_or(
+        meta.get("multimask_output")
+            .map(|v| v == "true")
+            .unwrap_or(false),
+    );
     let d = match depth {
         Some(d) => d,
         None => match get("depth")? {
@@ -312,14 +384,27 @@ fn forward(
     let input_size = pick(input_size, "input_size")?;
     let original_size = pick(original_size, "original_size")?;
     let t0 = Instant::now();
-    let o = model.forward(be, &images, &prompts, MaskOutput::from_multimask(multimask), depth, &mut Trace::off())?;
+    let o = model.forward(
+        be,
+        &images,
+        &prompts,
+        MaskOutput::from_multimask(multimask),
+        depth,
+        &mut Trace::off(),
+    )?;
     let low = be.upload(&o.low_res_masks)?;
     let masks = be.download(&postprocess_masks(be, &low, hw, input_size, original_size)?)?;
     let mut md = HashMap::new();
     md.insert("multimask_output".to_string(), multimask.to_string());
     md.insert("depth".to_string(), d.to_string());
-    md.insert("input_size".to_string(), format!("{},{}", input_size.0, input_size.1));
-    md.insert("original_size".to_string(), format!("{},{}", original_size.0, original_size.1));
+    md.insert(
+        "input_size".to_string(),
+        format!("{},{}", input_size.0, input_size.1),
+    );
+    md.insert(
+        "original_size".to_string(),
+        format!("{},{}", original_size.0, original_size.1),
+    );
     save_safetensors(
         out,
         &[
@@ -330,15 +415,26 @@ fn forward(
         ],
         &md,
     )?;
-    eprintln!("wrote {} ({} images, {:.2} s on {})", out.display(), s[0], t0.elapsed().as_secs_f64(), be.name());
+    eprintln!(
+        "wrote {} ({} images, {:.2} s on {})",
+        out.display(),
+        s[0],
+        t0.elapsed().as_secs_f64(),
+        be.name()
+    );
     Ok(())
 }
 
 fn is_output(k: &str) -> bool {
     matches!(
         k,
-        "image_embeddings" | "low_res_masks" | "iou_predictions" | "masks" | "sparse_embeddings"
-            | "dense_embeddings" | "dense_pe"
+        "image_embeddings"
+            | "low_res_masks"
+            | "iou_predictions"
+            | "masks"
+            | "sparse_embeddings"
+            | "dense_embeddings"
+            | "dense_pe"
     )
 }
 
@@ -349,7 +445,13 @@ fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| anyhow!("{what} \"{s}\": not a list of numbers"))?;
     if !n.contains(&v.len()) || v.iter().any(|x| !x.is_finite()) {
-        bail!("{what} \"{s}\": expected {} finite numbers", n.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" or "));
+        bail!(
+            "{what} \"{s}\": expected {} finite numbers",
+            n.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        );
     }
     Ok(v)
 }
@@ -371,7 +473,10 @@ fn segment(
     let model = Sam::load(be, checkpoint)?;
     let (sh, sw) = model.config.img_size();
     if sh != sw {
-        bail!("{}: non-square native input {sh}x{sw} is not supported by segment", checkpoint.display());
+        bail!(
+            "{}: non-square native input {sh}x{sw} is not supported by segment",
+            checkpoint.display()
+        );
     }
     let img = pipeline::load_image(image)?;
     let preset = match preset {
@@ -382,7 +487,10 @@ fn segment(
     let (oh, ow) = prep.original_size;
     let inside = |x: f32, y: f32, what: &str| -> Result<()> {
         if x < 0.0 || y < 0.0 || x > ow as f32 || y > oh as f32 {
-            bail!("{what} ({x}, {y}) lies outside the {ow}x{oh} image {}", image.display());
+            bail!(
+                "{what} ({x}, {y}) lies outside the {ow}x{oh} image {}",
+                image.display()
+            );
         }
         Ok(())
     };
@@ -417,11 +525,26 @@ fn segment(
         prompts.boxes = Some(Tensor::from_vec(vec![x0, y0, x1, y1], &[1, 4])?);
     }
     let t0 = Instant::now();
-    let o = model.forward(be, &prep.tensor, &prompts, MaskOutput::from_multimask(multimask), None, &mut Trace::off())?;
+    let o = model.forward(
+        be,
+        &prep.tensor,
+        &prompts,
+        MaskOutput::from_multimask(multimask),
+        None,
+        &mut Trace::off(),
+    )?;
     let low = be.upload(&o.low_res_masks)?;
-    let masks = be.download(&postprocess_masks(be, &low, (sh, sw), prep.input_size, prep.original_size)?)?;
+    let masks = be.download(&postprocess_masks(
+        be,
+        &low,
+        (sh, sw),
+        prep.input_size,
+        prep.original_size,
+    )?)?;
     let iou = o.iou_predictions.data();
-    let best = (0..iou.len()).max_by(|&a, &b| iou[a].total_cmp(&iou[b])).unwrap_or(0);
+    let best = (0..iou.len())
+        .max_by(|&a, &b| iou[a].total_cmp(&iou[b]))
+        .unwrap_or(0);
     let plane = &masks.data()[best * oh * ow..(best + 1) * oh * ow];
     pipeline::write_mask_png(out, plane, oh, ow)?;
     let fg = plane.iter().filter(|v| **v > 0.0).count();
@@ -437,11 +560,22 @@ fn segment(
     Ok(())
 }
 
-fn bench(be: &Cpu, variant: &str, size: usize, batch: usize, repeats: usize, warmup: usize, adapters: bool) -> Result<()> {
+fn bench(
+    be: &Cpu,
+    variant: &str,
+    size: usize,
+    batch: usize,
+    repeats: usize,
+    warmup: usize,
+    adapters: bool,
+) -> Result<()> {
     let cfg = SamConfig::published(variant, adapters, false)
         .ok_or_else(|| anyhow!("--variant {variant}: expected vit_b, vit_l or vit_h"))?;
-    if size == 0 || size % cfg.patch != 0 {
-        bail!("--size {size}: expected a positive multiple of {}", cfg.patch);
+    if size == 0 || !size.is_multiple_of(cfg.patch) {
+        bail!(
+            "--size {size}: expected a positive multiple of {}",
+            cfg.patch
+        );
     }
     let mut ws = WeightStore::from_tensors("random", random_checkpoint(&cfg, 0));
     let model = Sam::from_store(be, &mut ws).context("building the random model")?;

@@ -47,7 +47,10 @@ pub fn depth_grid(d: usize) -> (usize, usize) {
 pub fn to_depth_major<B: Backend>(be: &B, x: &B::Tensor, d: usize) -> Result<B::Tensor> {
     let s = be.dims(x).to_vec();
     if s.len() != 4 || d == 0 || s[0] % d != 0 {
-        return Err(Error::shape("depth_branch", format!("{s:?} is not a batch of {d}-slice volumes")));
+        return Err(Error::shape(
+            "depth_branch",
+            format!("{s:?} is not a batch of {d}-slice volumes"),
+        ));
     }
     let b = s[0] / d;
     let x = be.reshape(x, &[b, d, s[1] * s[2], s[3]])?;

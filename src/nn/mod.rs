@@ -105,7 +105,12 @@ impl<B: Backend> Conv2d<B> {
         } else {
             None
         };
-        Ok(Conv2d { weight, bias, stride, pad })
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            pad,
+        })
     }
 
     /// `x` is `[B, H, W, in]`.
@@ -124,7 +129,13 @@ pub struct ConvTranspose2x2<B: Backend> {
 
 impl<B: Backend> ConvTranspose2x2<B> {
     /// Loads `{prefix}.weight` `[inp, out, 2, 2]` and `{prefix}.bias`.
-    pub fn load(be: &B, ws: &mut WeightStore, prefix: &str, inp: usize, out: usize) -> Result<Self> {
+    pub fn load(
+        be: &B,
+        ws: &mut WeightStore,
+        prefix: &str,
+        inp: usize,
+        out: usize,
+    ) -> Result<Self> {
         Ok(ConvTranspose2x2 {
             weight: be.upload(&ws.take(&format!("{prefix}.weight"), &[inp, out, 2, 2])?)?,
             bias: be.upload(&ws.take(&format!("{prefix}.bias"), &[out])?)?,

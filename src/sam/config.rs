@@ -82,11 +82,16 @@ pub struct SamConfig {
 }
 
 fn cfg_err(path: &Path, msg: impl Into<String>) -> Error {
-    Error::Config { path: path.to_path_buf(), msg: msg.into() }
+    Error::Config {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
 }
 
 fn count_indexed(ws: &WeightStore, prefix: &str, suffix: &str) -> usize {
-    (0..).take_while(|i| ws.has(&format!("{prefix}.{i}.{suffix}"))).count()
+    (0..)
+        .take_while(|i| ws.has(&format!("{prefix}.{i}.{suffix}")))
+        .count()
 }
 
 impl SamConfig {
@@ -102,7 +107,12 @@ impl SamConfig {
 
     /// Global-attention block indices.
     pub fn global_blocks(&self) -> Vec<usize> {
-        self.blocks.iter().enumerate().filter(|(_, b)| b.window == 0).map(|(i, _)| i).collect()
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.window == 0)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// The windowed blocks' window size (0 if every block is global).
@@ -127,7 +137,9 @@ impl SamConfig {
 
     /// Whether the decoder has any adapter.
     pub fn has_decoder_adapters(&self) -> bool {
-        self.decoder_layers.iter().any(|l| l.hyper || l.mlp || l.cross)
+        self.decoder_layers
+            .iter()
+            .any(|l| l.hyper || l.mlp || l.cross)
     }
 
     /// Infers the configuration from the checkpoint's tensor shapes.
@@ -137,7 +149,9 @@ impl SamConfig {
         if pe.len() != 4 || pe[1] != 3 || pe[2] != pe[3] {
             return Err(cfg_err(
                 path,
-                format!("image_encoder.patch_embed.proj.weight has shape {pe:?}, expected [D, 3, p, p]"),
+                format!(
+                    "image_encoder.patch_embed.proj.weight has shape {pe:?}, expected [D, 3, p, p]"
+                ),
             ));
         }
         let (embed_dim, patch) = (pe[0], pe[2]);
@@ -145,13 +159,18 @@ impl SamConfig {
         if pos.len() != 4 || pos[0] != 1 || pos[3] != embed_dim {
             return Err(cfg_err(
                 path,
-                format!("image_encoder.pos_embed has shape {pos:?}, expected [1, h, w, {embed_dim}]"),
+                format!(
+                    "image_encoder.pos_embed has shape {pos:?}, expected [1, h, w, {embed_dim}]"
+                ),
             ));
         }
         let pos_grid = (pos[1], pos[2]);
         let depth = count_indexed(ws, "image_encoder.blocks", "norm1.weight");
         if depth == 0 {
-            return Err(cfg_err(path, "no encoder blocks (image_encoder.blocks.0.norm1.weight)"));
+            return Err(cfg_err(
+                path,
+                "no encoder blocks (image_encoder.blocks.0.norm1.weight)",
+            ));
         }
         let mut blocks = Vec::with_capacity(depth);
         let mut heads = 0;
@@ -178,13 +197,20 @@ impl SamConfig {
             }
             let h = embed_dim / rh[1];
             if heads != 0 && h != heads {
-                return Err(cfg_err(path, format!("{key_h} implies {h} heads, block 0 has {heads}")));
+                return Err(cfg_err(
+                    path,
+                    format!("{key_h} implies {h} heads, block 0 has {heads}"),
+                ));
             }
             heads = h;
             let s = rh[0].div_ceil(2);
             // A table spanning the whole native grid means global attention; a window equal to
             // the grid is the same computation.
-            let window = if s >= pos_grid.0.max(pos_grid.1) { 0 } else { s };
+            let window = if s >= pos_grid.0.max(pos_grid.1) {
+                0
+            } else {
+                s
+            };
             let has = |n: &str| ws.has(&format!("{p}.{n}.D_fc1.weight"));
             let b = BlockConfig {
                 window,
@@ -220,13 +246,19 @@ impl SamConfig {
         let num_mask_tokens = ws.shape("mask_decoder.mask_tokens.weight")?[0];
         let nl = count_indexed(ws, "mask_decoder.transformer.layers", "norm1.weight");
         if nl == 0 {
-            return Err(cfg_err(path, "no mask decoder layers (mask_decoder.transformer.layers.0)"));
+            return Err(cfg_err(
+                path,
+                "no mask decoder layers (mask_decoder.transformer.layers.0)",
+            ));
         }
         let decoder_mlp_dim = ws.shape("mask_decoder.transformer.layers.0.mlp.lin1.weight")?[0];
-        let internal =
-            ws.shape("mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")?[0];
+        let internal = ws
+            .shape("mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight")?[0];
         if internal == 0 || prompt_dim % internal != 0 {
-            return Err(cfg_err(path, "cross attention width does not divide the decoder width"));
+            return Err(cfg_err(
+                path,
+                "cross attention width does not divide the decoder width",
+            ));
         }
         let decoder_layers = (0..nl)
             .map(|i| {

@@ -58,7 +58,12 @@ impl<B: Backend> EncoderAttention<B> {
         let rh = be.upload(&rel_pos::gather(&self.rel_pos_h, gh, gh)?)?;
         let rw = be.upload(&rel_pos::gather(&self.rel_pos_w, gw, gw)?)?;
         let hd = dim / self.heads;
-        let rel = RelPos { rh: &rh, rw: &rw, q_grid: (gh, gw), k_grid: (gh, gw) };
+        let rel = RelPos {
+            rh: &rh,
+            rw: &rw,
+            q_grid: (gh, gw),
+            k_grid: (gh, gw),
+        };
         let o = be.attention(&q, &k, &v, self.heads, (hd as f32).powf(-0.5), Some(rel))?;
         let o = self.proj.forward(be, &o, Act::None)?;
         be.reshape(&o, &[n, gh, gw, dim])
@@ -141,7 +146,13 @@ impl<B: Backend> Block<B> {
     }
 
     /// The SD-Trans branch on `x` `[b*d, h, w, C]` (see `medsa::depth_branch`).
-    fn depth_branch(&self, be: &B, x: &B::Tensor, d: usize, adapter: &Adapter<B>) -> Result<B::Tensor> {
+    fn depth_branch(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        d: usize,
+        adapter: &Adapter<B>,
+    ) -> Result<B::Tensor> {
         let s = be.dims(x).to_vec();
         let (dh, dw) = depth_branch::depth_grid(d);
         let xd = depth_branch::to_depth_major(be, x, d)?;
@@ -164,12 +175,20 @@ impl<B: Backend> Block<B> {
         };
         // Partitioned input of the attention (and of the compat depth branch).
         let (xw, attn_in) = if self.cfg.is_medsa() {
-            let xw = if ws > 0 { be.window_partition(x, ws)? } else { x.clone() };
+            let xw = if ws > 0 {
+                be.window_partition(x, ws)?
+            } else {
+                x.clone()
+            };
             let xn = self.norm1.forward(be, &xw)?;
             (xw, xn)
         } else {
             let xn = self.norm1.forward(be, x)?;
-            let xn = if ws > 0 { be.window_partition(&xn, ws)? } else { xn };
+            let xn = if ws > 0 {
+                be.window_partition(&xn, ws)?
+            } else {
+                xn
+            };
             (x.clone(), xn)
         };
         let mut a = self.attn.forward(be, &attn_in)?;
@@ -231,14 +250,28 @@ impl<B: Backend> ImageEncoder<B> {
     pub fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig) -> Result<Self> {
         let d = cfg.embed_dim;
         let p = cfg.patch;
-        let pos_embed_host =
-            ws.take("image_encoder.pos_embed", &[1, cfg.pos_grid.0, cfg.pos_grid.1, d])?;
+        let pos_embed_host = ws.take(
+            "image_encoder.pos_embed",
+            &[1, cfg.pos_grid.0, cfg.pos_grid.1, d],
+        )?;
         let neck_w = ws.take("image_encoder.neck.0.weight", &[cfg.out_chans, d, 1, 1])?;
         Ok(ImageEncoder {
-            patch_embed: Conv2d::load(be, ws, "image_encoder.patch_embed.proj", 3, d, p, p, 0, true)?,
+            patch_embed: Conv2d::load(
+                be,
+                ws,
+                "image_encoder.patch_embed.proj",
+                3,
+                d,
+                p,
+                p,
+                0,
+                true,
+            )?,
             pos_embed: be.upload(&pos_embed_host)?,
             pos_embed_host,
-            blocks: (0..cfg.depth()).map(|i| Block::load(be, ws, cfg, i)).collect::<Result<_>>()?,
+            blocks: (0..cfg.depth())
+                .map(|i| Block::load(be, ws, cfg, i))
+                .collect::<Result<_>>()?,
             neck_conv1: Linear {
                 weight: be.upload(&neck_w.reshape(&[cfg.out_chans, d])?)?,
                 bias: None,
@@ -280,7 +313,11 @@ impl<B: Backend> ImageEncoder<B> {
         trace: &mut Trace<B>,
     ) -> Result<B::Tensor> {
         let s = be.dims(images).to_vec();
-        if s.len() != 4 || s[1] != 3 || s[2] % self.patch != 0 || s[3] % self.patch != 0 || s[2] == 0
+        if s.len() != 4
+            || s[1] != 3
+            || s[2] % self.patch != 0
+            || s[3] % self.patch != 0
+            || s[2] == 0
         {
             return Err(Error::Input(format!(
                 "images have shape {s:?}; expected [B, 3, H, W] with H and W positive multiples of {}",

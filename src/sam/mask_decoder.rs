@@ -29,7 +29,14 @@ pub struct DecoderAttention<B: Backend> {
 }
 
 impl<B: Backend> DecoderAttention<B> {
-    fn load(be: &B, ws: &mut WeightStore, p: &str, c: usize, internal: usize, heads: usize) -> Result<Self> {
+    fn load(
+        be: &B,
+        ws: &mut WeightStore,
+        p: &str,
+        c: usize,
+        internal: usize,
+        heads: usize,
+    ) -> Result<Self> {
         Ok(DecoderAttention {
             q_proj: Linear::load(be, ws, &format!("{p}.q_proj"), c, internal, true)?,
             k_proj: Linear::load(be, ws, &format!("{p}.k_proj"), c, internal, true)?,
@@ -40,7 +47,13 @@ impl<B: Backend> DecoderAttention<B> {
     }
 
     /// `q` `[B, Lq, C]`, `k`, `v` `[B, Lk, C]` -> `[B, Lq, C]`.
-    pub fn forward(&self, be: &B, q: &B::Tensor, k: &B::Tensor, v: &B::Tensor) -> Result<B::Tensor> {
+    pub fn forward(
+        &self,
+        be: &B,
+        q: &B::Tensor,
+        k: &B::Tensor,
+        v: &B::Tensor,
+    ) -> Result<B::Tensor> {
         let q = self.q_proj.forward(be, q, Act::None)?;
         let k = self.k_proj.forward(be, k, Act::None)?;
         let v = self.v_proj.forward(be, v, Act::None)?;
@@ -177,7 +190,9 @@ impl<B: Backend> MaskDecoder<B> {
         let mut layers = Vec::new();
         for (i, lc) in cfg.decoder_layers.iter().enumerate() {
             let p = format!("mask_decoder.transformer.layers.{i}");
-            let ln = |ws: &mut WeightStore, n: &str| LayerNorm::load(be, ws, &format!("{p}.{n}"), c, 1e-5);
+            let ln = |ws: &mut WeightStore, n: &str| {
+                LayerNorm::load(be, ws, &format!("{p}.{n}"), c, 1e-5)
+            };
             layers.push(TwoWayBlock {
                 self_attn: DecoderAttention::load(be, ws, &format!("{p}.self_attn"), c, c, heads)?,
                 norm1: ln(ws, "norm1")?,
@@ -190,8 +205,22 @@ impl<B: Backend> MaskDecoder<B> {
                     heads,
                 )?,
                 norm2: ln(ws, "norm2")?,
-                lin1: Linear::load(be, ws, &format!("{p}.mlp.lin1"), c, cfg.decoder_mlp_dim, true)?,
-                lin2: Linear::load(be, ws, &format!("{p}.mlp.lin2"), cfg.decoder_mlp_dim, c, true)?,
+                lin1: Linear::load(
+                    be,
+                    ws,
+                    &format!("{p}.mlp.lin1"),
+                    c,
+                    cfg.decoder_mlp_dim,
+                    true,
+                )?,
+                lin2: Linear::load(
+                    be,
+                    ws,
+                    &format!("{p}.mlp.lin2"),
+                    cfg.decoder_mlp_dim,
+                    c,
+                    true,
+                )?,
                 norm3: ln(ws, "norm3")?,
                 norm4: ln(ws, "norm4")?,
                 cross_i2t: DecoderAttention::load(
@@ -204,7 +233,12 @@ impl<B: Backend> MaskDecoder<B> {
                 )?,
                 skip_first_layer_pe: i == 0,
                 hyper_adapter: if lc.hyper {
-                    Some(HyperAdapter::load(be, ws, &format!("{p}.Hyper_Adapter"), c)?)
+                    Some(HyperAdapter::load(
+                        be,
+                        ws,
+                        &format!("{p}.Hyper_Adapter"),
+                        c,
+                    )?)
                 } else {
                     None
                 },
@@ -227,7 +261,13 @@ impl<B: Backend> MaskDecoder<B> {
                 internal,
                 heads,
             )?,
-            norm_final: LayerNorm::load(be, ws, "mask_decoder.transformer.norm_final_attn", c, 1e-5)?,
+            norm_final: LayerNorm::load(
+                be,
+                ws,
+                "mask_decoder.transformer.norm_final_attn",
+                c,
+                1e-5,
+            )?,
             up1: ConvTranspose2x2::load(be, ws, "mask_decoder.output_upscaling.0", c, c / 4)?,
             up_norm: LayerNorm::load(be, ws, "mask_decoder.output_upscaling.1", c / 4, 1e-6)?,
             up2: ConvTranspose2x2::load(be, ws, "mask_decoder.output_upscaling.3", c / 4, c / 8)?,
@@ -273,7 +313,9 @@ impl<B: Backend> MaskDecoder<B> {
         let qp = be.add_scaled(&queries, 1.0, &tokens, 1.0)?;
         let kp = be.add_scaled(&keys, 1.0, dense_pe, 1.0)?;
         let a = self.final_attn.forward(be, &qp, &kp, &keys)?;
-        let hs = self.norm_final.forward(be, &be.add_scaled(&queries, 1.0, &a, 1.0)?)?;
+        let hs = self
+            .norm_final
+            .forward(be, &be.add_scaled(&queries, 1.0, &a, 1.0)?)?;
 
         let src = be.reshape(&keys, &[b, h, w, c])?;
         let up = self.up1.forward(be, &src)?;

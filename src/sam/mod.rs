@@ -26,12 +26,18 @@ pub struct Trace<B: Backend> {
 impl<B: Backend> Trace<B> {
     /// A trace that records nothing.
     pub fn off() -> Self {
-        Trace { enabled: false, items: Vec::new() }
+        Trace {
+            enabled: false,
+            items: Vec::new(),
+        }
     }
 
     /// A trace that records every stage.
     pub fn on() -> Self {
-        Trace { enabled: true, items: Vec::new() }
+        Trace {
+            enabled: true,
+            items: Vec::new(),
+        }
     }
 
     /// Records `t` under `name` if enabled.

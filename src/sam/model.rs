@@ -37,7 +37,9 @@ impl MaskOutput {
         match self {
             MaskOutput::Single => Ok((0, 1)),
             MaskOutput::Multimask if tokens > 1 => Ok((1, tokens - 1)),
-            MaskOutput::Multimask => Err(Error::Input("multimask output needs more than one mask token".into())),
+            MaskOutput::Multimask => Err(Error::Input(
+                "multimask output needs more than one mask token".into(),
+            )),
             MaskOutput::Classes(n) if n >= 1 && n <= tokens => Ok((0, n)),
             MaskOutput::Classes(n) => Err(Error::Input(format!(
                 "{n} classes requested but the decoder has {tokens} mask tokens"
@@ -84,7 +86,12 @@ impl<B: Backend> Sam<B> {
         let prompt_encoder = PromptEncoder::load(be, ws, &config)?;
         let mask_decoder = MaskDecoder::load(be, ws, &config)?;
         ws.finish()?;
-        Ok(Sam { config, image_encoder, prompt_encoder, mask_decoder })
+        Ok(Sam {
+            config,
+            image_encoder,
+            prompt_encoder,
+            mask_decoder,
+        })
     }
 
     /// Encodes `images` `[B, 3, H, W]` (already preprocessed); returns `[B, C, H/p, W/p]`.
@@ -120,7 +127,12 @@ impl<B: Backend> Sam<B> {
         let sparse = be.upload(&sparse)?;
         trace.record(be, "sparse_embeddings", &sparse);
         let dense = self.prompt_encoder.dense(be, prompts, b, (h, w))?;
-        let pe = be.upload(&self.prompt_encoder.dense_pe((h, w)).reshape(&[1, h * w, c])?)?;
+        let pe = be.upload(
+            &self
+                .prompt_encoder
+                .dense_pe((h, w))
+                .reshape(&[1, h * w, c])?,
+        )?;
         if trace_enabled(trace) {
             let d = be.permute(&dense, &[0, 3, 1, 2])?;
             trace.record(be, "dense_embeddings", &d);
@@ -149,7 +161,9 @@ impl<B: Backend> Sam<B> {
     ) -> Result<SamOutput> {
         let s = images.shape();
         if s.len() != 4 {
-            return Err(Error::Input(format!("images have shape {s:?}; expected [B, 3, H, W]")));
+            return Err(Error::Input(format!(
+                "images have shape {s:?}; expected [B, 3, H, W]"
+            )));
         }
         let input_hw = (s[2], s[3]);
         let x = be.upload(images)?;
@@ -187,7 +201,11 @@ pub fn postprocess_masks<B: Backend>(
     input_size: (usize, usize),
     original_size: (usize, usize),
 ) -> Result<B::Tensor> {
-    if input_size.0 == 0 || input_size.1 == 0 || input_size.0 > model_hw.0 || input_size.1 > model_hw.1 {
+    if input_size.0 == 0
+        || input_size.1 == 0
+        || input_size.0 > model_hw.0
+        || input_size.1 > model_hw.1
+    {
         return Err(Error::Input(format!(
             "input size {input_size:?} must be positive and within the model input {model_hw:?}"
         )));

@@ -63,11 +63,15 @@ impl<B: Backend> PromptEncoder<B> {
         let vec = |ws: &mut WeightStore, k: &str| -> Result<Vec<f32>> {
             Ok(ws.take(k, &[1, c])?.into_vec())
         };
-        let pe = |i: usize, ws: &mut WeightStore| vec(ws, &format!("prompt_encoder.point_embeddings.{i}.weight"));
+        let pe = |i: usize, ws: &mut WeightStore| {
+            vec(ws, &format!("prompt_encoder.point_embeddings.{i}.weight"))
+        };
         let p = "prompt_encoder.mask_downscaling";
         Ok(PromptEncoder {
-            gaussian: ws
-                .take("prompt_encoder.pe_layer.positional_encoding_gaussian_matrix", &[2, c / 2])?,
+            gaussian: ws.take(
+                "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+                &[2, c / 2],
+            )?,
             point_embeddings: [pe(0, ws)?, pe(1, ws)?, pe(2, ws)?, pe(3, ws)?],
             not_a_point: vec(ws, "prompt_encoder.not_a_point_embed.weight")?,
             no_mask: vec(ws, "prompt_encoder.no_mask_embed.weight")?,
@@ -94,15 +98,21 @@ impl<B: Backend> PromptEncoder<B> {
     }
 
     /// Sparse prompt tokens `[batch, Nt, C]` for a model input of `(H, W)` pixels.
-    pub fn sparse(&self, prompts: &Prompts, batch: usize, input_hw: (usize, usize)) -> Result<Tensor> {
+    pub fn sparse(
+        &self,
+        prompts: &Prompts,
+        batch: usize,
+        input_hw: (usize, usize),
+    ) -> Result<Tensor> {
         let c = self.dim;
         let (ih, iw) = (input_hw.0 as f32, input_hw.1 as f32);
         let mut rows: Vec<Vec<f32>> = vec![Vec::new(); batch];
         let mut ntok = 0;
         if let Some(pc) = &prompts.point_coords {
-            let pl = prompts.point_labels.as_ref().ok_or_else(|| {
-                Error::Input("point_coords given without point_labels".into())
-            })?;
+            let pl = prompts
+                .point_labels
+                .as_ref()
+                .ok_or_else(|| Error::Input("point_coords given without point_labels".into()))?;
             let s = pc.shape();
             if s.len() != 3 || s[0] != batch || s[2] != 2 || pl.shape() != [s[0], s[1]] {
                 return Err(Error::Input(format!(
@@ -122,14 +132,14 @@ impl<B: Backend> PromptEncoder<B> {
                         }
                     } else {
                         self.encode((x + 0.5) / iw, (y + 0.5) / ih, &mut e);
-                        let k = match label {
-                            l if l == 0.0 => 0,
-                            l if l == 1.0 => 1,
-                            l => {
-                                return Err(Error::Input(format!(
-                                    "point label {l}: expected 1 (foreground), 0 (background) or -1 (ignore)"
-                                )))
-                            }
+                        let k = if label == 0.0 {
+                            0
+                        } else if label == 1.0 {
+                            1
+                        } else {
+                            return Err(Error::Input(format!(
+                                "point label {label}: expected 1 (foreground), 0 (background) or -1 (ignore)"
+                            )));
                         };
                         for (o, v) in e.iter_mut().zip(&self.point_embeddings[k]) {
                             *o += *v;
@@ -159,7 +169,11 @@ impl<B: Backend> PromptEncoder<B> {
                 let v = &bx.data()[b * 4..b * 4 + 4];
                 for corner in 0..2 {
                     let mut e = vec![0f32; c];
-                    self.encode((v[2 * corner] + 0.5) / iw, (v[2 * corner + 1] + 0.5) / ih, &mut e);
+                    self.encode(
+                        (v[2 * corner] + 0.5) / iw,
+                        (v[2 * corner + 1] + 0.5) / ih,
+                        &mut e,
+                    );
                     for (o, w) in e.iter_mut().zip(&self.point_embeddings[2 + corner]) {
                         *o += *w;
                     }

@@ -82,7 +82,12 @@ impl SamConfig {
 pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor> {
     let mut rng = Rng::new(seed);
     let mut m = BTreeMap::new();
-    let lin = |m: &mut BTreeMap<String, Tensor>, rng: &mut Rng, p: &str, i: usize, o: usize, bias: bool| {
+    let lin = |m: &mut BTreeMap<String, Tensor>,
+               rng: &mut Rng,
+               p: &str,
+               i: usize,
+               o: usize,
+               bias: bool| {
         let a = 1.0 / (i as f32).sqrt();
         m.insert(format!("{p}.weight"), rng.tensor(&[o, i], a));
         if bias {
@@ -94,7 +99,13 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
         m.insert(format!("{p}.weight"), Tensor::from_vec(w, &[c]).unwrap());
         m.insert(format!("{p}.bias"), rng.tensor(&[c], 0.1));
     };
-    let conv = |m: &mut BTreeMap<String, Tensor>, rng: &mut Rng, p: &str, i: usize, o: usize, k: usize, bias: bool| {
+    let conv = |m: &mut BTreeMap<String, Tensor>,
+                rng: &mut Rng,
+                p: &str,
+                i: usize,
+                o: usize,
+                k: usize,
+                bias: bool| {
         let a = 1.0 / ((i * k * k) as f32).sqrt();
         m.insert(format!("{p}.weight"), rng.tensor(&[o, i, k, k], a));
         if bias {
@@ -103,7 +114,15 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
     };
     let d = cfg.embed_dim;
     let hd = d / cfg.heads;
-    conv(&mut m, &mut rng, "image_encoder.patch_embed.proj", 3, d, cfg.patch, true);
+    conv(
+        &mut m,
+        &mut rng,
+        "image_encoder.patch_embed.proj",
+        3,
+        d,
+        cfg.patch,
+        true,
+    );
     m.insert(
         "image_encoder.pos_embed".into(),
         rng.tensor(&[1, cfg.pos_grid.0, cfg.pos_grid.1, d], 0.1),
@@ -114,12 +133,40 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
         ln(&mut m, &mut rng, &format!("{p}.norm2"), d);
         lin(&mut m, &mut rng, &format!("{p}.attn.qkv"), d, 3 * d, true);
         lin(&mut m, &mut rng, &format!("{p}.attn.proj"), d, d, true);
-        let (sh, sw) = if b.window == 0 { cfg.pos_grid } else { (b.window, b.window) };
-        let (nh, nw) = if b.medsa_rel_names { ("rel_h", "rel_w") } else { ("rel_pos_h", "rel_pos_w") };
-        m.insert(format!("{p}.attn.{nh}"), rng.tensor(&[2 * sh - 1, hd], 0.05));
-        m.insert(format!("{p}.attn.{nw}"), rng.tensor(&[2 * sw - 1, hd], 0.05));
-        lin(&mut m, &mut rng, &format!("{p}.mlp.lin1"), d, cfg.mlp_dim, true);
-        lin(&mut m, &mut rng, &format!("{p}.mlp.lin2"), cfg.mlp_dim, d, true);
+        let (sh, sw) = if b.window == 0 {
+            cfg.pos_grid
+        } else {
+            (b.window, b.window)
+        };
+        let (nh, nw) = if b.medsa_rel_names {
+            ("rel_h", "rel_w")
+        } else {
+            ("rel_pos_h", "rel_pos_w")
+        };
+        m.insert(
+            format!("{p}.attn.{nh}"),
+            rng.tensor(&[2 * sh - 1, hd], 0.05),
+        );
+        m.insert(
+            format!("{p}.attn.{nw}"),
+            rng.tensor(&[2 * sw - 1, hd], 0.05),
+        );
+        lin(
+            &mut m,
+            &mut rng,
+            &format!("{p}.mlp.lin1"),
+            d,
+            cfg.mlp_dim,
+            true,
+        );
+        lin(
+            &mut m,
+            &mut rng,
+            &format!("{p}.mlp.lin2"),
+            cfg.mlp_dim,
+            d,
+            true,
+        );
         let r = cfg.adapter_dim.unwrap_or(d / 4);
         for (on, name) in [
             (b.space_adapter, "Space_Adapter"),
@@ -144,21 +191,65 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
         rng.tensor(&[2, pd / 2], 1.7),
     );
     for i in 0..4 {
-        m.insert(format!("prompt_encoder.point_embeddings.{i}.weight"), rng.tensor(&[1, pd], 1.0));
+        m.insert(
+            format!("prompt_encoder.point_embeddings.{i}.weight"),
+            rng.tensor(&[1, pd], 1.0),
+        );
     }
-    m.insert("prompt_encoder.not_a_point_embed.weight".into(), rng.tensor(&[1, pd], 1.0));
-    m.insert("prompt_encoder.no_mask_embed.weight".into(), rng.tensor(&[1, pd], 1.0));
+    m.insert(
+        "prompt_encoder.not_a_point_embed.weight".into(),
+        rng.tensor(&[1, pd], 1.0),
+    );
+    m.insert(
+        "prompt_encoder.no_mask_embed.weight".into(),
+        rng.tensor(&[1, pd], 1.0),
+    );
     let mc = cfg.mask_in_chans;
-    conv(&mut m, &mut rng, "prompt_encoder.mask_downscaling.0", 1, mc / 4, 2, true);
-    ln(&mut m, &mut rng, "prompt_encoder.mask_downscaling.1", mc / 4);
-    conv(&mut m, &mut rng, "prompt_encoder.mask_downscaling.3", mc / 4, mc, 2, true);
+    conv(
+        &mut m,
+        &mut rng,
+        "prompt_encoder.mask_downscaling.0",
+        1,
+        mc / 4,
+        2,
+        true,
+    );
+    ln(
+        &mut m,
+        &mut rng,
+        "prompt_encoder.mask_downscaling.1",
+        mc / 4,
+    );
+    conv(
+        &mut m,
+        &mut rng,
+        "prompt_encoder.mask_downscaling.3",
+        mc / 4,
+        mc,
+        2,
+        true,
+    );
     ln(&mut m, &mut rng, "prompt_encoder.mask_downscaling.4", mc);
-    conv(&mut m, &mut rng, "prompt_encoder.mask_downscaling.6", mc, pd, 1, true);
+    conv(
+        &mut m,
+        &mut rng,
+        "prompt_encoder.mask_downscaling.6",
+        mc,
+        pd,
+        1,
+        true,
+    );
 
     let t = cfg.num_mask_tokens;
     let internal = pd / cfg.attention_downsample;
-    m.insert("mask_decoder.iou_token.weight".into(), rng.tensor(&[1, pd], 1.0));
-    m.insert("mask_decoder.mask_tokens.weight".into(), rng.tensor(&[t, pd], 1.0));
+    m.insert(
+        "mask_decoder.iou_token.weight".into(),
+        rng.tensor(&[1, pd], 1.0),
+    );
+    m.insert(
+        "mask_decoder.mask_tokens.weight".into(),
+        rng.tensor(&[t, pd], 1.0),
+    );
     let attn = |m: &mut BTreeMap<String, Tensor>, rng: &mut Rng, p: &str, inner: usize| {
         for n in ["q_proj", "k_proj", "v_proj"] {
             lin(m, rng, &format!("{p}.{n}"), pd, inner, true);
@@ -168,13 +259,37 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
     for (i, l) in cfg.decoder_layers.iter().enumerate() {
         let p = format!("mask_decoder.transformer.layers.{i}");
         attn(&mut m, &mut rng, &format!("{p}.self_attn"), pd);
-        attn(&mut m, &mut rng, &format!("{p}.cross_attn_token_to_image"), internal);
-        attn(&mut m, &mut rng, &format!("{p}.cross_attn_image_to_token"), internal);
+        attn(
+            &mut m,
+            &mut rng,
+            &format!("{p}.cross_attn_token_to_image"),
+            internal,
+        );
+        attn(
+            &mut m,
+            &mut rng,
+            &format!("{p}.cross_attn_image_to_token"),
+            internal,
+        );
         for n in 1..=4 {
             ln(&mut m, &mut rng, &format!("{p}.norm{n}"), pd);
         }
-        lin(&mut m, &mut rng, &format!("{p}.mlp.lin1"), pd, cfg.decoder_mlp_dim, true);
-        lin(&mut m, &mut rng, &format!("{p}.mlp.lin2"), cfg.decoder_mlp_dim, pd, true);
+        lin(
+            &mut m,
+            &mut rng,
+            &format!("{p}.mlp.lin1"),
+            pd,
+            cfg.decoder_mlp_dim,
+            true,
+        );
+        lin(
+            &mut m,
+            &mut rng,
+            &format!("{p}.mlp.lin2"),
+            cfg.decoder_mlp_dim,
+            pd,
+            true,
+        );
         let r = pd / 4;
         if l.hyper {
             let q = format!("{p}.Hyper_Adapter");
@@ -191,14 +306,38 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
             }
         }
     }
-    attn(&mut m, &mut rng, "mask_decoder.transformer.final_attn_token_to_image", internal);
-    ln(&mut m, &mut rng, "mask_decoder.transformer.norm_final_attn", pd);
-    let w = |rng: &mut Rng, i: usize, o: usize| rng.tensor(&[i, o, 2, 2], 1.0 / ((i * 4) as f32).sqrt());
-    m.insert("mask_decoder.output_upscaling.0.weight".into(), w(&mut rng, pd, pd / 4));
-    m.insert("mask_decoder.output_upscaling.0.bias".into(), rng.tensor(&[pd / 4], 0.1));
+    attn(
+        &mut m,
+        &mut rng,
+        "mask_decoder.transformer.final_attn_token_to_image",
+        internal,
+    );
+    ln(
+        &mut m,
+        &mut rng,
+        "mask_decoder.transformer.norm_final_attn",
+        pd,
+    );
+    let w = |rng: &mut Rng, i: usize, o: usize| {
+        rng.tensor(&[i, o, 2, 2], 1.0 / ((i * 4) as f32).sqrt())
+    };
+    m.insert(
+        "mask_decoder.output_upscaling.0.weight".into(),
+        w(&mut rng, pd, pd / 4),
+    );
+    m.insert(
+        "mask_decoder.output_upscaling.0.bias".into(),
+        rng.tensor(&[pd / 4], 0.1),
+    );
     ln(&mut m, &mut rng, "mask_decoder.output_upscaling.1", pd / 4);
-    m.insert("mask_decoder.output_upscaling.3.weight".into(), w(&mut rng, pd / 4, pd / 8));
-    m.insert("mask_decoder.output_upscaling.3.bias".into(), rng.tensor(&[pd / 8], 0.1));
+    m.insert(
+        "mask_decoder.output_upscaling.3.weight".into(),
+        w(&mut rng, pd / 4, pd / 8),
+    );
+    m.insert(
+        "mask_decoder.output_upscaling.3.bias".into(),
+        rng.tensor(&[pd / 8], 0.1),
+    );
     for i in 0..t {
         let p = format!("mask_decoder.output_hypernetworks_mlps.{i}");
         lin(&mut m, &mut rng, &format!("{p}.layers.0"), pd, pd, true);
@@ -210,7 +349,14 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
     dims.extend(std::iter::repeat_n(ih, idepth.saturating_sub(1)));
     dims.push(t);
     for (j, w2) in dims.windows(2).enumerate() {
-        lin(&mut m, &mut rng, &format!("mask_decoder.iou_prediction_head.layers.{j}"), w2[0], w2[1], true);
+        lin(
+            &mut m,
+            &mut rng,
+            &format!("mask_decoder.iou_prediction_head.layers.{j}"),
+            w2[0],
+            w2[1],
+            true,
+        );
     }
     m
 }

@@ -14,7 +14,10 @@ use crate::tensor::Tensor;
 /// Linear resampling of `table` `[L, d]` to `[m, d]`, PyTorch's align_corners=False rule.
 pub fn resize_linear(table: &Tensor, m: usize) -> Result<Tensor> {
     if table.rank() != 2 || table.dim(0) == 0 || m == 0 {
-        return Err(Error::shape("rel_pos::resize_linear", format!("table {:?} -> {m}", table.shape())));
+        return Err(Error::shape(
+            "rel_pos::resize_linear",
+            format!("table {:?} -> {m}", table.shape()),
+        ));
     }
     let (l, d) = (table.dim(0), table.dim(1));
     if l == m {

@@ -27,9 +27,19 @@ pub fn pair(s: &str) -> (usize, usize) {
 
 /// Checks `|got - want| <= atol + rtol * |want|` element-wise; on failure returns a report with
 /// the worst element (by excess over its bound), its index and the max absolute error.
-pub fn compare(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<(), String> {
+pub fn compare(
+    name: &str,
+    got: &Tensor,
+    want: &Tensor,
+    rtol: f32,
+    atol: f32,
+) -> Result<(), String> {
     if got.shape() != want.shape() {
-        return Err(format!("{name}: shape {:?}, expected {:?}", got.shape(), want.shape()));
+        return Err(format!(
+            "{name}: shape {:?}, expected {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
     let mut worst = (0usize, f32::NEG_INFINITY);
     let mut max_abs = 0f32;
@@ -41,7 +51,14 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) ->
             bad += 1;
         }
         if excess > worst.1 || !err.is_finite() {
-            worst = (i, if err.is_finite() { excess } else { f32::INFINITY });
+            worst = (
+                i,
+                if err.is_finite() {
+                    excess
+                } else {
+                    f32::INFINITY
+                },
+            );
         }
         if err > max_abs || !err.is_finite() {
             max_abs = err;
