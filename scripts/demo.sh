@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+bash scripts/setup-cuda.sh     # nvcc 13.0 from PyPI for the CUDA kernels (once, into .tools/)
 cargo build --release --quiet
 bin=target/release/medsa-engine
 model=tests/fixtures/tiny/weights.safetensors   # a tiny random-weight Med-SA model (see README)

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The default build includes the CUDA backend, whose kernels are compiled at build time: fetch
+# nvcc 13.0 from PyPI into .tools/ (once; no GPU needed). GPU tests skip without a device.
+bash scripts/setup-cuda.sh
+
 if cargo fmt --version >/dev/null 2>&1; then
   echo "== cargo fmt --check"
   cargo fmt --all -- --check

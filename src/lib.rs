@@ -16,4 +16,5 @@ pub mod medsa;
 pub mod nn;
 pub mod pipeline;
 pub mod sam;
+pub mod selftest;
 pub mod weights;

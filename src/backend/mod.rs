@@ -11,6 +11,8 @@
 //! [`Error::Shape`](crate::Error::Shape) when shapes disagree (a caller bug, never user input).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::error::Result;
 use crate::tensor::Tensor;

@@ -14,6 +14,7 @@ use medsa::pipeline::{self, Preset};
 use medsa::sam::model::postprocess_masks;
 use medsa::sam::random::{random_checkpoint, Rng};
 use medsa::sam::{DepthSpec, MaskOutput, Prompts, Sam, SamConfig, Trace};
+use medsa::selftest;
 use medsa::weights::{save_safetensors, ParamCounts, SafetensorsFile, WeightStore};
 use medsa::Tensor;
 
@@ -80,9 +81,12 @@ enum Cmd {
         /// Size of `masks`, "h,w" (default: metadata, else the input size).
         #[arg(long)]
         original_size: Option<String>,
-        /// Device: cpu (cuda[:N] with the cuda feature).
+        /// Device: cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Segment one image from point or box prompts; writes the mask at the image's size.
     Segment {
@@ -108,9 +112,25 @@ enum Cmd {
         /// Preprocessing preset.
         #[arg(long, value_enum, default_value = "sam")]
         preset: PresetArg,
-        /// Device: cpu (cuda[:N] with the cuda feature).
+        /// Device: cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+    },
+    /// Check a backend against the CPU reference: every op on random inputs, then the whole
+    /// model on the golden fixtures.
+    Selftest {
+        /// Device to check: cuda[:N] (cpu checks the reference against itself).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Storage precisions to check (f32, bf16 or both).
+        #[arg(long, default_value = "both")]
+        precision: String,
+        /// The golden fixtures folder.
+        #[arg(long, default_value = "tests/fixtures")]
+        fixtures: PathBuf,
     },
     /// Time the image encoder of a random-weight model (median of repeats).
     Bench {
@@ -132,9 +152,12 @@ enum Cmd {
         /// Include Med-SA adapters.
         #[arg(long)]
         adapters: bool,
-        /// Device: cpu (cuda[:N] with the cuda feature).
+        /// Device: cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
 }
 
@@ -146,12 +169,70 @@ fn main() {
     }
 }
 
-fn cpu_device(device: &str) -> Result<Cpu> {
+/// The backend chosen on the command line.
+enum Dev {
+    Cpu(Cpu),
+    #[cfg(feature = "cuda")]
+    Cuda(medsa::backend::cuda::Cuda),
+}
+
+/// Runs a generic body on whichever backend `Dev` holds.
+macro_rules! on_device {
+    ($dev:expr, $be:ident => $body:expr) => {
+        match $dev {
+            Dev::Cpu($be) => $body,
+            #[cfg(feature = "cuda")]
+            Dev::Cuda($be) => $body,
+        }
+    };
+}
+
+impl Dev {
+    fn peak_bytes(&self) -> Option<usize> {
+        match self {
+            Dev::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => Some(c.pool().peak()),
+        }
+    }
+
+    fn reset_peak(&self) {
+        #[cfg(feature = "cuda")]
+        if let Dev::Cuda(c) = self {
+            c.pool().reset_peak();
+        }
+    }
+}
+
+fn open_device(device: &str, precision: &str) -> Result<Dev> {
     match device {
-        "cpu" => Ok(Cpu::new()),
-        d if d == "cuda" || d.starts_with("cuda:") => bail!(
-            "--device {d}: this medsa-engine was built without a CUDA backend; use --device cpu"
-        ),
+        "cpu" => {
+            if precision != "f32" {
+                bail!("--precision {precision}: the CPU backend computes in f32");
+            }
+            Ok(Dev::Cpu(Cpu::new()))
+        }
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let ordinal: usize = match d.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow!("--device {d}: expected cuda or cuda:N"))?,
+                None => 0,
+            };
+            #[cfg(feature = "cuda")]
+            {
+                let p: medsa::backend::cuda::Precision = precision.parse()?;
+                Ok(Dev::Cuda(
+                    medsa::backend::cuda::Cuda::new(ordinal, p)
+                        .with_context(|| format!("--device {d}"))?,
+                ))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = ordinal;
+                bail!("--device {d}: this medsa-engine was built without the `cuda` feature; use --device cpu")
+            }
+        }
         d => bail!("--device {d}: expected cpu or cuda[:N]"),
     }
 }
@@ -169,10 +250,11 @@ fn run(cli: Cli) -> Result<()> {
             input_size,
             original_size,
             device,
+            precision,
         } => {
-            let be = cpu_device(&device)?;
-            forward(
-                &be,
+            let dev = open_device(&device, &precision)?;
+            on_device!(&dev, be => forward(
+                be,
                 &checkpoint,
                 &inputs,
                 &out,
@@ -181,7 +263,7 @@ fn run(cli: Cli) -> Result<()> {
                 depth_mode,
                 input_size,
                 original_size,
-            )
+            ))
         }
         Cmd::Segment {
             checkpoint,
@@ -192,10 +274,11 @@ fn run(cli: Cli) -> Result<()> {
             multimask,
             preset,
             device,
+            precision,
         } => {
-            let be = cpu_device(&device)?;
-            segment(
-                &be,
+            let dev = open_device(&device, &precision)?;
+            on_device!(&dev, be => segment(
+                be,
                 &checkpoint,
                 &image,
                 &points,
@@ -203,8 +286,13 @@ fn run(cli: Cli) -> Result<()> {
                 &out,
                 multimask,
                 preset,
-            )
+            ))
         }
+        Cmd::Selftest {
+            device,
+            precision,
+            fixtures,
+        } => selftest(&device, &precision, &fixtures),
         Cmd::Bench {
             variant,
             size,
@@ -213,9 +301,10 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             adapters,
             device,
+            precision,
         } => {
-            let be = cpu_device(&device)?;
-            bench(&be, &variant, size, batch, repeats, warmup, adapters)
+            let dev = open_device(&device, &precision)?;
+            on_device!(&dev, be => bench(be, &dev, &variant, size, batch, repeats, warmup, adapters))
         }
     }
 }
@@ -300,8 +389,8 @@ fn parse_pair(s: &str, what: &str) -> Result<(usize, usize)> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn forward(
-    be: &Cpu,
+fn forward<B: Backend>(
+    be: &B,
     checkpoint: &Path,
     inputs: &Path,
     out: &Path,
@@ -425,6 +514,35 @@ fn forward(
     Ok(())
 }
 
+fn selftest(device: &str, precision: &str, fixtures: &Path) -> Result<()> {
+    let precisions: Vec<&str> = match precision {
+        "both" => vec!["f32", "bf16"],
+        p => vec![p],
+    };
+    let mut failed = 0;
+    for p in precisions {
+        if device == "cpu" && p != "f32" {
+            continue;
+        }
+        let dev = open_device(device, p)?;
+        let (op_tol, model_tol) = if p == "bf16" {
+            (selftest::Tolerance::BF16, selftest::Tolerance::BF16_MODEL)
+        } else {
+            (selftest::Tolerance::F32, selftest::Tolerance::F32)
+        };
+        on_device!(&dev, be => {
+            println!("== {} ({p})", be.name());
+            let mut checks = selftest::ops(be, op_tol);
+            checks.extend(selftest::model(be, fixtures, model_tol));
+            failed += selftest::report(&checks);
+        });
+    }
+    if failed > 0 {
+        bail!("{failed} checks failed");
+    }
+    Ok(())
+}
+
 fn is_output(k: &str) -> bool {
     matches!(
         k,
@@ -457,8 +575,8 @@ fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn segment(
-    be: &Cpu,
+fn segment<B: Backend>(
+    be: &B,
     checkpoint: &Path,
     image: &Path,
     points: &[String],
@@ -560,8 +678,10 @@ fn segment(
     Ok(())
 }
 
-fn bench(
-    be: &Cpu,
+#[allow(clippy::too_many_arguments)]
+fn bench<B: Backend>(
+    be: &B,
+    dev: &Dev,
     variant: &str,
     size: usize,
     batch: usize,
@@ -582,8 +702,9 @@ fn bench(
     let mut rng = Rng::new(1);
     let x = be.upload(&rng.tensor(&[batch, 3, size, size], 2.0))?;
     for _ in 0..warmup {
-        model.encode(be, &x, None, &mut Trace::off())?;
+        be.download(&model.encode(be, &x, None, &mut Trace::off())?)?;
     }
+    dev.reset_peak();
     let mut runs = Vec::new();
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
@@ -594,8 +715,12 @@ fn bench(
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
+    let peak = dev
+        .peak_bytes()
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "null".into());
     println!(
-        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"size\":{size},\"batch\":{batch},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
+        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"size\":{size},\"batch\":{batch},\"peak_bytes\":{peak},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
         be.name(),
         sorted[0],
         batch as f64 / median,

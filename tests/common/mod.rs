@@ -6,10 +6,19 @@ use std::path::PathBuf;
 use medsa::weights::SafetensorsFile;
 use medsa::Tensor;
 
+/// The golden fixtures folder. The project root is read at run time first (test executables
+/// built here also run from a copy of the repository on a GPU machine), then at compile time.
+pub fn fixtures_dir() -> PathBuf {
+    let root = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.join("tests/fixtures").is_dir())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    root.join("tests/fixtures")
+}
+
 /// `tests/fixtures/<case>/<file>.safetensors`.
 pub fn fixture(case: &str, file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    fixtures_dir()
         .join(case)
         .join(format!("{file}.safetensors"))
 }

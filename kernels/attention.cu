@@ -1,0 +1,532 @@
+// attention.cu -- multi-head attention forward (flash style, online softmax, optional SAM
+// decomposed relative-position bias). Scores are never materialised beyond one 64x64 tile.
+//
+// Entry points (same signature, T = float / __nv_bfloat16):
+//   attention_f32 / attention_bf16(const T* q, const T* k, const T* v, T* o,
+//       const T* rh, const T* rw, int B, int heads, int Lq, int Lk, int d, float scale,
+//       int qh, int qw, int kh, int kw, int has_rel)
+//
+// Math: q [B, Lq, heads*d], k/v [B, Lk, heads*d], o [B, Lq, heads*d]; head h uses columns
+//   h*d .. h*d+d-1. For each (b, h, query i):
+//     s_j = scale * dot(q_i, k_j) + bias(i, j),   o_i = sum_j softmax_j(s) v_j
+//   has_rel != 0: qy = i / qw, qx = i % qw, ky = j / kw, kx = j % kw,
+//     bias(i, j) = dot(q_i, rh[qy, ky, :]) + dot(q_i, rw[qx, kx, :])  (UNSCALED q),
+//     rh [qh, kh, d], rw [qw, kw, d], shared by all heads; requires Lq = qh*qw, Lk = kh*kw.
+//   has_rel == 0: bias = 0; rh/rw may be null and qh/qw/kh/kw are ignored.
+//   Requires 1 <= d <= 128 (the kernel does nothing for d > 128: the launcher must reject it),
+//   Lq >= 1, Lk >= 1. All softmax statistics and accumulators are f32.
+//
+// Launch geometry (both entry points):
+//   grid  = (ceil(Lq/64), heads, B)       (heads <= 65535, B <= 65535)
+//   block = (128, 1, 1)
+//   dynamic shared memory (bytes), with R = has_rel ? (kh + kw) : 0 and
+//     Dp = 16 if d <= 16, 32 if d <= 32, 64 if d <= 64, 80 if d <= 80, else 128:
+//   * attention_f32 (any d), and attention_bf16 when d is NOT 64 or 80 (SIMT path):
+//       SMEM_SIMT = 4 * (64*(Dp+1)*2 + 64*Dp + 64*65 + 64*R)
+//       e.g. d=64, kh=kw=64: 4*(8320+4096+4160+8192) = 99072;  d=80, kh=kw=64: 111360;
+//            d=128, kh=kw=64: 148224;  d=64, no rel: 66304
+//   * attention_bf16 when d == 64 or d == 80 (tensor-core path):
+//       SMEM_TC = 2 * (2*64*(d+8) + d*72) + 4 * 64*R
+//       e.g. d=64, kh=kw=64: 27648 + 32768 = 60416;  d=80, kh=kw=64: 34048 + 32768 = 66816;
+//            d=64, no rel: 27648
+//     (SMEM_SIMT >= SMEM_TC always, so passing SMEM_SIMT is also correct, only slower.)
+//   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
+//   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
+//   Both entry points are compiled with __launch_bounds__(128, 3) (<= 168 registers, no spills).
+//
+// Paths:
+//   * attention_f32: SIMT f32 FMAs from shared memory for every d ("exact": f32 all through,
+//     expf). Thread (ty = tid/16, tx = tid%16) owns query rows ty+8a (a < 8) and key columns
+//     tx+16b (b < 4) of the 64x64 score tile, and output columns tx+16c (c < Dp/16).
+//   * attention_bf16, d == 64 or 80: bf16 tensor cores, mma.sync.m16n8k16 (f32 accumulate);
+//     each of the 4 warps owns 16 query rows; P is rounded to bf16 for the P*V product (as in
+//     FlashAttention-2); softmax uses __expf (fast ex2.approx; arguments are <= 0 after max
+//     subtraction, relative error ~1e-6, far below bf16 resolution).
+//   * attention_bf16, other d: the SIMT path above (bf16 loads, f32 math).
+#include "common.cuh"
+
+#define ATT_BQ 64
+#define ATT_BK 64
+#define ATT_THREADS 128
+
+__device__ __forceinline__ unsigned dyn_smem_bytes() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+
+// ----------------------------------------------------------------------------------------
+// SIMT path (f32 FMAs), any d <= D (D = compile-time padded head dim, multiple of 16).
+// ----------------------------------------------------------------------------------------
+template <typename T, int D>
+__device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __restrict__ k,
+                                          const T* __restrict__ v, T* __restrict__ o,
+                                          const T* __restrict__ rh, const T* __restrict__ rw,
+                                          int heads, int Lq, int Lk, int d, float scale, int qw,
+                                          int kh, int kw, int has_rel) {
+    constexpr int QS = D + 1;       // row stride of Qs/Ks (odd: conflict-free column reads)
+    constexpr int PS = ATT_BK + 1;  // row stride of Ps
+    constexpr int NC = D / 16;      // output columns per thread
+    extern __shared__ float4 smem_f4[];
+    float* smem = reinterpret_cast<float*>(smem_f4);
+    const int R = has_rel ? (kh + kw) : 0;
+    {
+        const unsigned need = 4u * (unsigned)(ATT_BQ * QS * 2 + ATT_BK * D + ATT_BQ * PS + ATT_BQ * R);
+        if (dyn_smem_bytes() < need) __trap();
+    }
+    float* Qs = smem;
+    float* Ks = Qs + ATT_BQ * QS;
+    float* Vs = Ks + ATT_BK * QS;
+    float* Ps = Vs + ATT_BK * D;
+    float* RH = Ps + ATT_BQ * PS;
+    float* RW = RH + ATT_BQ * (has_rel ? kh : 0);
+
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_BQ;
+    const long long rs = (long long)heads * d;  // row stride of q/k/v/o
+    const T* qb = q + (long long)b * Lq * rs + (long long)h * d;
+    const T* kb = k + (long long)b * Lk * rs + (long long)h * d;
+    const T* vb = v + (long long)b * Lk * rs + (long long)h * d;
+    T* ob = o + (long long)b * Lq * rs + (long long)h * d;
+
+    for (int e = tid; e < ATT_BQ * D; e += ATT_THREADS) {
+        const int i = e / D, c = e - i * D;
+        float x = 0.f;
+        if (q0 + i < Lq && c < d) x = ld(qb + (long long)(q0 + i) * rs + c);
+        Qs[i * QS + c] = x;
+    }
+    __syncthreads();
+    if (has_rel) {
+        for (int e = tid; e < ATT_BQ * kh; e += ATT_THREADS) {
+            const int i = e / kh, ky = e - i * kh, qi = q0 + i;
+            float s = 0.f;
+            if (qi < Lq) {
+                const T* r = rh + ((long long)(qi / qw) * kh + ky) * d;
+                for (int c = 0; c < d; ++c) s += Qs[i * QS + c] * ld(r + c);
+            }
+            RH[e] = s;
+        }
+        for (int e = tid; e < ATT_BQ * kw; e += ATT_THREADS) {
+            const int i = e / kw, kx = e - i * kw, qi = q0 + i;
+            float s = 0.f;
+            if (qi < Lq) {
+                const T* r = rw + ((long long)(qi % qw) * kw + kx) * d;
+                for (int c = 0; c < d; ++c) s += Qs[i * QS + c] * ld(r + c);
+            }
+            RW[e] = s;
+        }
+    }
+
+    float m[8], l[8], acc[8][NC];
+#pragma unroll
+    for (int a = 0; a < 8; ++a) {
+        m[a] = -INFINITY;
+        l[a] = 0.f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) acc[a][c] = 0.f;
+    }
+
+    for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
+        __syncthreads();  // previous tile's Ks/Vs/Ps readers done (and RH/RW written)
+        for (int e = tid; e < ATT_BK * D; e += ATT_THREADS) {
+            const int j = e / D, c = e - j * D;
+            float kx = 0.f, vx = 0.f;
+            if (k0 + j < Lk && c < d) {
+                const long long off = (long long)(k0 + j) * rs + c;
+                kx = ld(kb + off);
+                vx = ld(vb + off);
+            }
+            Ks[j * QS + c] = kx;
+            Vs[j * D + c] = vx;
+        }
+        __syncthreads();
+
+        float s[8][4];
+#pragma unroll
+        for (int a = 0; a < 8; ++a)
+#pragma unroll
+            for (int bb = 0; bb < 4; ++bb) s[a][bb] = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < d; ++c) {
+            float qv[8], kv[4];
+#pragma unroll
+            for (int a = 0; a < 8; ++a) qv[a] = Qs[(ty + 8 * a) * QS + c];
+#pragma unroll
+            for (int bb = 0; bb < 4; ++bb) kv[bb] = Ks[(tx + 16 * bb) * QS + c];
+#pragma unroll
+            for (int a = 0; a < 8; ++a)
+#pragma unroll
+                for (int bb = 0; bb < 4; ++bb) s[a][bb] = fmaf(qv[a], kv[bb], s[a][bb]);
+        }
+
+#pragma unroll
+        for (int bb = 0; bb < 4; ++bb) {
+            const int j = k0 + tx + 16 * bb;
+            const bool valid = j < Lk;
+            int ky = 0, kx = 0;
+            if (has_rel && valid) { ky = j / kw; kx = j - ky * kw; }
+#pragma unroll
+            for (int a = 0; a < 8; ++a) {
+                const int i = ty + 8 * a;
+                float x = s[a][bb] * scale;
+                if (has_rel && valid) x += RH[i * kh + ky] + RW[i * kw + kx];
+                s[a][bb] = valid ? x : -INFINITY;
+            }
+        }
+
+#pragma unroll
+        for (int a = 0; a < 8; ++a) {
+            float mx = fmaxf(fmaxf(s[a][0], s[a][1]), fmaxf(s[a][2], s[a][3]));
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));  // 16-lane row group
+            const float mnew = fmaxf(m[a], mx);  // finite: every tile has a valid key
+            const float alpha = expf(m[a] - mnew);  // m = -inf on the first tile -> 0
+            float ps = 0.f;
+#pragma unroll
+            for (int bb = 0; bb < 4; ++bb) {
+                const float p = expf(s[a][bb] - mnew);  // masked: exp(-inf) = 0
+                Ps[(ty + 8 * a) * PS + tx + 16 * bb] = p;
+                ps += p;
+            }
+#pragma unroll
+            for (int off = 8; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
+            l[a] = l[a] * alpha + ps;
+            m[a] = mnew;
+#pragma unroll
+            for (int c = 0; c < NC; ++c) acc[a][c] *= alpha;
+        }
+        __syncthreads();
+
+        const int kn = min(ATT_BK, Lk - k0);
+#pragma unroll 2
+        for (int j = 0; j < kn; ++j) {
+            float pv[8], vv[NC];
+#pragma unroll
+            for (int a = 0; a < 8; ++a) pv[a] = Ps[(ty + 8 * a) * PS + j];
+#pragma unroll
+            for (int c = 0; c < NC; ++c) vv[c] = Vs[j * D + tx + 16 * c];
+#pragma unroll
+            for (int a = 0; a < 8; ++a)
+#pragma unroll
+                for (int c = 0; c < NC; ++c) acc[a][c] = fmaf(pv[a], vv[c], acc[a][c]);
+        }
+    }
+
+#pragma unroll
+    for (int a = 0; a < 8; ++a) {
+        const int qi = q0 + ty + 8 * a;
+        if (qi < Lq) {
+            const float inv = l[a] > 0.f ? 1.f / l[a] : 0.f;
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                const int col = tx + 16 * c;
+                if (col < d) st(ob + (long long)qi * rs + col, acc[a][c] * inv);
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// bf16 tensor-core path, d == D exactly (D = 64 or 80).
+// mma.sync.m16n8k16 fragment layout (g = lane/4, t = lane%4):
+//   A (16x16 row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16x8, k x n):     b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
+//   C (16x8 f32):        c0 = (g, 2t), c1 = (g, 2t+1), c2 = (g+8, 2t), c3 = (g+8, 2t+1)
+// ----------------------------------------------------------------------------------------
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+    return *reinterpret_cast<uint32_t*>(&p);
+}
+
+__device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) {
+    return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// Copy 8 consecutive bf16 (row `row` of a [L, rs] matrix, columns c..c+7) into dst[0..7];
+// zero when !valid. vec: 16-byte loads allowed (base pointer 16-byte aligned).
+__device__ __forceinline__ void load8(const __nv_bfloat16* src, bool valid, bool vec,
+                                      __nv_bfloat16 dst[8]) {
+    if (!valid) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = __float2bfloat16_rn(0.f);
+    } else if (vec) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(src));
+        *reinterpret_cast<uint4*>(dst) = u;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = src[e];
+    }
+}
+
+// dot(qrow[0..D), r[0..D)): qrow in shared memory (16-byte aligned), r in global memory.
+// vec: r is 16-byte aligned (D is a multiple of 8, so every rh/rw row is then aligned too).
+template <int D>
+__device__ __forceinline__ float dot_row(const __nv_bfloat16* qrow, const __nv_bfloat16* r,
+                                         bool vec) {
+    float s = 0.f;
+    if (vec) {
+#pragma unroll 2
+        for (int c = 0; c < D; c += 8) {
+            const uint4 qq = *reinterpret_cast<const uint4*>(qrow + c);
+            const uint4 rr = __ldg(reinterpret_cast<const uint4*>(r + c));
+            const __nv_bfloat162* qp = reinterpret_cast<const __nv_bfloat162*>(&qq);
+            const __nv_bfloat162* rp = reinterpret_cast<const __nv_bfloat162*>(&rr);
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                const float2 a = __bfloat1622float2(qp[x]), b = __bfloat1622float2(rp[x]);
+                s = fmaf(a.x, b.x, s);
+                s = fmaf(a.y, b.y, s);
+            }
+        }
+    } else {
+#pragma unroll 8
+        for (int c = 0; c < D; ++c) s = fmaf(__bfloat162float(qrow[c]), __bfloat162float(r[c]), s);
+    }
+    return s;
+}
+
+template <int D>
+__device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
+                                        const __nv_bfloat16* __restrict__ k,
+                                        const __nv_bfloat16* __restrict__ v,
+                                        __nv_bfloat16* __restrict__ o,
+                                        const __nv_bfloat16* __restrict__ rh,
+                                        const __nv_bfloat16* __restrict__ rw, int heads, int Lq,
+                                        int Lk, float scale, int qw, int kh, int kw,
+                                        int has_rel) {
+    static_assert(D % 16 == 0, "D must be a multiple of 16");
+    constexpr int QST = D + 8;       // bf16 row stride of Qs/Ks (conflict-free fragment loads)
+    constexpr int VST = ATT_BK + 8;  // bf16 row stride of Vt (V transposed: [D][keys])
+    constexpr int KS = D / 16;       // k-steps over the head dim
+    constexpr int NT = ATT_BK / 8;   // score n-tiles per key tile
+    constexpr int DT = D / 8;        // output n-tiles
+    constexpr int CH = D / 8;        // 8-element chunks per row
+    extern __shared__ float4 smem_f4[];
+    const int R = has_rel ? (kh + kw) : 0;
+    {
+        const unsigned need = 2u * (unsigned)(2 * ATT_BQ * QST + D * VST) + 4u * (unsigned)(ATT_BQ * R);
+        if (dyn_smem_bytes() < need) __trap();
+    }
+    __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_f4);
+    __nv_bfloat16* Ks = Qs + ATT_BQ * QST;
+    __nv_bfloat16* Vt = Ks + ATT_BK * QST;
+    float* RH = reinterpret_cast<float*>(Vt + D * VST);  // byte offset multiple of 16
+    float* RW = RH + ATT_BQ * (has_rel ? kh : 0);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_BQ;
+    const long long rs = (long long)heads * D;
+    const __nv_bfloat16* qb = q + (long long)b * Lq * rs + (long long)h * D;
+    const __nv_bfloat16* kb = k + (long long)b * Lk * rs + (long long)h * D;
+    const __nv_bfloat16* vb = v + (long long)b * Lk * rs + (long long)h * D;
+    __nv_bfloat16* ob = o + (long long)b * Lq * rs + (long long)h * D;
+    // 16-byte vector loads need 16-byte aligned bases (row offsets are multiples of 8 elements).
+    const bool vec = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) |
+                       reinterpret_cast<uintptr_t>(v)) & 15) == 0;
+
+    for (int e = tid; e < ATT_BQ * CH; e += ATT_THREADS) {
+        const int i = e / CH, c = (e - i * CH) * 8;
+        __align__(16) __nv_bfloat16 tmp[8];
+        load8(qb + (long long)(q0 + i) * rs + c, q0 + i < Lq, vec, tmp);
+        *reinterpret_cast<uint4*>(Qs + i * QST + c) = *reinterpret_cast<const uint4*>(tmp);
+    }
+    __syncthreads();
+    if (has_rel) {
+        const bool vec_rel = ((reinterpret_cast<uintptr_t>(rh) | reinterpret_cast<uintptr_t>(rw)) & 15) == 0;
+        for (int e = tid; e < ATT_BQ * kh; e += ATT_THREADS) {
+            const int i = e / kh, ky = e - i * kh, qi = q0 + i;
+            float s = 0.f;
+            if (qi < Lq) {
+                s = dot_row<D>(Qs + i * QST, rh + ((long long)(qi / qw) * kh + ky) * D, vec_rel);
+            }
+            RH[e] = s;
+        }
+        for (int e = tid; e < ATT_BQ * kw; e += ATT_THREADS) {
+            const int i = e / kw, kx = e - i * kw, qi = q0 + i;
+            float s = 0.f;
+            if (qi < Lq) {
+                s = dot_row<D>(Qs + i * QST, rw + ((long long)(qi % qw) * kw + kx) * D, vec_rel);
+            }
+            RW[e] = s;
+        }
+    }
+
+    // Q fragments of this warp's 16 rows, kept in registers for the whole kernel.
+    const int r0 = warp * 16 + g;  // tile-local rows r0 and r0 + 8
+    uint32_t qa[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        qa[kk][0] = lds32(Qs + r0 * QST + 16 * kk + 2 * t);
+        qa[kk][1] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 2 * t);
+        qa[kk][2] = lds32(Qs + r0 * QST + 16 * kk + 8 + 2 * t);
+        qa[kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
+    }
+
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0, r0+8 (partial l)
+    float oacc[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.f;
+
+    for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
+        __syncthreads();  // previous tile fully consumed (and RH/RW, Q fragments done)
+        // K: column chunk fastest (coalesced global reads, conflict-free 16-byte stores).
+        for (int e = tid; e < ATT_BK * CH; e += ATT_THREADS) {
+            const int j = e / CH, c = (e - j * CH) * 8;
+            __align__(16) __nv_bfloat16 tk[8];
+            load8(kb + (long long)(k0 + j) * rs + c, k0 + j < Lk, vec, tk);
+            *reinterpret_cast<uint4*>(Ks + j * QST + c) = *reinterpret_cast<const uint4*>(tk);
+        }
+        // V (stored transposed): key fastest, so the 2-byte transposed stores of a warp hit
+        // consecutive words (conflict-free).
+        for (int e = tid; e < ATT_BK * CH; e += ATT_THREADS) {
+            const int c = (e / ATT_BK) * 8, j = e % ATT_BK;
+            __align__(16) __nv_bfloat16 tv[8];
+            load8(vb + (long long)(k0 + j) * rs + c, k0 + j < Lk, vec, tv);
+#pragma unroll
+            for (int x = 0; x < 8; ++x) Vt[(c + x) * VST + j] = tv[x];
+        }
+        __syncthreads();
+
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                const __nv_bfloat16* kp = Ks + (8 * nt + g) * QST + 16 * kk + 2 * t;
+                mma_bf16(s[nt], qa[kk], lds32(kp), lds32(kp + 8));
+            }
+        }
+
+        // scale, bias, mask; row maxima
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = k0 + 8 * nt + 2 * t + e;
+                const bool valid = j < Lk;
+                float x0 = s[nt][e] * scale, x1 = s[nt][2 + e] * scale;
+                if (has_rel && valid) {
+                    const int ky = j / kw, kx = j - ky * kw;
+                    x0 += RH[r0 * kh + ky] + RW[r0 * kw + kx];
+                    x1 += RH[(r0 + 8) * kh + ky] + RW[(r0 + 8) * kw + kx];
+                }
+                s[nt][e] = valid ? x0 : -INFINITY;
+                s[nt][2 + e] = valid ? x1 : -INFINITY;
+                mx0 = fmaxf(mx0, s[nt][e]);
+                mx1 = fmaxf(mx1, s[nt][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes sharing g hold one row
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+        }
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite (valid key j0)
+        const float al0 = __expf(m0 - mn0), al1 = __expf(m1 - mn1);
+        m0 = mn0;
+        m1 = mn1;
+        float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = __expf(s[nt][0] - mn0);
+            s[nt][1] = __expf(s[nt][1] - mn0);
+            s[nt][2] = __expf(s[nt][2] - mn1);
+            s[nt][3] = __expf(s[nt][3] - mn1);
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * al0 + ps0;
+        l1 = l1 * al1 + ps1;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            oacc[dt][0] *= al0;
+            oacc[dt][1] *= al0;
+            oacc[dt][2] *= al1;
+            oacc[dt][3] *= al1;
+        }
+
+        // O += P V  (P from the score fragments, 16 keys per k-step)
+#pragma unroll
+        for (int kk = 0; kk < ATT_BK / 16; ++kk) {
+            uint32_t pa[4];
+            pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const __nv_bfloat16* vp = Vt + (8 * dt + g) * VST + 16 * kk + 2 * t;
+                mma_bf16(oacc[dt], pa, lds32(vp), lds32(vp + 8));
+            }
+        }
+    }
+
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    const int qi0 = q0 + r0, qi1 = q0 + r0 + 8;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+        const int col = 8 * dt + 2 * t;
+        if (qi0 < Lq) {
+            st(ob + (long long)qi0 * rs + col, oacc[dt][0] * inv0);
+            st(ob + (long long)qi0 * rs + col + 1, oacc[dt][1] * inv0);
+        }
+        if (qi1 < Lq) {
+            st(ob + (long long)qi1 * rs + col, oacc[dt][2] * inv1);
+            st(ob + (long long)qi1 * rs + col + 1, oacc[dt][3] * inv1);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void attn_simt_dispatch(const T* q, const T* k, const T* v, T* o,
+                                                   const T* rh, const T* rw, int heads, int Lq,
+                                                   int Lk, int d, float scale, int qw, int kh,
+                                                   int kw, int has_rel) {
+    if (d <= 16) attn_simt<T, 16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    else if (d <= 32) attn_simt<T, 32>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    else if (d <= 64) attn_simt<T, 64>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    else if (d <= 80) attn_simt<T, 80>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    else if (d <= 128) attn_simt<T, 128>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    // d > 128: unsupported, nothing is written (the launcher rejects it).
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
+    attention_f32(const float* q, const float* k, const float* v, float* o, const float* rh,
+                  const float* rw, int B, int heads, int Lq, int Lk, int d, float scale, int qh,
+                  int qw, int kh, int kw, int has_rel) {
+    (void)B;
+    (void)qh;
+    attn_simt_dispatch<float>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
+    attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                   __nv_bfloat16* o, const __nv_bfloat16* rh, const __nv_bfloat16* rw, int B,
+                   int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh, int kw,
+                   int has_rel) {
+    (void)B;
+    (void)qh;
+    if (d == 64) attn_tc<64>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel);
+    else if (d == 80) attn_tc<80>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel);
+    else attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+}

@@ -1,0 +1,304 @@
+//! The CUDA backend: kernels from `kernels/*.cu` (compiled to fatbins at build time and embedded),
+//! device memory through a caching allocator, GEMMs on cuBLASLt, everything on one stream.
+//!
+//! Storage is bf16 (f32 accumulation everywhere) or f32 (for parity with the CPU reference),
+//! fixed per backend instance. The CUDA libraries are loaded at run time: on a machine without a
+//! driver, [`Cuda::new`] returns a clear error instead of failing to start.
+
+mod gemm;
+mod ops;
+mod pool;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::error::{Error, Result};
+pub(crate) use pool::dev;
+pub use pool::Pool;
+
+mod fatbins {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Element type of device storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 storage and f32 GEMMs (no TF32): matches the CPU reference to ~1e-5.
+    F32,
+    /// bf16 storage, f32 accumulation: the fast mode.
+    Bf16,
+}
+
+impl Precision {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
+
+    /// Kernel name suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Input(format!(
+                "precision \"{s}\": expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+/// A device allocation, returned to its pool when the last tensor using it is dropped.
+pub struct DevBuf {
+    ptr: sys::CUdeviceptr,
+    size: usize,
+    pool: Arc<Pool>,
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        self.pool.release(self.ptr, self.size);
+    }
+}
+
+impl std::fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevBuf({:#x}, {} B)", self.ptr, self.size)
+    }
+}
+
+/// A contiguous tensor in device memory (element type = the backend's precision).
+#[derive(Clone, Debug)]
+pub struct CudaTensor {
+    shape: Vec<usize>,
+    buf: Arc<DevBuf>,
+}
+
+impl CudaTensor {
+    /// Device address of element 0.
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The dimensions.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+/// A kernel argument, passed by value.
+#[derive(Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device pointer.
+    P(u64),
+    /// `int`.
+    I(i32),
+    /// `long long`.
+    L(i64),
+    /// `float`.
+    F(f32),
+    /// The permutation struct of `kernels/common.cuh`.
+    Perm(PermArgs),
+}
+
+/// `struct PermArgs { int rank; int pad; long long out_dims[6]; long long in_strides[6]; }`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PermArgs {
+    pub rank: i32,
+    pub pad: i32,
+    pub out_dims: [i64; 6],
+    pub in_strides: [i64; 6],
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: Vec<(String, Arc<CudaModule>)>,
+    funcs: Mutex<HashMap<String, CudaFunction>>,
+    pool: Arc<Pool>,
+    blas: gemm::Blas,
+    precision: Precision,
+    name: String,
+    max_smem_optin: i32,
+}
+
+// SAFETY: the driver objects are used from one thread at a time through `&self` methods that
+// bind the context first; cudarc's handles are thread-safe driver objects.
+unsafe impl Send for Cuda {}
+unsafe impl Sync for Cuda {}
+
+/// Whether the NVIDIA driver library can be loaded on this machine.
+pub fn driver_present() -> bool {
+    std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+}
+
+impl Cuda {
+    /// Opens device `ordinal`. Fails with a clear message when there is no driver or device.
+    pub fn new(ordinal: usize, precision: Precision) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::Device(format!(
+                "cuda:{ordinal}: no NVIDIA driver found (libcuda.so could not be loaded); use --device cpu"
+            )));
+        }
+        if fatbins::MODULES.is_empty() {
+            return Err(Error::Device("this build has no CUDA kernels".into()));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| Error::Device(format!("cuda:{ordinal}: cannot open the device: {e}")))?;
+        let stream = ctx.default_stream();
+        let mut modules = Vec::new();
+        for (name, image) in fatbins::MODULES {
+            let m = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()))
+                .map_err(|e| Error::Device(format!("loading kernels/{name}.cu: {e}")))?;
+            modules.push((name.to_string(), m));
+        }
+        let dname = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let (cc_major, cc_minor) = (
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                .map_err(dev)?,
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                .map_err(dev)?,
+        );
+        let max_smem_optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(dev)?;
+        let pool = Arc::new(Pool::new(ctx.clone()));
+        let blas = gemm::Blas::new(&ctx, &stream, &pool)?;
+        Ok(Cuda {
+            name: format!("cuda:{ordinal} {dname} (sm_{cc_major}{cc_minor}, {precision:?})"),
+            ctx,
+            stream,
+            modules,
+            funcs: Mutex::new(HashMap::new()),
+            pool,
+            blas,
+            precision,
+            max_smem_optin,
+        })
+    }
+
+    /// Storage precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The allocator (peak and current bytes).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(dev)?;
+        self.stream.synchronize().map_err(dev)
+    }
+
+    /// An uninitialised tensor.
+    pub(crate) fn empty(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let n: usize = shape.iter().product();
+        let (ptr, size) = self.pool.alloc(n * self.precision.size())?;
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            buf: Arc::new(DevBuf {
+                ptr,
+                size,
+                pool: self.pool.clone(),
+            }),
+        })
+    }
+
+    /// A kernel by base name, for this backend's precision (`layernorm` -> `layernorm_bf16`).
+    fn func(&self, base: &str) -> Result<CudaFunction> {
+        let name = format!("{base}_{}", self.precision.suffix());
+        let mut funcs = self.funcs.lock().unwrap();
+        if let Some(f) = funcs.get(&name) {
+            return Ok(f.clone());
+        }
+        for (_, m) in &self.modules {
+            if let Ok(f) = m.load_function(&name) {
+                funcs.insert(name, f.clone());
+                return Ok(f);
+            }
+        }
+        Err(Error::Device(format!(
+            "kernel `{name}` is not in any of kernels/*.cu"
+        )))
+    }
+
+    /// Launches kernel `base` with `args` (in the order of the kernel's parameter list).
+    pub(crate) fn launch(
+        &self,
+        base: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self.func(base)?;
+        if smem > 48 * 1024 {
+            if smem as i32 > self.max_smem_optin {
+                return Err(Error::Device(format!(
+                    "{base}: needs {smem} bytes of shared memory, the device allows {}",
+                    self.max_smem_optin
+                )));
+            }
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(dev)?;
+        }
+        let mut store: Vec<Arg> = args.to_vec();
+        let mut params: Vec<*mut std::ffi::c_void> = store
+            .iter_mut()
+            .map(|a| match a {
+                Arg::P(v) => v as *mut u64 as *mut _,
+                Arg::I(v) => v as *mut i32 as *mut _,
+                Arg::L(v) => v as *mut i64 as *mut _,
+                Arg::F(v) => v as *mut f32 as *mut _,
+                Arg::Perm(v) => v as *mut PermArgs as *mut _,
+            })
+            .collect();
+        self.ctx.bind_to_thread().map_err(dev)?;
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                grid,
+                block,
+                smem,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| Error::Device(format!("launching {base}_{}: {e}", self.precision.suffix())))
+    }
+
+    /// Grid for a grid-stride elementwise kernel over `n` items (block 256).
+    pub(crate) fn grid1d(n: usize) -> (u32, u32, u32) {
+        (n.div_ceil(256).clamp(1, 65535 * 4) as u32, 1, 1)
+    }
+}

@@ -1,0 +1,789 @@
+//! `Backend for Cuda`: each op checks shapes, allocates its output from the pool and launches
+//! one kernel (or a cuBLASLt GEMM). Launch geometries follow the headers of `kernels/*.cu`.
+
+use super::gemm::GemmSpec;
+use super::{Arg, Cuda, CudaTensor, PermArgs, Precision};
+use crate::backend::{Act, Backend, RelPos};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+fn shape_err(op: &'static str, msg: String) -> Error {
+    Error::shape(op, msg)
+}
+
+fn strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// Head dims the attention kernel is built for (`kernels/attention.cu`).
+const ATTN_MAX_D: usize = 128;
+
+impl Cuda {
+    fn copy_block(
+        &self,
+        x: &CudaTensor,
+        y: &CudaTensor,
+        (outer, src_dim, src_off, dst_dim, dst_off, len, inner): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+        ),
+    ) -> Result<()> {
+        let n = outer * len * inner;
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "copy_block",
+            Self::grid1d(n),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(y.ptr()),
+                Arg::L(outer as i64),
+                Arg::I(src_dim as i32),
+                Arg::I(src_off as i32),
+                Arg::I(dst_dim as i32),
+                Arg::I(dst_off as i32),
+                Arg::I(len as i32),
+                Arg::L(inner as i64),
+            ],
+        )
+    }
+
+    /// `y = x W^T (+ b)` for x `[m, k]`, w `[n, k]`: column-major `y^T (n x m) = W (n x k) x^T`.
+    fn linear_raw(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        m: usize,
+    ) -> Result<CudaTensor> {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let mut shape = x.shape.clone();
+        *shape.last_mut().unwrap() = n;
+        let y = self.empty(&shape)?;
+        if m == 0 {
+            return Ok(y);
+        }
+        let spec = GemmSpec {
+            transa: true,
+            transb: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            lda: k as i64,
+            ldb: k as i64,
+            ldc: n as i64,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+            bias: b.is_some(),
+        };
+        self.gemm(spec, w.ptr(), x.ptr(), y.ptr(), b.map(|b| b.ptr()))?;
+        Ok(y)
+    }
+}
+
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<CudaTensor> {
+        let y = self.empty(t.shape())?;
+        if t.numel() == 0 {
+            return Ok(y);
+        }
+        self.ctx.bind_to_thread().map_err(super::dev)?;
+        // Synchronous copies from pageable memory: the host buffer may be freed right after.
+        match self.precision {
+            Precision::F32 => unsafe {
+                cudarc::driver::result::memcpy_htod_sync(y.ptr(), t.data())
+            },
+            Precision::Bf16 => {
+                let h: Vec<half::bf16> =
+                    t.data().iter().map(|v| half::bf16::from_f32(*v)).collect();
+                unsafe { cudarc::driver::result::memcpy_htod_sync(y.ptr(), &h) }
+            }
+        }
+        .map_err(super::dev)?;
+        Ok(y)
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Tensor> {
+        let n = t.numel();
+        self.synchronize()?;
+        let v = match self.precision {
+            Precision::F32 => {
+                let mut v = vec![0f32; n];
+                if n > 0 {
+                    unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut v, t.ptr()) }
+                        .map_err(super::dev)?;
+                }
+                v
+            }
+            Precision::Bf16 => {
+                let mut h = vec![half::bf16::ZERO; n];
+                if n > 0 {
+                    unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut h, t.ptr()) }
+                        .map_err(super::dev)?;
+                }
+                h.into_iter().map(|v| v.to_f32()).collect()
+            }
+        };
+        Tensor::from_vec(v, &t.shape)
+    }
+
+    fn dims<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn reshape(&self, t: &CudaTensor, shape: &[usize]) -> Result<CudaTensor> {
+        if shape.iter().product::<usize>() != t.numel() {
+            return Err(shape_err(
+                "reshape",
+                format!("cannot view {:?} as {shape:?}", t.shape),
+            ));
+        }
+        Ok(CudaTensor {
+            shape: shape.to_vec(),
+            buf: t.buf.clone(),
+        })
+    }
+
+    fn permute(&self, x: &CudaTensor, perm: &[usize]) -> Result<CudaTensor> {
+        let r = x.shape.len();
+        let mut seen = vec![false; r];
+        if perm.len() != r
+            || r > 6
+            || perm
+                .iter()
+                .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(shape_err(
+                "permute",
+                format!("{perm:?} on {:?} (rank <= 6)", x.shape),
+            ));
+        }
+        let st = strides(&x.shape);
+        let out: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+        let y = self.empty(&out)?;
+        let n = x.numel();
+        if n == 0 {
+            return Ok(y);
+        }
+        let mut p = PermArgs {
+            rank: r as i32,
+            ..Default::default()
+        };
+        for (i, &pi) in perm.iter().enumerate() {
+            p.out_dims[i] = out[i] as i64;
+            p.in_strides[i] = st[pi] as i64;
+        }
+        self.launch(
+            "permute",
+            Self::grid1d(n),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(y.ptr()),
+                Arg::L(n as i64),
+                Arg::Perm(p),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    fn concat(&self, xs: &[&CudaTensor], dim: usize) -> Result<CudaTensor> {
+        let first = xs
+            .first()
+            .ok_or_else(|| shape_err("concat", "no tensors".into()))?;
+        let r = first.shape.len();
+        if dim >= r {
+            return Err(shape_err(
+                "concat",
+                format!("dim {dim} of {:?}", first.shape),
+            ));
+        }
+        let mut out = first.shape.clone();
+        out[dim] = 0;
+        for x in xs {
+            if x.shape.len() != r || (0..r).any(|i| i != dim && x.shape[i] != first.shape[i]) {
+                return Err(shape_err(
+                    "concat",
+                    format!("{:?} vs {:?} along {dim}", x.shape, first.shape),
+                ));
+            }
+            out[dim] += x.shape[dim];
+        }
+        let y = self.empty(&out)?;
+        let outer: usize = out[..dim].iter().product();
+        let inner: usize = out[dim + 1..].iter().product();
+        let mut off = 0;
+        for x in xs {
+            let len = x.shape[dim];
+            self.copy_block(x, &y, (outer, len, 0, out[dim], off, len, inner))?;
+            off += len;
+        }
+        Ok(y)
+    }
+
+    fn narrow(&self, x: &CudaTensor, dim: usize, start: usize, len: usize) -> Result<CudaTensor> {
+        if dim >= x.shape.len() || start + len > x.shape[dim] {
+            return Err(shape_err(
+                "narrow",
+                format!("{start}+{len} along {dim} of {:?}", x.shape),
+            ));
+        }
+        let mut out = x.shape.clone();
+        out[dim] = len;
+        let y = self.empty(&out)?;
+        let outer: usize = x.shape[..dim].iter().product();
+        let inner: usize = x.shape[dim + 1..].iter().product();
+        self.copy_block(x, &y, (outer, x.shape[dim], start, len, 0, len, inner))?;
+        Ok(y)
+    }
+
+    fn index_select0(&self, x: &CudaTensor, index: &[usize]) -> Result<CudaTensor> {
+        let rows = *x
+            .shape
+            .first()
+            .ok_or_else(|| shape_err("index_select0", "scalar input".into()))?;
+        if let Some(i) = index.iter().find(|&&i| i >= rows) {
+            return Err(shape_err(
+                "index_select0",
+                format!("index {i} of {rows} rows"),
+            ));
+        }
+        let mut out = x.shape.clone();
+        out[0] = index.len();
+        let y = self.empty(&out)?;
+        let inner: usize = x.shape[1..].iter().product();
+        for (o, &i) in index.iter().enumerate() {
+            self.copy_block(x, &y, (1, rows, i, index.len(), o, 1, inner))?;
+        }
+        Ok(y)
+    }
+
+    fn window_partition(&self, x: &CudaTensor, ws: usize) -> Result<CudaTensor> {
+        let s = &x.shape;
+        if s.len() != 4 || ws == 0 {
+            return Err(shape_err(
+                "window_partition",
+                format!("{s:?} with window {ws}"),
+            ));
+        }
+        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+        let y = self.empty(&[b * nh * nw, ws, ws, c])?;
+        let args = [
+            Arg::P(x.ptr()),
+            Arg::P(y.ptr()),
+            Arg::I(b as i32),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+            Arg::I(ws as i32),
+            Arg::I(nh as i32),
+            Arg::I(nw as i32),
+        ];
+        if y.numel() > 0 {
+            self.launch(
+                "window_partition",
+                Self::grid1d(y.numel()),
+                (256, 1, 1),
+                0,
+                &args,
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn window_unpartition(
+        &self,
+        x: &CudaTensor,
+        ws: usize,
+        (h, w): (usize, usize),
+    ) -> Result<CudaTensor> {
+        let s = &x.shape;
+        let (nh, nw) = (h.div_ceil(ws.max(1)), w.div_ceil(ws.max(1)));
+        if s.len() != 4 || ws == 0 || s[1] != ws || s[2] != ws || s[0] % (nh * nw).max(1) != 0 {
+            return Err(shape_err(
+                "window_unpartition",
+                format!("{s:?} to {h}x{w} with window {ws}"),
+            ));
+        }
+        let (b, c) = (s[0] / (nh * nw), s[3]);
+        let y = self.empty(&[b, h, w, c])?;
+        let args = [
+            Arg::P(x.ptr()),
+            Arg::P(y.ptr()),
+            Arg::I(b as i32),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+            Arg::I(ws as i32),
+            Arg::I(nh as i32),
+            Arg::I(nw as i32),
+        ];
+        if y.numel() > 0 {
+            self.launch(
+                "window_unpartition",
+                Self::grid1d(y.numel()),
+                (256, 1, 1),
+                0,
+                &args,
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn add_scaled(
+        &self,
+        a: &CudaTensor,
+        alpha: f32,
+        b: &CudaTensor,
+        beta: f32,
+    ) -> Result<CudaTensor> {
+        let (n, nb) = (a.numel(), b.numel());
+        let mut bs: &[usize] = &b.shape;
+        while bs.len() > a.shape.len() || (bs.first() == Some(&1) && bs.len() > 1 && nb != n) {
+            bs = &bs[1..];
+        }
+        let ok = nb == n && (a.shape == b.shape || nb == 0)
+            || (nb > 0 && n % nb == 0 && a.shape.ends_with(bs));
+        if !ok {
+            return Err(shape_err(
+                "add_scaled",
+                format!("{:?} + {:?}", a.shape, b.shape),
+            ));
+        }
+        let y = self.empty(&a.shape)?;
+        if n > 0 {
+            self.launch(
+                "add_scaled",
+                Self::grid1d(n),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(a.ptr()),
+                    Arg::F(alpha),
+                    Arg::P(b.ptr()),
+                    Arg::F(beta),
+                    Arg::P(y.ptr()),
+                    Arg::L(n as i64),
+                    Arg::L(nb as i64),
+                ],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn activate(&self, x: &CudaTensor, act: Act) -> Result<CudaTensor> {
+        let y = self.empty(&x.shape)?;
+        let code = match act {
+            Act::None => 0,
+            Act::Gelu => 1,
+            Act::Relu => 2,
+        };
+        let n = x.numel();
+        if n > 0 {
+            self.launch(
+                "activate",
+                Self::grid1d(n),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(x.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::L(n as i64),
+                    Arg::I(code),
+                ],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        act: Act,
+    ) -> Result<CudaTensor> {
+        let k = *x.shape.last().unwrap_or(&0);
+        if w.shape.len() != 2 || w.shape[1] != k || b.is_some_and(|b| b.shape != [w.shape[0]]) {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "x {:?}, w {:?}, b {:?}",
+                    x.shape,
+                    w.shape,
+                    b.map(|b| b.shape.clone())
+                ),
+            ));
+        }
+        let m = x.numel() / k.max(1);
+        let y = self.linear_raw(x, w, b, m)?;
+        // cuBLASLt's GELU epilogue is the tanh approximation; SAM uses the exact erf GELU.
+        match act {
+            Act::None => Ok(y),
+            a => self.activate(&y, a),
+        }
+    }
+
+    fn matmul(&self, a: &CudaTensor, b: &CudaTensor, trans_b: bool) -> Result<CudaTensor> {
+        let (sa, sb) = (&a.shape, &b.shape);
+        if sa.len() != 3 || sb.len() != 3 || sa[0] != sb[0] {
+            return Err(shape_err("matmul", format!("{sa:?} x {sb:?}")));
+        }
+        let (bt, m, k) = (sa[0], sa[1], sa[2]);
+        let (kb, n) = if trans_b {
+            (sb[2], sb[1])
+        } else {
+            (sb[1], sb[2])
+        };
+        if kb != k {
+            return Err(shape_err(
+                "matmul",
+                format!("{sa:?} x {sb:?} (trans_b {trans_b})"),
+            ));
+        }
+        let y = self.empty(&[bt, m, n])?;
+        if bt * m * n == 0 {
+            return Ok(y);
+        }
+        // Row-major Y = A B  <=>  column-major Y^T (n x m) = B^T (n x k) A^T (k x m).
+        let spec = GemmSpec {
+            transa: trans_b,
+            transb: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            lda: if trans_b { k as i64 } else { n as i64 },
+            ldb: k as i64,
+            ldc: n as i64,
+            batch: bt as i32,
+            stride_a: (n * k) as i64,
+            stride_b: (m * k) as i64,
+            stride_c: (m * n) as i64,
+            bias: false,
+        };
+        if k == 0 {
+            return Err(shape_err("matmul", "empty inner dimension".into()));
+        }
+        self.gemm(spec, b.ptr(), a.ptr(), y.ptr(), None)?;
+        Ok(y)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        g: &CudaTensor,
+        b: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        let c = *x.shape.last().unwrap_or(&0);
+        if g.shape != [c] || b.shape != [c] {
+            return Err(shape_err(
+                "layer_norm",
+                format!("x {:?}, g {:?}, b {:?}", x.shape, g.shape, b.shape),
+            ));
+        }
+        let y = self.empty(&x.shape)?;
+        let rows = x.numel() / c.max(1);
+        if rows > 0 && c > 0 {
+            self.launch(
+                "layernorm",
+                (rows as u32, 1, 1),
+                (128, 1, 1),
+                0,
+                &[
+                    Arg::P(x.ptr()),
+                    Arg::P(g.ptr()),
+                    Arg::P(b.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::I(rows as i32),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                ],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, CudaTensor>>,
+    ) -> Result<CudaTensor> {
+        let (sq, sk) = (&q.shape, &k.shape);
+        if sq.len() != 3
+            || sk.len() != 3
+            || sk != &v.shape
+            || sq[0] != sk[0]
+            || sq[2] != sk[2]
+            || heads == 0
+            || sq[2] % heads != 0
+        {
+            return Err(shape_err(
+                "attention",
+                format!("q {sq:?}, k {sk:?}, v {:?}, {heads} heads", v.shape),
+            ));
+        }
+        let (b, lq, lk, d) = (sq[0], sq[1], sk[1], sq[2] / heads);
+        if d > ATTN_MAX_D {
+            return Err(shape_err(
+                "attention",
+                format!("head dim {d} > {ATTN_MAX_D}"),
+            ));
+        }
+        let (rh, rw, (qh, qw), (kh, kw)) = match &rel {
+            Some(r) => {
+                if r.q_grid.0 * r.q_grid.1 != lq
+                    || r.k_grid.0 * r.k_grid.1 != lk
+                    || r.rh.shape != [r.q_grid.0, r.k_grid.0, d]
+                    || r.rw.shape != [r.q_grid.1, r.k_grid.1, d]
+                {
+                    return Err(shape_err(
+                        "attention",
+                        format!(
+                            "rel-pos {:?}/{:?} for grids {:?}/{:?}",
+                            r.rh.shape, r.rw.shape, r.q_grid, r.k_grid
+                        ),
+                    ));
+                }
+                (r.rh.ptr(), r.rw.ptr(), r.q_grid, r.k_grid)
+            }
+            None => (0, 0, (0, 0), (0, 0)),
+        };
+        let o = self.empty(sq)?;
+        if b * lq == 0 {
+            return Ok(o);
+        }
+        let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
+        self.launch(
+            "attention",
+            (lq.div_ceil(64) as u32, heads as u32, b as u32),
+            (128, 1, 1),
+            smem as u32,
+            &[
+                Arg::P(q.ptr()),
+                Arg::P(k.ptr()),
+                Arg::P(v.ptr()),
+                Arg::P(o.ptr()),
+                Arg::P(rh),
+                Arg::P(rw),
+                Arg::I(b as i32),
+                Arg::I(heads as i32),
+                Arg::I(lq as i32),
+                Arg::I(lk as i32),
+                Arg::I(d as i32),
+                Arg::F(scale),
+                Arg::I(qh as i32),
+                Arg::I(qw as i32),
+                Arg::I(kh as i32),
+                Arg::I(kw as i32),
+                Arg::I(rel.is_some() as i32),
+            ],
+        )?;
+        Ok(o)
+    }
+
+    fn conv2d(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<CudaTensor> {
+        let (s, ws) = (&x.shape, &w.shape);
+        if s.len() != 4
+            || ws.len() != 4
+            || ws[1] != s[3]
+            || stride == 0
+            || s[1] + 2 * pad < ws[2]
+            || s[2] + 2 * pad < ws[3]
+        {
+            return Err(shape_err(
+                "conv2d",
+                format!("x {s:?}, w {ws:?}, stride {stride}, pad {pad}"),
+            ));
+        }
+        let (bn, h, wd, c) = (s[0], s[1], s[2], s[3]);
+        let (co, kh, kw) = (ws[0], ws[2], ws[3]);
+        let (ho, wo) = (
+            (h + 2 * pad - kh) / stride + 1,
+            (wd + 2 * pad - kw) / stride + 1,
+        );
+        let cols = self.empty(&[bn * ho * wo, c * kh * kw])?;
+        if cols.numel() > 0 {
+            self.launch(
+                "im2col",
+                Self::grid1d(cols.numel()),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(x.ptr()),
+                    Arg::P(cols.ptr()),
+                    Arg::I(bn as i32),
+                    Arg::I(h as i32),
+                    Arg::I(wd as i32),
+                    Arg::I(c as i32),
+                    Arg::I(kh as i32),
+                    Arg::I(kw as i32),
+                    Arg::I(stride as i32),
+                    Arg::I(pad as i32),
+                    Arg::I(ho as i32),
+                    Arg::I(wo as i32),
+                ],
+            )?;
+        }
+        let w2 = self.reshape(w, &[co, c * kh * kw])?;
+        let y = self.linear_raw(&cols, &w2, b, bn * ho * wo)?;
+        self.reshape(&y, &[bn, ho, wo, co])
+    }
+
+    fn conv_transpose2x2(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let (s, ws) = (&x.shape, &w.shape);
+        if s.len() != 4
+            || ws.len() != 4
+            || ws[0] != s[3]
+            || ws[2] != 2
+            || ws[3] != 2
+            || b.shape != [ws[1]]
+        {
+            return Err(shape_err(
+                "conv_transpose2x2",
+                format!("x {s:?}, w {ws:?}, b {:?}", b.shape),
+            ));
+        }
+        let (bn, h, wd, ci) = (s[0], s[1], s[2], s[3]);
+        let co = ws[1];
+        let m = bn * h * wd;
+        // tmp [m, co*4] = x [m, ci] @ W [ci, co*4]: column-major tmp^T = W^T x^T with W^T read
+        // transposed from its row-major [ci, co*4] storage.
+        let tmp = self.empty(&[m, co * 4])?;
+        if m > 0 {
+            let spec = GemmSpec {
+                transa: false,
+                transb: false,
+                m: (co * 4) as u64,
+                n: m as u64,
+                k: ci as u64,
+                lda: (co * 4) as i64,
+                ldb: ci as i64,
+                ldc: (co * 4) as i64,
+                batch: 1,
+                stride_a: 0,
+                stride_b: 0,
+                stride_c: 0,
+                bias: false,
+            };
+            self.gemm(spec, w.ptr(), x.ptr(), tmp.ptr(), None)?;
+        }
+        let y = self.empty(&[bn, 2 * h, 2 * wd, co])?;
+        if y.numel() > 0 {
+            self.launch(
+                "scatter2x2",
+                Self::grid1d(y.numel()),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(tmp.ptr()),
+                    Arg::P(b.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::I(bn as i32),
+                    Arg::I(h as i32),
+                    Arg::I(wd as i32),
+                    Arg::I(co as i32),
+                ],
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn resize_bilinear(&self, x: &CudaTensor, size: (usize, usize)) -> Result<CudaTensor> {
+        self.resize(x, size, "resize_bilinear")
+    }
+
+    fn resize_bicubic(&self, x: &CudaTensor, size: (usize, usize)) -> Result<CudaTensor> {
+        self.resize(x, size, "resize_bicubic")
+    }
+}
+
+impl Cuda {
+    fn resize(
+        &self,
+        x: &CudaTensor,
+        (h, w): (usize, usize),
+        kernel: &'static str,
+    ) -> Result<CudaTensor> {
+        let s = &x.shape;
+        if s.len() != 4 || s[2] == 0 || s[3] == 0 || h == 0 || w == 0 {
+            return Err(shape_err(kernel, format!("{s:?} -> {h}x{w}")));
+        }
+        let y = self.empty(&[s[0], s[1], h, w])?;
+        let bc = s[0] * s[1];
+        if bc > 0 {
+            self.launch(
+                kernel,
+                Self::grid1d(y.numel()),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(x.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::I(bc as i32),
+                    Arg::I(s[2] as i32),
+                    Arg::I(s[3] as i32),
+                    Arg::I(h as i32),
+                    Arg::I(w as i32),
+                ],
+            )?;
+        }
+        Ok(y)
+    }
+}
+
+/// Dynamic shared memory of `attention`, the formula of `kernels/attention.cu`'s header: the
+/// bf16 tensor-core path (d = 64 or 80) stages bf16 Q/K/V tiles; the SIMT path stages f32 tiles
+/// padded to the compile-time head dim; both keep `64 x (kh + kw)` rel-pos terms in f32.
+fn attention_smem(precision: Precision, d: usize, rel: bool, kh: usize, kw: usize) -> usize {
+    let r = if rel { kh + kw } else { 0 };
+    if precision == Precision::Bf16 && (d == 64 || d == 80) {
+        return 2 * (2 * 64 * (d + 8) + d * 72) + 4 * 64 * r;
+    }
+    let dp = match d {
+        0..=16 => 16,
+        17..=32 => 32,
+        33..=64 => 64,
+        65..=80 => 80,
+        _ => 128,
+    };
+    4 * (64 * (dp + 1) * 2 + 64 * dp + 64 * 65 + 64 * r)
+}
