@@ -4,7 +4,10 @@
 // Entry points (same signature, T = float / __nv_bfloat16):
 //   attention_f32 / attention_bf16(const T* q, const T* k, const T* v, T* o,
 //       const T* rh, const T* rw, int B, int heads, int Lq, int Lk, int d, float scale,
-//       int qh, int qw, int kh, int kw, int has_rel)
+//       int qh, int qw, int kh, int kw, int has_rel, int ldi)
+//   ldi: row stride (elements) of q, k and v, heads*d for separate tensors or 3*heads*d when
+//   they are column slices of one packed qkv projection (no split copies); o is always
+//   [B, Lq, heads*d].
 //
 // Math: q [B, Lq, heads*d], k/v [B, Lk, heads*d], o [B, Lq, heads*d]; head h uses columns
 //   h*d .. h*d+d-1. For each (b, h, query i):
@@ -63,7 +66,7 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
                                           const T* __restrict__ v, T* __restrict__ o,
                                           const T* __restrict__ rh, const T* __restrict__ rw,
                                           int heads, int Lq, int Lk, int d, float scale, int qw,
-                                          int kh, int kw, int has_rel) {
+                                          int kh, int kw, int has_rel, int ldi) {
     constexpr int QS = D + 1;       // row stride of Qs/Ks (odd: conflict-free column reads)
     constexpr int PS = ATT_BK + 1;  // row stride of Ps
     constexpr int NC = D / 16;      // output columns per thread
@@ -83,16 +86,17 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
 
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_BQ;
-    const long long rs = (long long)heads * d;  // row stride of q/k/v/o
-    const T* qb = q + (long long)b * Lq * rs + (long long)h * d;
-    const T* kb = k + (long long)b * Lk * rs + (long long)h * d;
-    const T* vb = v + (long long)b * Lk * rs + (long long)h * d;
+    const long long rs = (long long)heads * d;  // row stride of o
+    const long long ri = ldi;                   // row stride of q/k/v (3*heads*d when packed)
+    const T* qb = q + (long long)b * Lq * ri + (long long)h * d;
+    const T* kb = k + (long long)b * Lk * ri + (long long)h * d;
+    const T* vb = v + (long long)b * Lk * ri + (long long)h * d;
     T* ob = o + (long long)b * Lq * rs + (long long)h * d;
 
     for (int e = tid; e < ATT_BQ * D; e += ATT_THREADS) {
         const int i = e / D, c = e - i * D;
         float x = 0.f;
-        if (q0 + i < Lq && c < d) x = ld(qb + (long long)(q0 + i) * rs + c);
+        if (q0 + i < Lq && c < d) x = ld(qb + (long long)(q0 + i) * ri + c);
         Qs[i * QS + c] = x;
     }
     __syncthreads();
@@ -132,7 +136,7 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
             const int j = e / D, c = e - j * D;
             float kx = 0.f, vx = 0.f;
             if (k0 + j < Lk && c < d) {
-                const long long off = (long long)(k0 + j) * rs + c;
+                const long long off = (long long)(k0 + j) * ri + c;
                 kx = ld(kb + off);
                 vx = ld(vb + off);
             }
@@ -303,7 +307,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ rh,
                                         const __nv_bfloat16* __restrict__ rw, int heads, int Lq,
                                         int Lk, float scale, int qw, int kh, int kw,
-                                        int has_rel) {
+                                        int has_rel, int ldi) {
     static_assert(D % 16 == 0, "D must be a multiple of 16");
     constexpr int QST = D + 8;       // bf16 row stride of Qs/Ks (conflict-free fragment loads)
     constexpr int VST = ATT_BK + 8;  // bf16 row stride of Vt (V transposed: [D][keys])
@@ -326,19 +330,20 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_BQ;
-    const long long rs = (long long)heads * D;
-    const __nv_bfloat16* qb = q + (long long)b * Lq * rs + (long long)h * D;
-    const __nv_bfloat16* kb = k + (long long)b * Lk * rs + (long long)h * D;
-    const __nv_bfloat16* vb = v + (long long)b * Lk * rs + (long long)h * D;
+    const long long rs = (long long)heads * D;  // row stride of o
+    const long long ri = ldi;                   // row stride of q/k/v
+    const __nv_bfloat16* qb = q + (long long)b * Lq * ri + (long long)h * D;
+    const __nv_bfloat16* kb = k + (long long)b * Lk * ri + (long long)h * D;
+    const __nv_bfloat16* vb = v + (long long)b * Lk * ri + (long long)h * D;
     __nv_bfloat16* ob = o + (long long)b * Lq * rs + (long long)h * D;
-    // 16-byte vector loads need 16-byte aligned bases (row offsets are multiples of 8 elements).
+    // 16-byte vector loads need 16-byte aligned bases and row strides (multiples of 8 elements).
     const bool vec = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) |
-                       reinterpret_cast<uintptr_t>(v)) & 15) == 0;
+                       reinterpret_cast<uintptr_t>(v)) & 15) == 0 && (ldi % 8) == 0;
 
     for (int e = tid; e < ATT_BQ * CH; e += ATT_THREADS) {
         const int i = e / CH, c = (e - i * CH) * 8;
         __align__(16) __nv_bfloat16 tmp[8];
-        load8(qb + (long long)(q0 + i) * rs + c, q0 + i < Lq, vec, tmp);
+        load8(qb + (long long)(q0 + i) * ri + c, q0 + i < Lq, vec, tmp);
         *reinterpret_cast<uint4*>(Qs + i * QST + c) = *reinterpret_cast<const uint4*>(tmp);
     }
     __syncthreads();
@@ -386,7 +391,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         for (int e = tid; e < ATT_BK * CH; e += ATT_THREADS) {
             const int j = e / CH, c = (e - j * CH) * 8;
             __align__(16) __nv_bfloat16 tk[8];
-            load8(kb + (long long)(k0 + j) * rs + c, k0 + j < Lk, vec, tk);
+            load8(kb + (long long)(k0 + j) * ri + c, k0 + j < Lk, vec, tk);
             *reinterpret_cast<uint4*>(Ks + j * QST + c) = *reinterpret_cast<const uint4*>(tk);
         }
         // V (stored transposed): key fastest, so the 2-byte transposed stores of a warp hit
@@ -394,7 +399,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         for (int e = tid; e < ATT_BK * CH; e += ATT_THREADS) {
             const int c = (e / ATT_BK) * 8, j = e % ATT_BK;
             __align__(16) __nv_bfloat16 tv[8];
-            load8(vb + (long long)(k0 + j) * rs + c, k0 + j < Lk, vec, tv);
+            load8(vb + (long long)(k0 + j) * ri + c, k0 + j < Lk, vec, tv);
 #pragma unroll
             for (int x = 0; x < 8; ++x) Vt[(c + x) * VST + j] = tv[x];
         }
@@ -501,32 +506,32 @@ template <typename T>
 __device__ __forceinline__ void attn_simt_dispatch(const T* q, const T* k, const T* v, T* o,
                                                    const T* rh, const T* rw, int heads, int Lq,
                                                    int Lk, int d, float scale, int qw, int kh,
-                                                   int kw, int has_rel) {
-    if (d <= 16) attn_simt<T, 16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
-    else if (d <= 32) attn_simt<T, 32>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
-    else if (d <= 64) attn_simt<T, 64>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
-    else if (d <= 80) attn_simt<T, 80>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
-    else if (d <= 128) attn_simt<T, 128>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+                                                   int kw, int has_rel, int ldi) {
+    if (d <= 16) attn_simt<T, 16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+    else if (d <= 32) attn_simt<T, 32>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+    else if (d <= 64) attn_simt<T, 64>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+    else if (d <= 80) attn_simt<T, 80>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+    else if (d <= 128) attn_simt<T, 128>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
     // d > 128: unsupported, nothing is written (the launcher rejects it).
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_f32(const float* q, const float* k, const float* v, float* o, const float* rh,
                   const float* rw, int B, int heads, int Lq, int Lk, int d, float scale, int qh,
-                  int qw, int kh, int kw, int has_rel) {
+                  int qw, int kh, int kw, int has_rel, int ldi) {
     (void)B;
     (void)qh;
-    attn_simt_dispatch<float>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    attn_simt_dispatch<float>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                    __nv_bfloat16* o, const __nv_bfloat16* rh, const __nv_bfloat16* rw, int B,
                    int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh, int kw,
-                   int has_rel) {
+                   int has_rel, int ldi) {
     (void)B;
     (void)qh;
-    if (d == 64) attn_tc<64>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel);
-    else if (d == 80) attn_tc<80>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel);
-    else attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel);
+    if (d == 64) attn_tc<64>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi);
+    else if (d == 80) attn_tc<80>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi);
+    else attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
 }

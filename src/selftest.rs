@@ -365,6 +365,36 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
             }
         ));
     }
+    for &(bsz, (gh, gw), h, d) in &[
+        (2, (5, 7), 2, 64),
+        (3, (14, 14), 2, 64),
+        (1, (6, 6), 2, 80),
+        (2, (3, 4), 3, 16),
+    ] {
+        let l = gh * gw;
+        let ins = [
+            r(&[bsz, l, 3 * h * d], 1.0),
+            r(&[gh, gh, d], 0.2),
+            r(&[gw, gw, d], 0.2),
+        ];
+        let scale = (d as f32).powf(-0.5);
+        out.push(both!(
+            be,
+            &cpu,
+            format!("attention_qkv b{bsz} {gh}x{gw} h{h} d{d}"),
+            ins,
+            tol,
+            |b, x| {
+                let rel = RelPos {
+                    rh: &x[1],
+                    rw: &x[2],
+                    q_grid: (gh, gw),
+                    k_grid: (gh, gw),
+                };
+                b.attention_qkv(&x[0], h, scale, Some(rel))
+            }
+        ));
+    }
     for (s, w, stride, pad) in [
         (vec![2, 9, 11, 5], vec![7, 5, 3, 3], 1, 1),
         (vec![2, 9, 11, 5], vec![7, 5, 3, 3], 2, 1),

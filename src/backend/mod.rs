@@ -157,6 +157,30 @@ pub trait Backend: Send + Sync {
         rel: Option<RelPos<'_, Self::Tensor>>,
     ) -> Result<Self::Tensor>;
 
+    /// Self-attention on a packed projection: `qkv` is `[B, L, 3 * heads * d]` with q, k and v
+    /// in that order along the last dimension (a qkv linear layer's output). Same result as
+    /// splitting it and calling [`Backend::attention`]; backends read the slices in place.
+    fn attention_qkv(
+        &self,
+        qkv: &Self::Tensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<Self::Tensor> {
+        let s = self.dims(qkv).to_vec();
+        if s.len() != 3 || s[2] % 3 != 0 {
+            return Err(crate::Error::shape(
+                "attention_qkv",
+                format!("{s:?} is not [B, L, 3*D]"),
+            ));
+        }
+        let d = s[2] / 3;
+        let q = self.narrow(qkv, 2, 0, d)?;
+        let k = self.narrow(qkv, 2, d, d)?;
+        let v = self.narrow(qkv, 2, 2 * d, d)?;
+        self.attention(&q, &k, &v, heads, scale, rel)
+    }
+
     // ----- convolutions ----------------------------------------------------------------------
 
     /// 2D convolution, channels-last: `x` `[B, H, W, Cin]`, `w` `[Cout, Cin, kh, kw]` (PyTorch

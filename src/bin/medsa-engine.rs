@@ -196,6 +196,14 @@ impl Dev {
         }
     }
 
+    fn take_profile(&self) -> Vec<(String, u64, f64)> {
+        match self {
+            Dev::Cpu(_) => Vec::new(),
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => c.take_profile(),
+        }
+    }
+
     fn reset_peak(&self) {
         #[cfg(feature = "cuda")]
         if let Dev::Cuda(c) = self {
@@ -705,12 +713,31 @@ fn bench<B: Backend>(
         be.download(&model.encode(be, &x, None, &mut Trace::off())?)?;
     }
     dev.reset_peak();
+    dev.take_profile();
     let mut runs = Vec::new();
     for _ in 0..repeats.max(1) {
         let t = Instant::now();
         let y = model.encode(be, &x, None, &mut Trace::off())?;
         be.download(&y)?;
         runs.push(t.elapsed().as_secs_f64());
+    }
+    let prof = dev.take_profile();
+    if !prof.is_empty() {
+        let total: f64 = prof
+            .iter()
+            .filter(|p| !p.0.starts_with("detail:"))
+            .map(|p| p.2)
+            .sum();
+        let n = repeats.max(1) as f64;
+        eprintln!("profile (MEDSA_PROFILE=1, synchronised per op), per run:");
+        for (name, calls, t) in prof.iter().take(40) {
+            eprintln!(
+                "  {:>8.3} ms {:>5.1}% {:>6} calls  {name}",
+                t * 1e3 / n,
+                100.0 * t / total,
+                *calls as f64 / n
+            );
+        }
     }
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);

@@ -43,20 +43,31 @@ pub struct EncoderAttention<B: Backend> {
     pub rel_pos_w: Tensor,
     /// Heads.
     pub heads: usize,
+    /// Gathered tables per token grid, uploaded once (a device round trip per block and call
+    /// would stall the stream).
+    pub rel_cache:
+        std::sync::Mutex<std::collections::HashMap<(usize, usize), (B::Tensor, B::Tensor)>>,
 }
 
 impl<B: Backend> EncoderAttention<B> {
+    fn rel_tables(&self, be: &B, gh: usize, gw: usize) -> Result<(B::Tensor, B::Tensor)> {
+        let mut cache = self.rel_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&(gh, gw)) {
+            return Ok(t.clone());
+        }
+        let rh = be.upload(&rel_pos::gather(&self.rel_pos_h, gh, gh)?)?;
+        let rw = be.upload(&rel_pos::gather(&self.rel_pos_w, gw, gw)?)?;
+        cache.insert((gh, gw), (rh.clone(), rw.clone()));
+        Ok((rh, rw))
+    }
+
     /// Self-attention over `x` `[N, gh, gw, D]` (each of the N maps attends within itself).
     pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let s = be.dims(x).to_vec();
         let (n, gh, gw, dim) = (s[0], s[1], s[2], s[3]);
         let xs = be.reshape(x, &[n, gh * gw, dim])?;
         let qkv = self.qkv.forward(be, &xs, Act::None)?;
-        let q = be.narrow(&qkv, 2, 0, dim)?;
-        let k = be.narrow(&qkv, 2, dim, dim)?;
-        let v = be.narrow(&qkv, 2, 2 * dim, dim)?;
-        let rh = be.upload(&rel_pos::gather(&self.rel_pos_h, gh, gh)?)?;
-        let rw = be.upload(&rel_pos::gather(&self.rel_pos_w, gw, gw)?)?;
+        let (rh, rw) = self.rel_tables(be, gh, gw)?;
         let hd = dim / self.heads;
         let rel = RelPos {
             rh: &rh,
@@ -64,7 +75,7 @@ impl<B: Backend> EncoderAttention<B> {
             q_grid: (gh, gw),
             k_grid: (gh, gw),
         };
-        let o = be.attention(&q, &k, &v, self.heads, (hd as f32).powf(-0.5), Some(rel))?;
+        let o = be.attention_qkv(&qkv, self.heads, (hd as f32).powf(-0.5), Some(rel))?;
         let o = self.proj.forward(be, &o, Act::None)?;
         be.reshape(&o, &[n, gh, gw, dim])
     }
@@ -134,6 +145,7 @@ impl<B: Backend> Block<B> {
                 rel_pos_h,
                 rel_pos_w,
                 heads: cfg.heads,
+                rel_cache: Default::default(),
             },
             norm2: LayerNorm::load(be, ws, &format!("{p}.norm2"), d, 1e-6)?,
             lin1: Linear::load(be, ws, &format!("{p}.mlp.lin1"), d, cfg.mlp_dim, true)?,

@@ -156,6 +156,13 @@ impl Cuda {
         d: u64,
         bias: Option<u64>,
     ) -> Result<()> {
+        self.timed(
+            || format!("gemm m{} n{} k{} batch{}", s.m, s.n, s.k, s.batch),
+            || self.gemm_inner(s, a, b, d, bias),
+        )
+    }
+
+    fn gemm_inner(&self, s: GemmSpec, a: u64, b: u64, d: u64, bias: Option<u64>) -> Result<()> {
         let blas = &self.blas;
         let dt = match self.precision {
             Precision::F32 => ltsys::cudaDataType::CUDA_R_32F,

@@ -141,6 +141,8 @@ pub struct Cuda {
     precision: Precision,
     name: String,
     max_smem_optin: i32,
+    /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
+    profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
 
 // SAFETY: the driver objects are used from one thread at a time through `&self` methods that
@@ -198,7 +200,44 @@ impl Cuda {
             blas,
             precision,
             max_smem_optin,
+            profile: std::env::var("MEDSA_PROFILE")
+                .ok()
+                .filter(|v| v == "1")
+                .map(|_| Mutex::new(Default::default())),
         })
+    }
+
+    /// Runs `f` and, when profiling, records its synchronised wall time under `name`.
+    pub(crate) fn timed<R>(
+        &self,
+        name: impl FnOnce() -> String,
+        f: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
+        let Some(p) = &self.profile else { return f() };
+        self.synchronize()?;
+        let t = std::time::Instant::now();
+        let r = f()?;
+        self.synchronize()?;
+        let dt = t.elapsed().as_secs_f64();
+        let mut m = p.lock().unwrap();
+        let e = m.entry(name()).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 += dt;
+        Ok(r)
+    }
+
+    /// The profile table (kernel, calls, total seconds), largest first; empty unless
+    /// `MEDSA_PROFILE=1`. Resets the counters.
+    pub fn take_profile(&self) -> Vec<(String, u64, f64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = std::mem::take(&mut *p.lock().unwrap())
+            .into_iter()
+            .map(|(k, (n, t))| (k, n, t))
+            .collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// Storage precision.
@@ -283,18 +322,25 @@ impl Cuda {
                 Arg::Perm(v) => v as *mut PermArgs as *mut _,
             })
             .collect();
-        self.ctx.bind_to_thread().map_err(dev)?;
-        unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                grid,
-                block,
-                smem,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| Error::Device(format!("launching {base}_{}: {e}", self.precision.suffix())))
+        self.timed(
+            || format!("kernel {base}"),
+            || {
+                self.ctx.bind_to_thread().map_err(dev)?;
+                unsafe {
+                    result::launch_kernel(
+                        f.cu_function(),
+                        grid,
+                        block,
+                        smem,
+                        self.stream.cu_stream(),
+                        &mut params,
+                    )
+                }
+                .map_err(|e| {
+                    Error::Device(format!("launching {base}_{}: {e}", self.precision.suffix()))
+                })
+            },
+        )
     }
 
     /// Grid for a grid-stride elementwise kernel over `n` items (block 256).

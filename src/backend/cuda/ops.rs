@@ -95,14 +95,8 @@ impl Cuda {
     }
 }
 
-impl Backend for Cuda {
-    type Tensor = CudaTensor;
-
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn upload(&self, t: &Tensor) -> Result<CudaTensor> {
+impl Cuda {
+    fn upload_inner(&self, t: &Tensor) -> Result<CudaTensor> {
         let y = self.empty(t.shape())?;
         if t.numel() == 0 {
             return Ok(y);
@@ -123,7 +117,7 @@ impl Backend for Cuda {
         Ok(y)
     }
 
-    fn download(&self, t: &CudaTensor) -> Result<Tensor> {
+    fn download_inner(&self, t: &CudaTensor) -> Result<Tensor> {
         let n = t.numel();
         self.synchronize()?;
         let v = match self.precision {
@@ -145,6 +139,22 @@ impl Backend for Cuda {
             }
         };
         Tensor::from_vec(v, &t.shape)
+    }
+}
+
+impl Backend for Cuda {
+    type Tensor = CudaTensor;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn upload(&self, t: &Tensor) -> Result<CudaTensor> {
+        self.timed(|| "upload (host)".into(), || self.upload_inner(t))
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Tensor> {
+        self.timed(|| "download (host)".into(), || self.download_inner(t))
     }
 
     fn dims<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
@@ -549,63 +559,40 @@ impl Backend for Cuda {
                 format!("q {sq:?}, k {sk:?}, v {:?}, {heads} heads", v.shape),
             ));
         }
-        let (b, lq, lk, d) = (sq[0], sq[1], sk[1], sq[2] / heads);
-        if d > ATTN_MAX_D {
+        let io = AttnIo {
+            q: q.ptr(),
+            k: k.ptr(),
+            v: v.ptr(),
+            ld: sq[2],
+        };
+        self.attention_raw(io, (sq[0], sq[1], sk[1]), heads, sq[2] / heads, scale, rel)
+    }
+
+    fn attention_qkv(
+        &self,
+        qkv: &CudaTensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, CudaTensor>>,
+    ) -> Result<CudaTensor> {
+        let s = &qkv.shape;
+        if s.len() != 3 || s[2] % 3 != 0 || heads == 0 || (s[2] / 3) % heads != 0 {
             return Err(shape_err(
-                "attention",
-                format!("head dim {d} > {ATTN_MAX_D}"),
+                "attention_qkv",
+                format!("{s:?} with {heads} heads"),
             ));
         }
-        let (rh, rw, (qh, qw), (kh, kw)) = match &rel {
-            Some(r) => {
-                if r.q_grid.0 * r.q_grid.1 != lq
-                    || r.k_grid.0 * r.k_grid.1 != lk
-                    || r.rh.shape != [r.q_grid.0, r.k_grid.0, d]
-                    || r.rw.shape != [r.q_grid.1, r.k_grid.1, d]
-                {
-                    return Err(shape_err(
-                        "attention",
-                        format!(
-                            "rel-pos {:?}/{:?} for grids {:?}/{:?}",
-                            r.rh.shape, r.rw.shape, r.q_grid, r.k_grid
-                        ),
-                    ));
-                }
-                (r.rh.ptr(), r.rw.ptr(), r.q_grid, r.k_grid)
-            }
-            None => (0, 0, (0, 0), (0, 0)),
+        let dim = s[2] / 3;
+        let es = self.precision.size() as u64;
+        let base = qkv.ptr();
+        // q, k and v are column slices of the packed rows: read in place with row stride 3*dim.
+        let io = AttnIo {
+            q: base,
+            k: base + dim as u64 * es,
+            v: base + 2 * dim as u64 * es,
+            ld: s[2],
         };
-        let o = self.empty(sq)?;
-        if b * lq == 0 {
-            return Ok(o);
-        }
-        let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
-        self.launch(
-            "attention",
-            (lq.div_ceil(64) as u32, heads as u32, b as u32),
-            (128, 1, 1),
-            smem as u32,
-            &[
-                Arg::P(q.ptr()),
-                Arg::P(k.ptr()),
-                Arg::P(v.ptr()),
-                Arg::P(o.ptr()),
-                Arg::P(rh),
-                Arg::P(rw),
-                Arg::I(b as i32),
-                Arg::I(heads as i32),
-                Arg::I(lq as i32),
-                Arg::I(lk as i32),
-                Arg::I(d as i32),
-                Arg::F(scale),
-                Arg::I(qh as i32),
-                Arg::I(qw as i32),
-                Arg::I(kh as i32),
-                Arg::I(kw as i32),
-                Arg::I(rel.is_some() as i32),
-            ],
-        )?;
-        Ok(o)
+        self.attention_raw(io, (s[0], s[1], s[1]), heads, dim / heads, scale, rel)
     }
 
     fn conv2d(
@@ -767,6 +754,92 @@ impl Cuda {
             )?;
         }
         Ok(y)
+    }
+}
+
+/// Device addresses of q, k, v (each `[B, L, heads*d]` rows with row stride `ld` elements).
+struct AttnIo {
+    q: u64,
+    k: u64,
+    v: u64,
+    ld: usize,
+}
+
+impl Cuda {
+    fn attention_raw(
+        &self,
+        io: AttnIo,
+        (b, lq, lk): (usize, usize, usize),
+        heads: usize,
+        d: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, CudaTensor>>,
+    ) -> Result<CudaTensor> {
+        if d > ATTN_MAX_D {
+            return Err(shape_err(
+                "attention",
+                format!("head dim {d} > {ATTN_MAX_D}"),
+            ));
+        }
+        let (rh, rw, (qh, qw), (kh, kw)) = match &rel {
+            Some(r) => {
+                if r.q_grid.0 * r.q_grid.1 != lq
+                    || r.k_grid.0 * r.k_grid.1 != lk
+                    || r.rh.shape != [r.q_grid.0, r.k_grid.0, d]
+                    || r.rw.shape != [r.q_grid.1, r.k_grid.1, d]
+                {
+                    return Err(shape_err(
+                        "attention",
+                        format!(
+                            "rel-pos {:?}/{:?} for grids {:?}/{:?}",
+                            r.rh.shape, r.rw.shape, r.q_grid, r.k_grid
+                        ),
+                    ));
+                }
+                (r.rh.ptr(), r.rw.ptr(), r.q_grid, r.k_grid)
+            }
+            None => (0, 0, (0, 0), (0, 0)),
+        };
+        let o = self.empty(&[b, lq, heads * d])?;
+        if b * lq == 0 {
+            return Ok(o);
+        }
+        let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
+        let detail = || {
+            format!(
+                "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{}",
+                rel.is_some() as u8
+            )
+        };
+        self.timed(detail, || {
+            self.launch(
+                "attention",
+                (lq.div_ceil(64) as u32, heads as u32, b as u32),
+                (128, 1, 1),
+                smem as u32,
+                &[
+                    Arg::P(io.q),
+                    Arg::P(io.k),
+                    Arg::P(io.v),
+                    Arg::P(o.ptr()),
+                    Arg::P(rh),
+                    Arg::P(rw),
+                    Arg::I(b as i32),
+                    Arg::I(heads as i32),
+                    Arg::I(lq as i32),
+                    Arg::I(lk as i32),
+                    Arg::I(d as i32),
+                    Arg::F(scale),
+                    Arg::I(qh as i32),
+                    Arg::I(qw as i32),
+                    Arg::I(kh as i32),
+                    Arg::I(kw as i32),
+                    Arg::I(rel.is_some() as i32),
+                    Arg::I(io.ld as i32),
+                ],
+            )
+        })?;
+        Ok(o)
     }
 }
 
