@@ -29,7 +29,7 @@
 //       e.g. d=64, kh=kw=64: 4*(8320+4096+4160+8192) = 99072;  d=80, kh=kw=64: 111360;
 //            d=128, kh=kw=64: 148224;  d=64, no rel: 66304
 //   * attention_bf16 when d == 64 or d == 80 (tensor-core path):
-//       SMEM_TC = 2 * (2*64*(d+8) + d*72) + 4 * 64*R
+//       SMEM_TC = 2 * (2*64*(d+8) + d*72) + 4 * 64*(R + 2 if has_rel)   (bias rows padded)
 //       e.g. d=64, kh=kw=64: 27648 + 32768 = 60416;  d=80, kh=kw=64: 34048 + 32768 = 66816;
 //            d=64, no rel: 27648
 //     (SMEM_SIMT >= SMEM_TC always, so passing SMEM_SIMT is also correct, only slower.)
@@ -316,7 +316,10 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     constexpr int DT = D / 8;        // output n-tiles
     constexpr int CH = D / 8;        // 8-element chunks per row
     extern __shared__ float4 smem_f4[];
-    const int R = has_rel ? (kh + kw) : 0;
+    // Bias rows are padded to an odd length: the 8 row groups of a warp then hit 8 different
+    // banks (with kh = kw = 64 unpadded rows made every bias read an 8-way bank conflict).
+    const int RHS = kh + 1, RWS = kw + 1;
+    const int R = has_rel ? (RHS + RWS) : 0;
     {
         const unsigned need = 2u * (unsigned)(2 * ATT_BQ * QST + D * VST) + 4u * (unsigned)(ATT_BQ * R);
         if (dyn_smem_bytes() < need) __trap();
@@ -325,7 +328,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     __nv_bfloat16* Ks = Qs + ATT_BQ * QST;
     __nv_bfloat16* Vt = Ks + ATT_BK * QST;
     float* RH = reinterpret_cast<float*>(Vt + D * VST);  // byte offset multiple of 16
-    float* RW = RH + ATT_BQ * (has_rel ? kh : 0);
+    float* RW = RH + ATT_BQ * (has_rel ? RHS : 0);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -355,7 +358,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             if (qi < Lq) {
                 s = dot_row<D>(Qs + i * QST, rh + ((long long)(qi / qw) * kh + ky) * D, vec_rel);
             }
-            RH[e] = s;
+            RH[i * RHS + ky] = s;
         }
         for (int e = tid; e < ATT_BQ * kw; e += ATT_THREADS) {
             const int i = e / kw, kx = e - i * kw, qi = q0 + i;
@@ -363,7 +366,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             if (qi < Lq) {
                 s = dot_row<D>(Qs + i * QST, rw + ((long long)(qi % qw) * kw + kx) * D, vec_rel);
             }
-            RW[e] = s;
+            RW[i * RWS + kx] = s;
         }
     }
 
@@ -378,6 +381,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         qa[kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
     }
 
+    const float inv_kw = has_rel ? 1.0f / (float)kw : 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0, r0+8 (partial l)
     float oacc[DT][4];
 #pragma unroll
@@ -426,9 +430,11 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                 const bool valid = j < Lk;
                 float x0 = s[nt][e] * scale, x1 = s[nt][2 + e] * scale;
                 if (has_rel && valid) {
-                    const int ky = j / kw, kx = j - ky * kw;
-                    x0 += RH[r0 * kh + ky] + RW[r0 * kw + kx];
-                    x1 += RH[(r0 + 8) * kh + ky] + RW[(r0 + 8) * kw + kx];
+                    // j / kw without an integer division: (j + 0.5) / kw is at least 0.5/kw
+                    // away from an integer, far more than the float error for j < 2^20.
+                    const int ky = __float2int_rd(((float)j + 0.5f) * inv_kw), kx = j - ky * kw;
+                    x0 += RH[r0 * RHS + ky] + RW[r0 * RWS + kx];
+                    x1 += RH[(r0 + 8) * RHS + ky] + RW[(r0 + 8) * RWS + kx];
                 }
                 s[nt][e] = valid ? x0 : -INFINITY;
                 s[nt][2 + e] = valid ? x1 : -INFINITY;

@@ -88,7 +88,7 @@ pub fn compare(name: &str, got: &Tensor, want: &Tensor, tol: Tolerance) -> Check
             worst = excess;
             worst_i = i;
         }
-        if !(e <= max_abs) {
+        if e > max_abs || e.is_nan() {
             max_abs = e;
         }
     }
@@ -160,6 +160,16 @@ macro_rules! both {
         )
     };
 }
+
+/// (batch, Lq, Lk, heads, head dim, optional (q grid, k grid) for the rel-pos bias).
+type AttnCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    Option<((usize, usize), (usize, usize))>,
+);
 
 /// Every op against the CPU reference on random inputs.
 pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
@@ -267,26 +277,14 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         ));
     }
     let ins = [r(&[2, 3, 4], 1.0), r(&[2, 5, 4], 1.0), r(&[2, 1, 4], 1.0)];
-    out.push(both!(
-        be,
-        &cpu,
-        "concat dim 1".to_string(),
-        ins,
-        tol,
-        |b, x| b.concat(&[&x[0], &x[1], &x[2]], 1)
-    ));
+    out.push(both!(be, &cpu, "concat dim 1", ins, tol, |b, x| b
+        .concat(&[&x[0], &x[1], &x[2]], 1)));
     let ins = [r(&[3, 9, 5], 1.0)];
-    out.push(both!(be, &cpu, "narrow".to_string(), ins, tol, |b, x| b
+    out.push(both!(be, &cpu, "narrow", ins, tol, |b, x| b
         .narrow(&x[0], 1, 2, 6)));
     let ins = [r(&[4, 3, 5], 1.0)];
-    out.push(both!(
-        be,
-        &cpu,
-        "index_select0".to_string(),
-        ins,
-        tol,
-        |b, x| b.index_select0(&x[0], &[3, 0, 0, 2])
-    ));
+    out.push(both!(be, &cpu, "index_select0", ins, tol, |b, x| b
+        .index_select0(&x[0], &[3, 0, 0, 2])));
     for (s, ws) in [
         (vec![2, 10, 9, 3], 4),
         (vec![1, 64, 64, 8], 14),
@@ -315,14 +313,7 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         ));
     }
     // Attention: no bias with Lq != Lk, rel-pos on square, non-square and windowed grids.
-    let cases: &[(
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        Option<((usize, usize), (usize, usize))>,
-    )] = &[
+    let cases: &[AttnCase] = &[
         (2, 37, 53, 3, 16, None),
         (2, 7, 256, 8, 16, None),
         (2, 256, 7, 8, 16, None),
@@ -413,14 +404,8 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         ));
     }
     let ins = [r(&[2, 5, 6, 8], 1.0), r(&[8, 4, 2, 2], 0.3), r(&[4], 0.3)];
-    out.push(both!(
-        be,
-        &cpu,
-        "conv_transpose2x2".to_string(),
-        ins,
-        tol,
-        |b, x| b.conv_transpose2x2(&x[0], &x[1], &x[2])
-    ));
+    out.push(both!(be, &cpu, "conv_transpose2x2", ins, tol, |b, x| b
+        .conv_transpose2x2(&x[0], &x[1], &x[2])));
     for (s, size) in [
         ((2, 3, 16, 16), (64, 64)),
         ((1, 2, 256, 256), (300, 400)),

@@ -67,6 +67,10 @@ pub trait Backend: Send + Sync {
     fn download(&self, t: &Self::Tensor) -> Result<Tensor>;
     /// The dimensions of a device tensor.
     fn dims<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
+    /// Waits until every queued op has finished (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     /// Same data, new shape (no copy). Element counts must match.
     fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
 

@@ -30,6 +30,9 @@ pub struct DepthSpec {
     pub mode: DepthMode,
 }
 
+/// Gathered rel-pos tables `(rh, rw)` per token grid.
+type RelCache<T> = std::sync::Mutex<std::collections::HashMap<(usize, usize), (T, T)>>;
+
 /// Encoder self-attention with decomposed relative-position bias.
 pub struct EncoderAttention<B: Backend> {
     /// `dim -> 3*dim`.
@@ -45,8 +48,7 @@ pub struct EncoderAttention<B: Backend> {
     pub heads: usize,
     /// Gathered tables per token grid, uploaded once (a device round trip per block and call
     /// would stall the stream).
-    pub rel_cache:
-        std::sync::Mutex<std::collections::HashMap<(usize, usize), (B::Tensor, B::Tensor)>>,
+    pub rel_cache: RelCache<B::Tensor>,
 }
 
 impl<B: Backend> EncoderAttention<B> {

@@ -157,6 +157,10 @@ impl Backend for Cuda {
         self.timed(|| "download (host)".into(), || self.download_inner(t))
     }
 
+    fn synchronize(&self) -> Result<()> {
+        Cuda::synchronize(self)
+    }
+
     fn dims<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
         &t.shape
     }
@@ -331,7 +335,12 @@ impl Backend for Cuda {
     ) -> Result<CudaTensor> {
         let s = &x.shape;
         let (nh, nw) = (h.div_ceil(ws.max(1)), w.div_ceil(ws.max(1)));
-        if s.len() != 4 || ws == 0 || s[1] != ws || s[2] != ws || s[0] % (nh * nw).max(1) != 0 {
+        if s.len() != 4
+            || ws == 0
+            || s[1] != ws
+            || s[2] != ws
+            || !s[0].is_multiple_of((nh * nw).max(1))
+        {
             return Err(shape_err(
                 "window_unpartition",
                 format!("{s:?} to {h}x{w} with window {ws}"),
@@ -576,7 +585,11 @@ impl Backend for Cuda {
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
         let s = &qkv.shape;
-        if s.len() != 3 || s[2] % 3 != 0 || heads == 0 || (s[2] / 3) % heads != 0 {
+        if s.len() != 3
+            || !s[2].is_multiple_of(3)
+            || heads == 0
+            || !(s[2] / 3).is_multiple_of(heads)
+        {
             return Err(shape_err(
                 "attention_qkv",
                 format!("{s:?} with {heads} heads"),
@@ -849,7 +862,9 @@ impl Cuda {
 fn attention_smem(precision: Precision, d: usize, rel: bool, kh: usize, kw: usize) -> usize {
     let r = if rel { kh + kw } else { 0 };
     if precision == Precision::Bf16 && (d == 64 || d == 80) {
-        return 2 * (2 * 64 * (d + 8) + d * 72) + 4 * 64 * r;
+        // Bias rows padded by one element each (bank-conflict-free reads).
+        let rp = if rel { r + 2 } else { 0 };
+        return 2 * (2 * 64 * (d + 8) + d * 72) + 4 * 64 * rp;
     }
     let dp = match d {
         0..=16 => 16,
