@@ -64,5 +64,61 @@ fn encoder(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, ops, encoder);
+/// The same hot ops on the GPU (bf16), synchronised per iteration; skipped without a device.
+#[cfg(feature = "cuda")]
+fn cuda_ops(c: &mut Criterion) {
+    use medsa::backend::cuda::{driver_present, Cuda, Precision};
+    if !driver_present() {
+        eprintln!("cuda benches skipped: no NVIDIA driver on this machine");
+        return;
+    }
+    let be = match Cuda::new(0, Precision::Bf16) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("cuda benches skipped: {e}");
+            return;
+        }
+    };
+    let mut rng = Rng::new(3);
+    let mut up = |s: &[usize], a: f32| be.upload(&rng.tensor(s, a)).unwrap();
+    let x = up(&[8 * 4096, 768], 1.0);
+    let w = up(&[2304, 768], 0.03);
+    let b = up(&[2304], 0.1);
+    let qkv = up(&[8, 4096, 2304], 1.0);
+    let rh = up(&[64, 64, 64], 0.05);
+    let rw = up(&[64, 64, 64], 0.05);
+    let g = up(&[768], 1.0);
+    let mut grp = c.benchmark_group("cuda bf16");
+    grp.sample_size(20);
+    grp.bench_function("linear 32768x768 -> 2304", |bch| {
+        bch.iter(|| {
+            be.linear(&x, &w, Some(&b), Act::None).unwrap();
+            be.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("attention_qkv global b8 4096 tok 12x64 relpos", |bch| {
+        bch.iter(|| {
+            let rel = RelPos {
+                rh: &rh,
+                rw: &rw,
+                q_grid: (64, 64),
+                k_grid: (64, 64),
+            };
+            be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
+            be.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("layer_norm 32768x768", |bch| {
+        bch.iter(|| {
+            be.layer_norm(&x, &g, &g, 1e-6).unwrap();
+            be.synchronize().unwrap()
+        })
+    });
+    grp.finish();
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_ops(_: &mut Criterion) {}
+
+criterion_group!(benches, ops, encoder, cuda_ops);
 criterion_main!(benches);
