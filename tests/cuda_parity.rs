@@ -8,15 +8,21 @@ mod common;
 use medsa::backend::cuda::{driver_present, Cuda, Precision};
 use medsa::selftest::{self, Tolerance};
 
+/// Writes straight to stderr: libtest captures `println!`, and a skip must be visible in CI logs.
+fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "cuda_parity: SKIPPED: {why}");
+}
+
 fn device(p: Precision) -> Option<Cuda> {
     if !driver_present() {
-        println!("skipped: no NVIDIA driver (libcuda.so) on this machine");
+        skip("no NVIDIA driver (libcuda.so) on this machine");
         return None;
     }
     match Cuda::new(0, p) {
         Ok(c) => Some(c),
         Err(e) => {
-            println!("skipped: no usable CUDA device: {e}");
+            skip(&format!("no usable CUDA device: {e}"));
             None
         }
     }
