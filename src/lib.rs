@@ -13,6 +13,7 @@ pub mod tensor;
 pub use error::{Error, Result};
 pub use tensor::Tensor;
 pub mod medsa;
+pub mod metrics;
 pub mod nn;
 pub mod pipeline;
 pub mod sam;

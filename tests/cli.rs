@@ -184,3 +184,39 @@ fn missing_files_and_devices_are_clear_errors() {
     );
     assert!(e.contains("cannot decode image"), "{e}");
 }
+
+#[test]
+fn eval_scores_png_masks_and_reports_bad_cases() {
+    let dir = tmpdir("eval");
+    let (pd, gd) = (dir.join("pred"), dir.join("gt"));
+    std::fs::create_dir_all(&pd).unwrap();
+    std::fs::create_dir_all(&gd).unwrap();
+    let square = |x0: u32| {
+        image::GrayImage::from_fn(10, 10, |x, y| {
+            image::Luma([if (2..6).contains(&y) && (x0..x0 + 4).contains(&x) {
+                255
+            } else {
+                0
+            }])
+        })
+    };
+    square(2).save(pd.join("a.png")).unwrap();
+    square(4).save(gd.join("a.png")).unwrap();
+    square(2).save(pd.join("b.png")).unwrap();
+    square(2).save(gd.join("b.png")).unwrap();
+    let csv = dir.join("m.csv");
+    run_ok(bin().arg("eval").arg(&pd).arg(&gd).arg("--out").arg(&csv));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert!(text.starts_with("case,dice,iou,hd95\n"), "{text}");
+    assert!(text.contains("a.png,0.500000,0.333333,"), "{text}");
+    assert!(text.contains("b.png,1.000000,1.000000,0.000000"), "{text}");
+    assert!(text.contains("mean,0.750000,"), "{text}");
+    // A ground truth of another size is reported by name, and the run fails.
+    image::GrayImage::new(5, 5).save(gd.join("b.png")).unwrap();
+    let e = run_err(bin().arg("eval").arg(&pd).arg(&gd));
+    assert!(
+        e.contains("b.png") && e.contains("1 of 2 cases failed"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

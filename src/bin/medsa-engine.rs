@@ -119,6 +119,21 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         precision: String,
     },
+    /// Dice, IoU and HD95 of predicted masks against ground truth: two mask PNGs, or two folders
+    /// of PNGs matched by file name. Non-zero pixels are foreground. Writes a CSV (per case, then
+    /// the means over cases with defined values) to --out or standard output.
+    Eval {
+        /// Predicted mask (PNG) or folder of masks.
+        pred: PathBuf,
+        /// Ground-truth mask (PNG) or folder of masks with the same file names.
+        gt: PathBuf,
+        /// Pixel spacing "sy,sx" (mm) for HD95.
+        #[arg(long, default_value = "1,1")]
+        spacing: String,
+        /// CSV output (written atomically); standard output when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Check a backend against the CPU reference: every op on random inputs, then the whole
     /// model on the golden fixtures.
     Selftest {
@@ -297,6 +312,12 @@ fn run(cli: Cli) -> Result<()> {
                 preset,
             ))
         }
+        Cmd::Eval {
+            pred,
+            gt,
+            spacing,
+            out,
+        } => eval(&pred, &gt, &spacing, out.as_deref()),
         Cmd::Selftest {
             device,
             precision,
@@ -548,6 +569,110 @@ fn selftest(device: &str, precision: &str, fixtures: &Path) -> Result<()> {
     }
     if failed > 0 {
         bail!("{failed} checks failed");
+    }
+    Ok(())
+}
+
+fn load_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2])> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}", path.display()))?
+        .decode()
+        .map_err(|e| anyhow!("{}: cannot decode mask: {e}", path.display()))?
+        .to_luma16();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    Ok((img.into_raw().into_iter().map(|v| v > 0).collect(), [h, w]))
+}
+
+fn eval(pred: &Path, gt: &Path, spacing: &str, out: Option<&Path>) -> Result<()> {
+    let sp: Vec<f64> = spacing
+        .split(',')
+        .map(|x| x.trim().parse::<f64>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| anyhow!("--spacing \"{spacing}\": expected \"sy,sx\""))?;
+    if sp.len() != 2 {
+        bail!("--spacing \"{spacing}\": expected two numbers \"sy,sx\"");
+    }
+    let pairs: Vec<(String, PathBuf, PathBuf)> = if pred.is_dir() {
+        if !gt.is_dir() {
+            bail!("{} is a folder but {} is not", pred.display(), gt.display());
+        }
+        let mut names: Vec<String> = std::fs::read_dir(pred)
+            .with_context(|| format!("{}", pred.display()))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.to_ascii_lowercase().ends_with(".png"))
+            .collect();
+        names.sort();
+        if names.is_empty() {
+            bail!("{}: no .png masks", pred.display());
+        }
+        names
+            .into_iter()
+            .map(|n| (n.clone(), pred.join(&n), gt.join(&n)))
+            .collect()
+    } else {
+        let name = pred
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        vec![(name, pred.to_path_buf(), gt.to_path_buf())]
+    };
+    let mut csv = String::from("case,dice,iou,hd95\n");
+    let mut rows: Vec<medsa::metrics::Scores> = Vec::new();
+    let mut failed = Vec::new();
+    for (name, p, g) in &pairs {
+        let r = (|| -> Result<medsa::metrics::Scores> {
+            let (pm, ps) = load_mask(p)?;
+            let (gm, gs) = load_mask(g)?;
+            if ps != gs {
+                bail!(
+                    "{}: {}x{} pixels, but the ground truth {} has {}x{}",
+                    p.display(),
+                    ps[1],
+                    ps[0],
+                    g.display(),
+                    gs[1],
+                    gs[0]
+                );
+            }
+            Ok(medsa::metrics::scores(&pm, &gm, &ps, &sp)?)
+        })();
+        match r {
+            Ok(s) => {
+                csv.push_str(&format!(
+                    "{name},{:.6},{:.6},{:.6}\n",
+                    s.dice, s.iou, s.hd95
+                ));
+                rows.push(s);
+            }
+            Err(e) => failed.push(format!("{name}: {e:#}")),
+        }
+    }
+    let mean = |f: fn(&medsa::metrics::Scores) -> f64| {
+        let v: Vec<f64> = rows.iter().map(f).filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    csv.push_str(&format!(
+        "mean,{:.6},{:.6},{:.6}\n",
+        mean(|s| s.dice),
+        mean(|s| s.iou),
+        mean(|s| s.hd95)
+    ));
+    match out {
+        Some(o) => medsa::weights::write_atomic(o, csv.as_bytes())?,
+        None => print!("{csv}"),
+    }
+    for f in &failed {
+        eprintln!("failed: {f}");
+    }
+    if !failed.is_empty() {
+        bail!("{} of {} cases failed", failed.len(), pairs.len());
     }
     Ok(())
 }
