@@ -29,9 +29,11 @@
 //       e.g. d=64, kh=kw=64: 4*(8320+4096+4160+8192) = 99072;  d=80, kh=kw=64: 111360;
 //            d=128, kh=kw=64: 148224;  d=64, no rel: 66304
 //   * attention_bf16 when d == 64 or d == 80 (tensor-core path):
-//       SMEM_TC = 2 * (2*64*(d+8) + d*72) + 4 * 64*(R + 2 if has_rel)   (bias rows padded)
-//       e.g. d=64, kh=kw=64: 27648 + 32768 = 60416;  d=80, kh=kw=64: 34048 + 32768 = 66816;
+//       SMEM_TC = 2 * (2*64*(d+8) + d*72) + (has_rel ? 4 * 64*(kh + kw + 2) : 0)
+//       e.g. d=64, kh=kw=64: 27648 + 33280 = 60928;  d=80, kh=kw=64: 34048 + 33280 = 67328;
 //            d=64, no rel: 27648
+//       (the kernel itself uses 2*3*64*(d+8) + (has_rel ? 4*64*(kh+1 + kw + (kw%64 ? 1 : 0))
+//        : 0) <= SMEM_TC for d = 64, 80, and traps only if given less than that.)
 //     (SMEM_SIMT >= SMEM_TC always, so passing SMEM_SIMT is also correct, only slower.)
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
@@ -44,7 +46,12 @@
 //   * attention_bf16, d == 64 or 80: bf16 tensor cores, mma.sync.m16n8k16 (f32 accumulate);
 //     each of the 4 warps owns 16 query rows; P is rounded to bf16 for the P*V product (as in
 //     FlashAttention-2); softmax uses __expf (fast ex2.approx; arguments are <= 0 after max
-//     subtraction, relative error ~1e-6, far below bf16 resolution).
+//     subtraction, relative error ~1e-6, far below bf16 resolution). K and V tiles are
+//     fetched with cp.async (16-byte, zero-filled past Lk; synchronous scalar loads when q/k/v
+//     or ldi are not 16-byte aligned) into row-major [64][d+8] buffers: the V tile load
+//     overlaps Q*K^T + softmax, the next K tile load overlaps P*V. B fragments come from
+//     ldmatrix (.trans for V). With has_rel and kw % 64 == 0 the rh term is read once per
+//     row per key tile and the rw term as swizzled float2.
 //   * attention_bf16, other d: the SIMT path above (bf16 loads, f32 math).
 #include "common.cuh"
 
@@ -256,6 +263,42 @@ __device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) {
     return *reinterpret_cast<const uint32_t*>(p);
 }
 
+// Shared-memory address (32-bit, .shared window) of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// 16-byte asynchronous global -> shared copy (sm_80+), bypassing L1. valid == false copies
+// nothing from src (src-size 0) and zero-fills the 16 destination bytes; src must still be
+// a valid address (callers pass the tile base). dst and src must be 16-byte aligned.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// ldmatrix: four 8x8 bf16 matrices; lanes 8m..8m+7 give the 16-byte row addresses of
+// matrix m, r[m] receives this lane's fragment of matrix m:
+//   plain: (row lane/4, cols 2(lane%4), +1)   .trans: (rows 2(lane%4), +1; col lane/4)
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
 // Copy 8 consecutive bf16 (row `row` of a [L, rs] matrix, columns c..c+7) into dst[0..7];
 // zero when !valid. vec: 16-byte loads allowed (base pointer 16-byte aligned).
 __device__ __forceinline__ void load8(const __nv_bfloat16* src, bool valid, bool vec,
@@ -299,6 +342,38 @@ __device__ __forceinline__ float dot_row(const __nv_bfloat16* qrow, const __nv_b
     return s;
 }
 
+// One 64-key tile of K or V, rows k0 .. k0+63 of the [Lk, ri] matrix `src` (columns 0..D-1),
+// into dst[64][D+8] (row-major, row stride D+8 bf16 = a multiple of 16 bytes). Rows >= Lk
+// are zero-filled. vec: asynchronous 16-byte cp.async (the caller commits and waits);
+// otherwise synchronous scalar loads (visible after the caller's __syncthreads).
+template <int D>
+__device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bfloat16* src,
+                                             int k0, int Lk, long long ri, bool vec, int tid) {
+    constexpr int QST = D + 8, CH = D / 8;
+    static_assert((ATT_BK * CH) % ATT_THREADS == 0, "tile chunks must divide evenly");
+#pragma unroll
+    for (int it = 0; it < ATT_BK * CH / ATT_THREADS; ++it) {
+        const int e = tid + it * ATT_THREADS;
+        const int j = e / CH, c = (e - j * CH) * 8;  // column chunk fastest: coalesced
+        const bool valid = k0 + j < Lk;
+        __nv_bfloat16* d = dst + j * QST + c;
+        if (vec) {
+            cp_async16(smem_u32(d), valid ? src + (long long)(k0 + j) * ri + c : src, valid);
+        } else {
+            __align__(16) __nv_bfloat16 tmp[8];
+            load8(src + (long long)(k0 + j) * ri + c, valid, false, tmp);
+            *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(tmp);
+        }
+    }
+}
+
+// Shared memory (bf16 elements, QST = D + 8): Qs [64][QST], Ks [64][QST], Vs [64][QST]
+// (V row-major: key rows), then f32 RH [64][kh+1] and RW [64][RWS] when has_rel
+// (RWS = kw when kw % 64 == 0, else kw + 1). Total <= SMEM_TC of the header.
+// Pipeline per key tile t (FlashAttention-2 style, one K and one V buffer):
+//   wait(K_t), sync | issue V_t async | S = Q K_t^T, softmax | wait(V_t), sync |
+//   issue K_{t+1} async | O += P V_t
+// so the V load overlaps QK^T + softmax and the next K load overlaps P V.
 template <int D>
 __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ k,
@@ -308,27 +383,31 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ rw, int heads, int Lq,
                                         int Lk, float scale, int qw, int kh, int kw,
                                         int has_rel, int ldi) {
-    static_assert(D % 16 == 0, "D must be a multiple of 16");
-    constexpr int QST = D + 8;       // bf16 row stride of Qs/Ks (conflict-free fragment loads)
-    constexpr int VST = ATT_BK + 8;  // bf16 row stride of Vt (V transposed: [D][keys])
+    static_assert(D % 16 == 0 && (D / 8) % 2 == 0, "D must be a multiple of 16");
+    constexpr int QST = D + 8;       // bf16 row stride of Qs/Ks/Vs (conflict-free ldmatrix)
     constexpr int KS = D / 16;       // k-steps over the head dim
     constexpr int NT = ATT_BK / 8;   // score n-tiles per key tile
-    constexpr int DT = D / 8;        // output n-tiles
+    constexpr int DT = D / 8;        // output n-tiles (even)
     constexpr int CH = D / 8;        // 8-element chunks per row
     extern __shared__ float4 smem_f4[];
-    // Bias rows are padded to an odd length: the 8 row groups of a warp then hit 8 different
-    // banks (with kh = kw = 64 unpadded rows made every bias read an 8-way bank conflict).
-    const int RHS = kh + 1, RWS = kw + 1;
-    const int R = has_rel ? (RHS + RWS) : 0;
+    // fast: kw % 64 == 0 (global attention). Every 64-key tile then has one ky (k0 % 64 == 0)
+    // and kx = (k0 % kw) + 0..63, so RH is read once per row per tile and RW is read as
+    // float2 from rows stored with an XOR swizzle (col kx ^ 8*(row & 3), stride kw):
+    // conflict-free 8-byte reads.
+    // Otherwise bias rows are padded to an odd length (kh + 1, kw + 1): the 8 row groups of a
+    // warp hit 8 different banks.
+    const bool fast = has_rel && (kw % ATT_BK) == 0;
+    const int RHS = kh + 1, RWS = fast ? kw : kw + 1;
+    const int R = has_rel ? (RHS + RWS) : 0;  // <= kh + kw + 2
     {
-        const unsigned need = 2u * (unsigned)(2 * ATT_BQ * QST + D * VST) + 4u * (unsigned)(ATT_BQ * R);
+        const unsigned need = 2u * (unsigned)(3 * ATT_BQ * QST) + 4u * (unsigned)(ATT_BQ * R);
         if (dyn_smem_bytes() < need) __trap();
     }
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_f4);
     __nv_bfloat16* Ks = Qs + ATT_BQ * QST;
-    __nv_bfloat16* Vt = Ks + ATT_BK * QST;
-    float* RH = reinterpret_cast<float*>(Vt + D * VST);  // byte offset multiple of 16
-    float* RW = RH + ATT_BQ * (has_rel ? RHS : 0);
+    __nv_bfloat16* Vs = Ks + ATT_BK * QST;
+    float* RH = reinterpret_cast<float*>(Vs + ATT_BK * QST);  // byte offset 384*QST: 16-aligned
+    float* RW = RH + ATT_BQ * (has_rel ? RHS : 0);              // + 256*RHS bytes: 16-aligned
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -342,6 +421,10 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     // 16-byte vector loads need 16-byte aligned bases and row strides (multiples of 8 elements).
     const bool vec = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) |
                        reinterpret_cast<uintptr_t>(v)) & 15) == 0 && (ldi % 8) == 0;
+
+    // Prefetch K tile 0 while Q and the bias tables are prepared.
+    load_kv_tile<D>(Ks, kb, 0, Lk, ri, vec, tid);
+    cp_async_commit();
 
     for (int e = tid; e < ATT_BQ * CH; e += ATT_THREADS) {
         const int i = e / CH, c = (e - i * CH) * 8;
@@ -366,7 +449,9 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             if (qi < Lq) {
                 s = dot_row<D>(Qs + i * QST, rw + ((long long)(qi % qw) * kw + kx) * D, vec_rel);
             }
-            RW[i * RWS + kx] = s;
+            // fast: kx ^ 8*(i&3) flips bits 3..4 only, so it stays in kx's aligned 32-block
+            // (kw % 64 == 0): a permutation of 0..kw-1 within the row.
+            RW[i * RWS + (fast ? (kx ^ (8 * (i & 3))) : kx)] = s;
         }
     }
 
@@ -381,6 +466,16 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         qa[kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
     }
 
+    // Per-lane ldmatrix row addresses (bytes, .shared window).
+    // K (plain x4), n-tile pair (nt, nt+1) = (2p, 2p+1), k-step kk: matrix m = lane/8 is
+    //   keys 8*nt + 8*(m/2) + 0..7, cols 16*kk + 8*(m%2) + 0..7
+    //   -> r[0], r[1] = b0, b1 of n-tile nt; r[2], r[3] = b0, b1 of n-tile nt+1.
+    const uint32_t k_lane = smem_u32(Ks + (8 * (lane >> 4) + (lane & 7)) * QST + 8 * ((lane >> 3) & 1));
+    // V (x4.trans), k-step kk (keys 16kk..16kk+15), output n-tile pair (dt, dt+1) = (2p, 2p+1):
+    //   matrix m is keys 16*kk + 8*(m%2) + 0..7, cols 8*dt + 8*(m/2) + 0..7
+    //   -> r[0], r[1] = b0, b1 of n-tile dt; r[2], r[3] = b0, b1 of n-tile dt+1.
+    const uint32_t v_lane = smem_u32(Vs + (lane & 15) * QST + 8 * (lane >> 4));
+
     const float inv_kw = has_rel ? 1.0f / (float)kw : 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0, r0+8 (partial l)
     float oacc[DT][4];
@@ -390,56 +485,68 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.f;
 
     for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
-        __syncthreads();  // previous tile fully consumed (and RH/RW, Q fragments done)
-        // K: column chunk fastest (coalesced global reads, conflict-free 16-byte stores).
-        for (int e = tid; e < ATT_BK * CH; e += ATT_THREADS) {
-            const int j = e / CH, c = (e - j * CH) * 8;
-            __align__(16) __nv_bfloat16 tk[8];
-            load8(kb + (long long)(k0 + j) * ri + c, k0 + j < Lk, vec, tk);
-            *reinterpret_cast<uint4*>(Ks + j * QST + c) = *reinterpret_cast<const uint4*>(tk);
-        }
-        // V (stored transposed): key fastest, so the 2-byte transposed stores of a warp hit
-        // consecutive words (conflict-free).
-        for (int e = tid; e < ATT_BK * CH; e += ATT_THREADS) {
-            const int c = (e / ATT_BK) * 8, j = e % ATT_BK;
-            __align__(16) __nv_bfloat16 tv[8];
-            load8(vb + (long long)(k0 + j) * ri + c, k0 + j < Lk, vec, tv);
-#pragma unroll
-            for (int x = 0; x < 8; ++x) Vt[(c + x) * VST + j] = tv[x];
-        }
-        __syncthreads();
+        cp_async_wait_all();  // this thread's copies of K tile k0 have landed
+        __syncthreads();      // ... everyone's: Ks complete; all warps done with the previous
+                              // tile's P V (Vs free); first tile: RH/RW written
+        load_kv_tile<D>(Vs, vb, k0, Lk, ri, vec, tid);
+        cp_async_commit();
 
         float s[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                const __nv_bfloat16* kp = Ks + (8 * nt + g) * QST + 16 * kk + 2 * t;
-                mma_bf16(s[nt], qa[kk], lds32(kp), lds32(kp + 8));
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int p = 0; p < NT / 2; ++p) {
+                uint32_t kf[4];
+                ldsm_x4(kf, k_lane + (uint32_t)((16 * p * QST + 16 * kk) * 2));
+                mma_bf16(s[2 * p], qa[kk], kf[0], kf[1]);
+                mma_bf16(s[2 * p + 1], qa[kk], kf[2], kf[3]);
             }
         }
 
         // scale, bias, mask; row maxima
         float mx0 = -INFINITY, mx1 = -INFINITY;
+        if (fast) {
+            const int ky = k0 / kw, kxb = k0 - ky * kw;  // kxb % 64 == 0
+            const float rh0 = RH[r0 * RHS + ky], rh1 = RH[(r0 + 8) * RHS + ky];
+            const float* rw0 = RW + r0 * kw + kxb + 2 * t;  // row r0; row r0 + 8 at + 8*kw
+            const int sw = r0 & 3;                         // == (r0 + 8) & 3
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
+            for (int nt = 0; nt < NT; ++nt) {
+                // kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1)
+                const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
+                const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
+                const int j = k0 + 8 * nt + 2 * t;
+                const bool v0 = j < Lk, v1 = j + 1 < Lk;
+                s[nt][0] = v0 ? s[nt][0] * scale + (rh0 + w0.x) : -INFINITY;
+                s[nt][1] = v1 ? s[nt][1] * scale + (rh0 + w0.y) : -INFINITY;
+                s[nt][2] = v0 ? s[nt][2] * scale + (rh1 + w1.x) : -INFINITY;
+                s[nt][3] = v1 ? s[nt][3] * scale + (rh1 + w1.y) : -INFINITY;
+                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+            }
+        } else {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int j = k0 + 8 * nt + 2 * t + e;
-                const bool valid = j < Lk;
-                float x0 = s[nt][e] * scale, x1 = s[nt][2 + e] * scale;
-                if (has_rel && valid) {
-                    // j / kw without an integer division: (j + 0.5) / kw is at least 0.5/kw
-                    // away from an integer, far more than the float error for j < 2^20.
-                    const int ky = __float2int_rd(((float)j + 0.5f) * inv_kw), kx = j - ky * kw;
-                    x0 += RH[r0 * RHS + ky] + RW[r0 * RWS + kx];
-                    x1 += RH[(r0 + 8) * RHS + ky] + RW[(r0 + 8) * RWS + kx];
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = k0 + 8 * nt + 2 * t + e;
+                    const bool valid = j < Lk;
+                    float x0 = s[nt][e] * scale, x1 = s[nt][2 + e] * scale;
+                    if (has_rel && valid) {
+                        // j / kw without an integer division: (j + 0.5) / kw is at least
+                        // 0.5/kw away from an integer, far more than the float error for
+                        // j < 2^20.
+                        const int ky = __float2int_rd(((float)j + 0.5f) * inv_kw), kx = j - ky * kw;
+                        x0 += RH[r0 * RHS + ky] + RW[r0 * RWS + kx];
+                        x1 += RH[(r0 + 8) * RHS + ky] + RW[(r0 + 8) * RWS + kx];
+                    }
+                    s[nt][e] = valid ? x0 : -INFINITY;
+                    s[nt][2 + e] = valid ? x1 : -INFINITY;
+                    mx0 = fmaxf(mx0, s[nt][e]);
+                    mx1 = fmaxf(mx1, s[nt][2 + e]);
                 }
-                s[nt][e] = valid ? x0 : -INFINITY;
-                s[nt][2 + e] = valid ? x1 : -INFINITY;
-                mx0 = fmaxf(mx0, s[nt][e]);
-                mx1 = fmaxf(mx1, s[nt][2 + e]);
             }
         }
 #pragma unroll
@@ -447,7 +554,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
             mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
         }
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite (valid key j0)
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite (valid key k0)
         const float al0 = __expf(m0 - mn0), al1 = __expf(m1 - mn1);
         m0 = mn0;
         m1 = mn1;
@@ -471,6 +578,13 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             oacc[dt][3] *= al1;
         }
 
+        cp_async_wait_all();  // this thread's copies of V tile k0 have landed
+        __syncthreads();      // ... everyone's: Vs complete; all warps done with Ks
+        if (k0 + ATT_BK < Lk) {
+            load_kv_tile<D>(Ks, kb, k0 + ATT_BK, Lk, ri, vec, tid);
+            cp_async_commit();
+        }
+
         // O += P V  (P from the score fragments, 16 keys per k-step)
 #pragma unroll
         for (int kk = 0; kk < ATT_BK / 16; ++kk) {
@@ -480,9 +594,11 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                const __nv_bfloat16* vp = Vt + (8 * dt + g) * VST + 16 * kk + 2 * t;
-                mma_bf16(oacc[dt], pa, lds32(vp), lds32(vp + 8));
+            for (int p = 0; p < DT / 2; ++p) {
+                uint32_t vf[4];
+                ldsm_x4_trans(vf, v_lane + (uint32_t)((16 * kk * QST + 16 * p) * 2));
+                mma_bf16(oacc[2 * p], pa, vf[0], vf[1]);
+                mma_bf16(oacc[2 * p + 1], pa, vf[2], vf[3]);
             }
         }
     }
