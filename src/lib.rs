@@ -15,6 +15,7 @@ pub use tensor::Tensor;
 pub mod medsa;
 pub mod nn;
 pub mod pipeline;
+pub mod pth;
 pub mod sam;
 pub mod selftest;
 pub mod weights;
