@@ -256,7 +256,7 @@ impl Reader<'_> {
         Ok(out)
     }
 
-    fn find_state_dict(&self, top: &Value) -> Result<Rc<RefCell<Vec<(Value, Value)>>>> {
+    fn find_state_dict(&self, top: &Value) -> Result<Dict> {
         let d = match top {
             Value::Dict(d) => d,
             Value::Object(g) | Value::Global(g) => {
@@ -425,7 +425,7 @@ impl Reader<'_> {
     }
 }
 
-fn dict_get(d: &Rc<RefCell<Vec<(Value, Value)>>>, key: &str) -> Option<Value> {
+fn dict_get(d: &Dict, key: &str) -> Option<Value> {
     d.borrow().iter().find_map(|(k, v)| match k {
         Value::Str(s) if s == key => Some(v.clone()),
         _ => None,
@@ -973,7 +973,7 @@ impl<'a> Vm<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.err("SETITEMS with an odd number of items"));
         }
         let d = match self.top()? {
