@@ -73,6 +73,14 @@ pub enum Error {
         /// What is inconsistent.
         msg: String,
     },
+    /// A PyTorch checkpoint (`.pth`) that could not be read.
+    #[error("{path}: {msg}")]
+    Pth {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What was found.
+        msg: String,
+    },
     /// Bad user input that is not tied to a file (prompts, sizes, options).
     #[error("{0}")]
     Input(String),

@@ -16,6 +16,7 @@ pub mod medsa;
 pub mod metrics;
 pub mod nn;
 pub mod pipeline;
+pub mod pth;
 pub mod sam;
 pub mod selftest;
 pub mod weights;

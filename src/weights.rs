@@ -125,12 +125,53 @@ pub fn save_safetensors(
     tensors: &[(String, Tensor)],
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
+    save_safetensors_as(path, tensors, metadata, Dtype::F32)
+}
+
+/// Like [`save_safetensors`], storing every tensor as `dtype`: F32, F16 or BF16 (rounded to
+/// nearest even).
+pub fn save_safetensors_as(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+    dtype: Dtype,
+) -> Result<()> {
     let path = path.as_ref();
+    let narrow: Vec<Vec<u8>> = match dtype {
+        Dtype::F32 => Vec::new(),
+        Dtype::F16 => tensors
+            .iter()
+            .map(|(_, t)| {
+                t.data()
+                    .iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                    .collect()
+            })
+            .collect(),
+        Dtype::BF16 => tensors
+            .iter()
+            .map(|(_, t)| {
+                t.data()
+                    .iter()
+                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                    .collect()
+            })
+            .collect(),
+        other => {
+            return Err(Error::Input(format!(
+                "cannot write {other:?} tensors: expected F32, F16 or BF16"
+            )))
+        }
+    };
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, t)| {
-            let bytes: &[u8] = bytemuck::cast_slice(t.data());
-            safetensors::tensor::TensorView::new(Dtype::F32, t.shape().to_vec(), bytes)
+        .enumerate()
+        .map(|(i, (k, t))| {
+            let bytes: &[u8] = match narrow.get(i) {
+                Some(b) => b,
+                None => bytemuck::cast_slice(t.data()),
+            };
+            safetensors::tensor::TensorView::new(dtype, t.shape().to_vec(), bytes)
                 .map(|v| (k.clone(), v))
                 .map_err(|e| Error::Safetensors {
                     path: path.to_path_buf(),

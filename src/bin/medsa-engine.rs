@@ -15,7 +15,9 @@ use medsa::sam::model::postprocess_masks;
 use medsa::sam::random::{random_checkpoint, Rng};
 use medsa::sam::{DepthSpec, MaskOutput, Prompts, Sam, SamConfig, Trace};
 use medsa::selftest;
-use medsa::weights::{save_safetensors, ParamCounts, SafetensorsFile, WeightStore};
+use medsa::weights::{
+    save_safetensors, save_safetensors_as, ParamCounts, SafetensorsFile, WeightStore,
+};
 use medsa::Tensor;
 
 #[derive(Parser)]
@@ -45,8 +47,26 @@ enum PresetArg {
     Medsa,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Convert a PyTorch checkpoint (.pth from torch.save) to safetensors, without Python.
+    Convert {
+        /// The .pth checkpoint: a state dict, or a training checkpoint with a `state_dict`
+        /// (or `model`) entry; a DataParallel `module.` prefix is removed.
+        input: PathBuf,
+        /// The .safetensors file to write (atomically).
+        output: PathBuf,
+        /// Storage dtype of the written tensors.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+    },
     /// Print the configuration inferred from a checkpoint and its parameter counts.
     Info {
         /// A .safetensors checkpoint (official SAM or Med-SA key names).
@@ -264,6 +284,11 @@ fn open_device(device: &str, precision: &str) -> Result<Dev> {
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Info { checkpoint } => info(&checkpoint),
+        Cmd::Convert {
+            input,
+            output,
+            dtype,
+        } => convert(&input, &output, dtype),
         Cmd::Forward {
             checkpoint,
             inputs,
@@ -337,6 +362,73 @@ fn run(cli: Cli) -> Result<()> {
             on_device!(&dev, be => bench(be, &dev, &variant, size, batch, repeats, warmup, adapters))
         }
     }
+}
+
+fn convert(input: &Path, output: &Path, dtype: DtypeArg) -> Result<()> {
+    let t0 = Instant::now();
+    let entries = medsa::pth::read_checkpoint(input)?;
+    let mut tensors = Vec::with_capacity(entries.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut by_dtype: std::collections::BTreeMap<&str, usize> = Default::default();
+    for e in entries {
+        if !seen.insert(e.name.clone()) {
+            bail!(
+                "{}: two tensors are named `{}` after removing the `module.` prefix",
+                input.display(),
+                e.name
+            );
+        }
+        match e.tensor {
+            Some(t) => {
+                *by_dtype.entry(e.dtype.name()).or_default() += 1;
+                tensors.push((e.name, t));
+            }
+            None => println!(
+                "note: skipping `{}` ({} {:?}): not a floating-point tensor",
+                e.name, e.dtype, e.shape
+            ),
+        }
+    }
+    if tensors.is_empty() {
+        bail!(
+            "{}: the state dict has no floating-point tensors",
+            input.display()
+        );
+    }
+    let (st, name) = match dtype {
+        DtypeArg::F32 => (safetensors::tensor::Dtype::F32, "F32"),
+        DtypeArg::F16 => (safetensors::tensor::Dtype::F16, "F16"),
+        DtypeArg::Bf16 => (safetensors::tensor::Dtype::BF16, "BF16"),
+    };
+    save_safetensors_as(output, &tensors, &HashMap::new(), st)?;
+    let params: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
+    let read: Vec<String> = by_dtype.iter().map(|(d, n)| format!("{n} {d}")).collect();
+    println!(
+        "wrote {} ({} tensors, {} parameters, stored as {name}; read {}) in {:.2} s",
+        output.display(),
+        tensors.len(),
+        params,
+        read.join(", "),
+        t0.elapsed().as_secs_f64()
+    );
+    let ws =
+        WeightStore::from_tensors(&output.display().to_string(), tensors.into_iter().collect());
+    match SamConfig::infer(&ws) {
+        Ok(cfg) => println!(
+            "SAM model: {} (embed {}, depth {}, image size {:?}{})",
+            cfg.variant(),
+            cfg.embed_dim,
+            cfg.blocks.len(),
+            cfg.img_size(),
+            if cfg.adapter_dim.is_some() || cfg.has_decoder_adapters() {
+                ", Med-SA adapters"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => println!("not loadable as a SAM model: {e}"),
+    }
+    Ok(())
 }
 
 fn info(path: &Path) -> Result<()> {

@@ -102,3 +102,8 @@ pub fn rms(t: &Tensor) -> f32 {
     }
     (t.data().iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / t.numel() as f64).sqrt() as f32
 }
+
+/// `tests/fixtures/<case>/<file>.<ext>`.
+pub fn fixture_ext(case: &str, file: &str, ext: &str) -> PathBuf {
+    fixtures_dir().join(case).join(format!("{file}.{ext}"))
+}
