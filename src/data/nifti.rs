@@ -457,8 +457,8 @@ impl NiftiHeader {
     /// The sform matrix (`srow_x`, `srow_y`, `srow_z`, `[0 0 0 1]`), whatever `sform_code` says.
     pub fn sform_affine(&self) -> [[f64; 4]; 4] {
         let mut a = [[0.0, 0.0, 0.0, 1.0]; 4];
-        for r in 0..3 {
-            a[r] = self.srow[r].map(f64::from);
+        for (row, srow) in a.iter_mut().zip(&self.srow) {
+            *row = srow.map(f64::from);
         }
         a
     }
