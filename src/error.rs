@@ -81,6 +81,15 @@ pub enum Error {
         /// What was found.
         msg: String,
     },
+    /// A data file (an image volume such as NIfTI) that is malformed or in a form we do not
+    /// support; `msg` names the field and the value found.
+    #[error("{path}: {msg}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the header field.
+        msg: String,
+    },
     /// Bad user input that is not tied to a file (prompts, sizes, options).
     #[error("{0}")]
     Input(String),
