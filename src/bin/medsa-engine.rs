@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use medsa::backend::cpu::Cpu;
 use medsa::backend::Backend;
+use medsa::batch;
 use medsa::medsa::depth_branch::DepthMode;
 use medsa::pipeline::{self, Preset};
 use medsa::sam::model::postprocess_masks;
@@ -108,37 +109,11 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         precision: String,
     },
-    /// Segment one image from point or box prompts; writes the mask at the image's size.
-    Segment {
-        /// Checkpoint (.safetensors).
-        #[arg(long)]
-        checkpoint: PathBuf,
-        /// A PNG or JPEG image.
-        #[arg(long)]
-        image: PathBuf,
-        /// A point "x,y[,label]" in image pixels (label 1 foreground by default, 0 background);
-        /// repeat for more points.
-        #[arg(long = "point")]
-        points: Vec<String>,
-        /// A box "x0,y0,x1,y1" in image pixels.
-        #[arg(long = "box")]
-        bbox: Option<String>,
-        /// Output mask PNG (0/255).
-        #[arg(long)]
-        out: PathBuf,
-        /// Predict three masks and keep the one with the best predicted IoU.
-        #[arg(long)]
-        multimask: bool,
-        /// Preprocessing preset.
-        #[arg(long, value_enum, default_value = "sam")]
-        preset: PresetArg,
-        /// Device: cpu or cuda[:N].
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
-        #[arg(long, default_value = "f32")]
-        precision: String,
-    },
+    /// Segment images and volumes from prompts; masks on the input's own grid.
+    ///
+    /// Batch: `-i` a file, folder (PNG, JPEG, NIfTI) or JSON manifest, `-o` an output folder (same
+    /// base names). Single image: `--image IMG --out MASK.png` (a 0/255 mask).
+    Segment(Box<SegmentArgs>),
     /// Dice, IoU and HD95 of predicted masks against ground truth: two mask PNGs, or two folders
     /// of PNGs matched by file name. Non-zero pixels are foreground. Writes a CSV (per case, then
     /// the means over cases with defined values) to --out or standard output.
@@ -194,6 +169,97 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         precision: String,
     },
+}
+
+/// Options of `segment`.
+#[derive(clap::Args)]
+struct SegmentArgs {
+    /// Checkpoint (.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Batch input: a PNG/JPEG/NIfTI file, a folder of them, or a .json manifest.
+    #[arg(short = 'i', long = "input")]
+    input: Option<PathBuf>,
+    /// Batch output folder (masks keep the inputs' base names).
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+    /// Single-image mode: a PNG or JPEG image.
+    #[arg(long, conflicts_with = "input")]
+    image: Option<PathBuf>,
+    /// Single-image mode: the output mask PNG (0/255).
+    #[arg(long, requires = "image")]
+    out: Option<PathBuf>,
+    /// A 2D point "x,y[,label]" (pixel column, row; label 1 foreground by default, 0
+    /// background); repeat for more points. All prompts given here form one object.
+    #[arg(long = "point")]
+    points: Vec<String>,
+    /// A 3D point "x,y,z[,label]" in voxel indices (i, j, k) of the volume's array order.
+    #[arg(long = "voxel")]
+    voxels: Vec<String>,
+    /// A box "x0,y0,x1,y1" (2D) or "x0,y0,z0,x1,y1,z1" (3D: every slice z0..=z1).
+    #[arg(long = "box")]
+    bbox: Option<String>,
+    /// Prompts from labels: a label file, or a folder with one label per input (same base
+    /// name): the bounding box of --label-id (per slice for volumes).
+    #[arg(long)]
+    prompt_from_label: Option<PathBuf>,
+    /// The label id used by --prompt-from-label and --labels (default for --labels: any
+    /// non-zero).
+    #[arg(long)]
+    label_id: Option<u32>,
+    /// With --prompt-from-label, also click at the structure's centre.
+    #[arg(long)]
+    click: bool,
+    /// Ground truth (file or folder, same base names) for Dice, IoU and HD95 per case; the CSV
+    /// goes to OUTPUT/metrics.csv.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Predict three masks per object and keep the best predicted IoU.
+    #[arg(long)]
+    multimask: bool,
+    /// 2D preprocessing preset.
+    #[arg(long, value_enum, default_value = "sam")]
+    preset: PresetArg,
+    /// Preprocessing preset for volume slices (the reference trains 3D with medsa).
+    #[arg(long, value_enum, default_value = "medsa")]
+    volume_preset: PresetArg,
+    /// Volume intensities: ct (= ct-abdomen, [-175, 250] HU as the reference), ct-soft,
+    /// ct-lung, ct-bone, ct-brain, window:lo,hi, mr (0.5-99.5 percentiles), mr:plo,phi, none.
+    #[arg(long, default_value = "ct")]
+    intensity: String,
+    /// Slices per encoder pass for volumes (the SD-Trans depth window); chunks do not overlap.
+    #[arg(long, default_value_t = 8)]
+    chunk: usize,
+    /// Depth-branch semantics for windowed blocks.
+    #[arg(long, value_enum, default_value = "per-token")]
+    depth_mode: DepthModeArg,
+    /// 2D images per encoder pass.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Leave cases whose output already exists (resume an interrupted run).
+    #[arg(long)]
+    skip_existing: bool,
+    /// Split the cases into N parts (case i of the sorted list goes to part i % N) ...
+    #[arg(long, default_value_t = 1)]
+    num_parts: usize,
+    /// ... and run part K (0-based), e.g. a Slurm array index.
+    #[arg(long, default_value_t = 0)]
+    part_id: usize,
+    /// Also write probability maps (<name>_prob.png / _prob.nii.gz).
+    #[arg(long)]
+    probabilities: bool,
+    /// For volumes, also write <name>_overview.png: prompted slices with the mask in red.
+    #[arg(long)]
+    overview: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Device: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 fn main() {
@@ -314,28 +380,9 @@ fn run(cli: Cli) -> Result<()> {
                 original_size,
             ))
         }
-        Cmd::Segment {
-            checkpoint,
-            image,
-            points,
-            bbox,
-            out,
-            multimask,
-            preset,
-            device,
-            precision,
-        } => {
-            let dev = open_device(&device, &precision)?;
-            on_device!(&dev, be => segment(
-                be,
-                &checkpoint,
-                &image,
-                &points,
-                bbox.as_deref(),
-                &out,
-                multimask,
-                preset,
-            ))
+        Cmd::Segment(a) => {
+            let dev = open_device(&a.device, &a.precision)?;
+            on_device!(&dev, be => segment_cmd(be, &a))
         }
         Cmd::Eval {
             pred,
@@ -798,6 +845,127 @@ fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
         );
     }
     Ok(v)
+}
+
+fn preset_of(p: PresetArg) -> Preset {
+    match p {
+        PresetArg::Sam => Preset::Sam,
+        PresetArg::Medsa => Preset::Medsa,
+    }
+}
+
+fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
+    if let Some(image) = &a.image {
+        let out = a
+            .out
+            .as_ref()
+            .ok_or_else(|| anyhow!("--image needs --out MASK.png"))?;
+        if !a.voxels.is_empty() || a.prompt_from_label.is_some() || a.labels.is_some() {
+            bail!("--voxel, --prompt-from-label and --labels are for batch mode (-i/-o)");
+        }
+        return segment(
+            be,
+            &a.checkpoint,
+            image,
+            &a.points,
+            a.bbox.as_deref(),
+            out,
+            a.multimask,
+            a.preset,
+        );
+    }
+    let input = a.input.as_ref().ok_or_else(|| {
+        anyhow!("give -i INPUT -o OUTPUT_DIR (batch) or --image IMG --out MASK.png")
+    })?;
+    let out_dir = a
+        .output
+        .as_ref()
+        .ok_or_else(|| anyhow!("-i needs -o OUTPUT_DIR"))?;
+    let mut object = batch::Object::default();
+    for p in &a.points {
+        let v = parse_floats(p, "--point", &[2, 3])?;
+        object
+            .points
+            .push([v[0], v[1], 0.0, v.get(2).copied().unwrap_or(1.0)]);
+    }
+    for p in &a.voxels {
+        let v = parse_floats(p, "--voxel", &[3, 4])?;
+        object
+            .points
+            .push([v[0], v[1], v[2], v.get(3).copied().unwrap_or(1.0)]);
+    }
+    if let Some(b) = &a.bbox {
+        let v = parse_floats(b, "--box", &[4, 6])?;
+        object.bbox = Some(if v.len() == 4 {
+            [v[0], v[1], 0.0, v[2], v[3], 0.0]
+        } else {
+            [v[0], v[1], v[2], v[3], v[4], v[5]]
+        });
+    }
+    if a.prompt_from_label.is_some() && a.label_id.is_none() {
+        bail!("--prompt-from-label needs --label-id N");
+    }
+    let opts = batch::JobOptions {
+        preset: preset_of(a.preset),
+        volume_preset: preset_of(a.volume_preset),
+        intensity: batch::Intensity::parse(&a.intensity)?,
+        chunk: a.chunk,
+        depth_mode: match a.depth_mode {
+            DepthModeArg::PerToken => DepthMode::PerToken,
+            DepthModeArg::Compat => DepthMode::Compat,
+        },
+        batch_size: a.batch_size,
+        skip_existing: a.skip_existing,
+        multimask: a.multimask,
+        probabilities: a.probabilities,
+        overview: a.overview,
+        global_objects: if object == batch::Object::default() {
+            vec![]
+        } else {
+            vec![object]
+        },
+        global_from_label: a
+            .prompt_from_label
+            .clone()
+            .map(|p| (p, a.label_id.unwrap_or(1), a.click)),
+        labels: a.labels.clone(),
+        label_id: a.label_id,
+        quiet: a.quiet,
+    };
+    let cases = batch::shard(batch::discover(input, out_dir)?, a.num_parts, a.part_id)?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("{}", out_dir.display()))?;
+    let model = Sam::load(be, &a.checkpoint)?;
+    let job = batch::Job::new(be, &model, opts)?;
+    let n = cases.len();
+    let summary = job.run(cases);
+    let skipped = summary
+        .cases
+        .iter()
+        .filter(|(_, o)| matches!(o, batch::Outcome::Skipped))
+        .count();
+    let failed = summary.failed();
+    eprintln!(
+        "segment: {} of {n} cases done, {skipped} skipped, {failed} failed in {:.1} s ({:.2} images/s on {})",
+        n - skipped - failed,
+        summary.seconds,
+        summary.images_per_s(),
+        be.name()
+    );
+    for (name, o) in &summary.cases {
+        if let batch::Outcome::Failed(why) = o {
+            eprintln!("  failed: {name}: {why}");
+        }
+    }
+    if let Some(csv) = summary.metrics_csv() {
+        let path = out_dir.join("metrics.csv");
+        medsa::weights::write_atomic(&path, csv.as_bytes())?;
+        let mean = csv.lines().last().unwrap_or_default();
+        eprintln!("metrics: {} ({mean})", path.display());
+    }
+    if failed > 0 {
+        bail!("{failed} of {n} cases failed");
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
