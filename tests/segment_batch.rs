@@ -274,3 +274,36 @@ fn manifest_with_label_prompts_and_metrics() {
     assert!(out.join("img_mask.png").exists());
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn eval_scores_volumes_in_millimetres() {
+    let d = tmpdir("eval-nii");
+    let src = common::fixtures_dir().join("nifti/oblique_float32.nii");
+    let v = read_nifti(&src).unwrap();
+    let [nx, ny, nz] = v.dims;
+    // Ground truth: a block; prediction: the same block shifted by one voxel along k.
+    let block = |dz: usize| -> Vec<u8> {
+        (0..nx * ny * nz)
+            .map(|i| {
+                let (x, y, z) = (i % nx, (i / nx) % ny, i / (nx * ny));
+                ((1..5).contains(&x) && (1..4).contains(&y) && (1 + dz..3 + dz).contains(&z)) as u8
+            })
+            .collect()
+    };
+    medsa::data::nifti::write_labels(&d.join("gt.nii.gz"), &v.header, &block(0)).unwrap();
+    medsa::data::nifti::write_labels(&d.join("pred.nii.gz"), &v.header, &block(1)).unwrap();
+    let o = bin()
+        .arg("eval")
+        .arg(d.join("pred.nii.gz"))
+        .arg(d.join("gt.nii.gz"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    // Overlap 1 of 2 slices: Dice 0.5; surfaces one voxel apart along k (pixdim 2.5 mm there).
+    let row: Vec<&str> = text.lines().nth(1).unwrap().split(',').collect();
+    assert_eq!(row[1], "0.500000", "{text}");
+    let hd: f64 = row[3].parse().unwrap();
+    assert!(hd > 0.0 && hd <= 2.5 + 1e-6, "{text}");
+    let _ = std::fs::remove_dir_all(d);
+}

@@ -114,15 +114,16 @@ enum Cmd {
     /// Batch: `-i` a file, folder (PNG, JPEG, NIfTI) or JSON manifest, `-o` an output folder (same
     /// base names). Single image: `--image IMG --out MASK.png` (a 0/255 mask).
     Segment(Box<SegmentArgs>),
-    /// Dice, IoU and HD95 of predicted masks against ground truth: two mask PNGs, or two folders
-    /// of PNGs matched by file name. Non-zero pixels are foreground. Writes a CSV (per case, then
-    /// the means over cases with defined values) to --out or standard output.
+    /// Dice, IoU and HD95 of predicted masks against ground truth: two mask PNGs or NIfTI
+    /// volumes, or two folders of them matched by file name. Non-zero voxels are foreground;
+    /// HD95 is in mm for volumes (spacing from the ground truth's header). Writes a CSV (per
+    /// case, then the means over cases with defined values) to --out or standard output.
     Eval {
         /// Predicted mask (PNG) or folder of masks.
         pred: PathBuf,
         /// Ground-truth mask (PNG) or folder of masks with the same file names.
         gt: PathBuf,
-        /// Pixel spacing "sy,sx" (mm) for HD95.
+        /// Pixel spacing "sy,sx" (mm) for HD95 of PNG masks.
         #[arg(long, default_value = "1,1")]
         spacing: String,
         /// CSV output (written atomically); standard output when absent.
@@ -741,11 +742,15 @@ fn eval(pred: &Path, gt: &Path, spacing: &str, out: Option<&Path>) -> Result<()>
             .with_context(|| format!("{}", pred.display()))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.to_ascii_lowercase().ends_with(".png"))
+            .filter(|n| {
+                let l = n.to_ascii_lowercase();
+                l.ends_with(".png") || l.ends_with(".nii") || l.ends_with(".nii.gz")
+            })
+            .filter(|n| !n.contains("_prob.") && !n.contains("_overview."))
             .collect();
         names.sort();
         if names.is_empty() {
-            bail!("{}: no .png masks", pred.display());
+            bail!("{}: no .png or NIfTI masks", pred.display());
         }
         names
             .into_iter()
@@ -763,6 +768,30 @@ fn eval(pred: &Path, gt: &Path, spacing: &str, out: Option<&Path>) -> Result<()>
     let mut failed = Vec::new();
     for (name, p, g) in &pairs {
         let r = (|| -> Result<medsa::metrics::Scores> {
+            if batch::is_nifti(p) {
+                // Volumes: spacing (mm) from the ground truth's header, shape (k, j, i).
+                let pv = medsa::data::nifti::read_nifti(p)?;
+                let gv = medsa::data::nifti::read_nifti(g)?;
+                if pv.dims != gv.dims {
+                    bail!(
+                        "{}: dims {:?}, but the ground truth {} has {:?}",
+                        p.display(),
+                        pv.dims,
+                        g.display(),
+                        gv.dims
+                    );
+                }
+                let [nx, ny, nz] = gv.dims;
+                let s = gv.header.spacing();
+                let pm: Vec<bool> = pv.data.iter().map(|&v| v > 0.5).collect();
+                let gm: Vec<bool> = gv.data.iter().map(|&v| v > 0.5).collect();
+                return Ok(medsa::metrics::scores(
+                    &pm,
+                    &gm,
+                    &[nz, ny, nx],
+                    &[s[2], s[1], s[0]],
+                )?);
+            }
             let (pm, ps) = load_mask(p)?;
             let (gm, gs) = load_mask(g)?;
             if ps != gs {
