@@ -464,65 +464,36 @@ impl Summary {
             .count()
     }
 
+    /// Images (slices) encoded so far.
+    pub fn images(&self) -> usize {
+        self.cases
+            .iter()
+            .map(|(_, o)| match o {
+                Outcome::Done { images, .. } => *images,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Images (slices) encoded per second.
     pub fn images_per_s(&self) -> f64 {
-        let n: usize = self
-            .cases
-            .iter()
-            .map(|(_, o)| {
-                if let Outcome::Done { images, .. } = o {
-                    *images
-                } else {
-                    0
-                }
-            })
-            .sum();
-        n as f64 / self.seconds.max(1e-9)
+        self.images() as f64 / self.seconds.max(1e-9)
     }
 
     /// The per-case metrics CSV (`case,dice,iou,hd95`, then the means over cases with finite
     /// values), when any case was evaluated.
     pub fn metrics_csv(&self) -> Option<String> {
-        let rows: Vec<(&String, Scores)> = self
+        let rows: Vec<(String, Scores)> = self
             .cases
             .iter()
-            .filter_map(|(n, o)| {
-                if let Outcome::Done {
+            .filter_map(|(n, o)| match o {
+                Outcome::Done {
                     scores: Some(s), ..
-                } = o
-                {
-                    Some((n, *s))
-                } else {
-                    None
-                }
+                } => Some((n.clone(), *s)),
+                _ => None,
             })
             .collect();
-        if rows.is_empty() {
-            return None;
-        }
-        let mut csv = String::from("case,dice,iou,hd95\n");
-        for (n, s) in &rows {
-            csv.push_str(&format!("{n},{:.6},{:.6},{:.6}\n", s.dice, s.iou, s.hd95));
-        }
-        let mean = |f: fn(&Scores) -> f64| {
-            let v: Vec<f64> = rows
-                .iter()
-                .map(|(_, s)| f(s))
-                .filter(|x| x.is_finite())
-                .collect();
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                v.iter().sum::<f64>() / v.len() as f64
-            }
-        };
-        csv.push_str(&format!(
-            "mean,{:.6},{:.6},{:.6}\n",
-            mean(|s| s.dice),
-            mean(|s| s.iou),
-            mean(|s| s.hd95)
-        ));
-        Some(csv)
+        (!rows.is_empty()).then(|| metrics::csv(&rows))
     }
 }
 
@@ -1223,17 +1194,7 @@ impl<'a, B: Backend> Job<'a, B> {
                     }
                 }
                 done += 1;
-                images = summary
-                    .cases
-                    .iter()
-                    .map(|(_, o)| {
-                        if let Outcome::Done { images, .. } = o {
-                            *images
-                        } else {
-                            0
-                        }
-                    })
-                    .sum();
+                images = summary.images();
                 progress.show(
                     done.min(total),
                     images,
@@ -1283,20 +1244,7 @@ fn ensure_parent(p: &Path) -> Result<()> {
 
 /// Writes an 8-bit grey PNG atomically.
 pub fn write_png(path: &Path, px: &[u8], h: usize, w: usize) -> Result<()> {
-    let img = image::GrayImage::from_raw(w as u32, h as u32, px.to_vec()).ok_or_else(|| {
-        Error::Input(format!(
-            "{}: {} values are not {w}x{h}",
-            path.display(),
-            px.len()
-        ))
-    })?;
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Input(format!("{}: cannot encode PNG: {e}", path.display())))?;
-    crate::weights::write_atomic(path, &bytes)
+    pipeline::write_gray_png(path, px, h, w)
 }
 
 /// A montage of up to 6 slices (those given, evenly picked) with the mask overlaid in red.
@@ -1337,13 +1285,7 @@ fn write_overview(
             }
         }
     }
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| Error::Input(format!("{}: cannot encode PNG: {e}", path.display())))?;
-    crate::weights::write_atomic(path, &bytes)
+    pipeline::write_png_atomic(path, &image::DynamicImage::ImageRgb8(img))
 }
 
 #[cfg(test)]

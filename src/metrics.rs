@@ -186,6 +186,34 @@ fn dt1d(f: &[f64], w: f64, out: &mut [f64], v: &mut [usize], z: &mut [f64]) {
     }
 }
 
+/// The metrics CSV: a header, one row per case, then the means over the cases whose value is
+/// finite (an empty mask's infinite HD95 is listed but left out of the mean).
+pub fn csv(rows: &[(String, Scores)]) -> String {
+    let mut out = String::from("case,dice,iou,hd95\n");
+    for (n, s) in rows {
+        out.push_str(&format!("{n},{:.6},{:.6},{:.6}\n", s.dice, s.iou, s.hd95));
+    }
+    let mean = |f: fn(&Scores) -> f64| {
+        let v: Vec<f64> = rows
+            .iter()
+            .map(|(_, s)| f(s))
+            .filter(|x| x.is_finite())
+            .collect();
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    out.push_str(&format!(
+        "mean,{:.6},{:.6},{:.6}\n",
+        mean(|s| s.dice),
+        mean(|s| s.iou),
+        mean(|s| s.hd95)
+    ));
+    out
+}
+
 /// numpy's default (linear) percentile.
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {

@@ -190,8 +190,23 @@ pub fn write_mask_png(path: &Path, logits: &[f32], h: usize, w: usize) -> Result
         .iter()
         .map(|&v| if v > 0.0 { 255 } else { 0 })
         .collect();
-    let img = image::GrayImage::from_raw(w as u32, h as u32, px)
-        .ok_or_else(|| Error::Input(format!("mask of {} values is not {w}x{h}", logits.len())))?;
+    write_gray_png(path, &px, h, w)
+}
+
+/// Writes an 8-bit grey PNG of `h x w` pixels, atomically.
+pub fn write_gray_png(path: &Path, px: &[u8], h: usize, w: usize) -> Result<()> {
+    let img = image::GrayImage::from_raw(w as u32, h as u32, px.to_vec()).ok_or_else(|| {
+        Error::Input(format!(
+            "{}: {} values are not {w}x{h}",
+            path.display(),
+            px.len()
+        ))
+    })?;
+    write_png_atomic(path, &image::DynamicImage::ImageLuma8(img))
+}
+
+/// Encodes any image as PNG and writes it atomically (temporary file + rename).
+pub fn write_png_atomic(path: &Path, img: &image::DynamicImage) -> Result<()> {
     let mut bytes = Vec::new();
     img.write_to(
         &mut std::io::Cursor::new(&mut bytes),

@@ -763,8 +763,7 @@ fn eval(pred: &Path, gt: &Path, spacing: &str, out: Option<&Path>) -> Result<()>
             .unwrap_or_default();
         vec![(name, pred.to_path_buf(), gt.to_path_buf())]
     };
-    let mut csv = String::from("case,dice,iou,hd95\n");
-    let mut rows: Vec<medsa::metrics::Scores> = Vec::new();
+    let mut rows: Vec<(String, medsa::metrics::Scores)> = Vec::new();
     let mut failed = Vec::new();
     for (name, p, g) in &pairs {
         let r = (|| -> Result<medsa::metrics::Scores> {
@@ -808,30 +807,11 @@ fn eval(pred: &Path, gt: &Path, spacing: &str, out: Option<&Path>) -> Result<()>
             Ok(medsa::metrics::scores(&pm, &gm, &ps, &sp)?)
         })();
         match r {
-            Ok(s) => {
-                csv.push_str(&format!(
-                    "{name},{:.6},{:.6},{:.6}\n",
-                    s.dice, s.iou, s.hd95
-                ));
-                rows.push(s);
-            }
+            Ok(s) => rows.push((name.clone(), s)),
             Err(e) => failed.push(format!("{name}: {e:#}")),
         }
     }
-    let mean = |f: fn(&medsa::metrics::Scores) -> f64| {
-        let v: Vec<f64> = rows.iter().map(f).filter(|x| x.is_finite()).collect();
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
-        }
-    };
-    csv.push_str(&format!(
-        "mean,{:.6},{:.6},{:.6}\n",
-        mean(|s| s.dice),
-        mean(|s| s.iou),
-        mean(|s| s.hd95)
-    ));
+    let csv = medsa::metrics::csv(&rows);
     match out {
         Some(o) => medsa::weights::write_atomic(o, csv.as_bytes())?,
         None => print!("{csv}"),
