@@ -307,3 +307,37 @@ fn eval_scores_volumes_in_millimetres() {
     assert!(hd > 0.0 && hd <= 2.5 + 1e-6, "{text}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn jpeg_rgb_and_16_bit_grey_inputs_give_masks_at_their_size() {
+    let d = tmpdir("formats");
+    let inp = d.join("in");
+    std::fs::create_dir_all(&inp).unwrap();
+    let grey = image::open(root().join("examples/phantom.png"))
+        .unwrap()
+        .to_luma8();
+    let rgb = image::DynamicImage::ImageLuma8(grey.clone()).to_rgb8();
+    rgb.save(inp.join("colour.jpg")).unwrap();
+    let deep = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_fn(
+        grey.width(),
+        grey.height(),
+        |x, y| image::Luma([grey.get_pixel(x, y).0[0] as u16 * 257]),
+    );
+    deep.save(inp.join("deep16.png")).unwrap();
+    let out = d.join("out");
+    let (ok, text) = run(segment(&inp, &out, "tiny").args(["--box", "100,55,165,115"]));
+    assert!(ok, "{text}");
+    for n in ["colour.png", "deep16.png"] {
+        let m = image::open(out.join(n)).unwrap();
+        assert_eq!((m.width(), m.height()), (192, 160), "{n}");
+    }
+    // The same picture at 8 and 16 bits must give the same mask (intensities are rescaled).
+    let a = image::open(out.join("deep16.png")).unwrap().to_luma8();
+    std::fs::copy(root().join("examples/phantom.png"), inp.join("eight.png")).unwrap();
+    let (ok, text) =
+        run(segment(&inp.join("eight.png"), &out, "tiny").args(["--box", "100,55,165,115"]));
+    assert!(ok, "{text}");
+    let b = image::open(out.join("eight.png")).unwrap().to_luma8();
+    assert_eq!(a, b);
+    let _ = std::fs::remove_dir_all(d);
+}
