@@ -11,6 +11,7 @@ pub mod batch;
 pub mod data;
 pub mod error;
 pub mod tensor;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use tensor::Tensor;

@@ -1,0 +1,7 @@
+//! Training building blocks (issue 4 groundwork): losses with their gradients, AdamW with
+//! schedules and gradient clipping, and prompt sampling from masks. The backward passes of the
+//! network itself and the `train` command build on these.
+
+pub mod loss;
+pub mod optim;
+pub mod sampler;
