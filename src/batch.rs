@@ -902,10 +902,10 @@ impl<'a, B: Backend> Job<'a, B> {
             let r = (|| -> Result<Outcome> {
                 let (labels, prob) = self.decode(&emb, b, &l.prep, &l.prompts)?;
                 let (h, w) = l.prep.original_size;
-                write_png(&case.output, &labels, h, w)?;
+                pipeline::write_gray_png(&case.output, &labels, h, w)?;
                 if self.opts.probabilities {
                     let p: Vec<u8> = prob.iter().map(|v| (v * 255.0).round() as u8).collect();
-                    write_png(&sibling(&case.output, "_prob", ".png"), &p, h, w)?;
+                    pipeline::write_gray_png(&sibling(&case.output, "_prob", ".png"), &p, h, w)?;
                 }
                 let scores = match &l.gt {
                     Some(gt) => {
@@ -1155,7 +1155,7 @@ impl<'a, B: Backend> Job<'a, B> {
                     let item = if skip || is_nifti(&case.image) {
                         None
                     } else {
-                        Some(loader.load_2d_sendable(&case))
+                        Some(loader.load_2d(&case))
                     };
                     if tx.send((case, item)).is_err() {
                         break;
@@ -1207,10 +1207,6 @@ impl<'a, B: Backend> Job<'a, B> {
         summary.seconds = start.elapsed().as_secs_f64();
         summary
     }
-
-    fn load_2d_sendable(&self, case: &Case) -> Result<Loaded2d> {
-        self.load_2d(case)
-    }
 }
 
 /// The label file of `image` inside folder `dir`: the same base name with any supported
@@ -1240,11 +1236,6 @@ fn ensure_parent(p: &Path) -> Result<()> {
         }
         _ => Ok(()),
     }
-}
-
-/// Writes an 8-bit grey PNG atomically.
-pub fn write_png(path: &Path, px: &[u8], h: usize, w: usize) -> Result<()> {
-    pipeline::write_gray_png(path, px, h, w)
 }
 
 /// A montage of up to 6 slices (those given, evenly picked) with the mask overlaid in red.

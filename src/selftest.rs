@@ -456,20 +456,8 @@ pub fn model<B: Backend>(be: &B, fixtures: &Path, tol: Tolerance) -> Vec<Check> 
             let model = Sam::load(be, fixtures.join(case).join("weights.safetensors"))?;
             let f = SafetensorsFile::open(fixtures.join(case).join(format!("{run}.safetensors")))?;
             let meta = f.metadata().clone();
-            let get = |k: &str| -> Result<Option<Tensor>> {
-                if f.contains(k) {
-                    f.tensor(k).map(Some)
-                } else {
-                    Ok(None)
-                }
-            };
             let images = f.tensor("images")?;
-            let prompts = Prompts {
-                point_coords: get("point_coords")?,
-                point_labels: get("point_labels")?,
-                boxes: get("boxes")?,
-                mask_inputs: get("mask_inputs")?,
-            };
+            let prompts = Prompts::read(&f)?;
             let multimask = meta.get("multimask_output").is_some_and(|v| v == "true");
             let d: usize = meta.get("depth").and_then(|v| v.parse().ok()).unwrap_or(0);
             let mode = if meta.get("depth_mode").is_some_and(|v| v == "compat") {

@@ -26,14 +26,8 @@ fn run_case(case: &str, run: &str) {
     let model = Sam::load(&be, common::fixture(case, "weights")).unwrap_or_else(|e| panic!("{e}"));
     let f = open(case, run);
     let meta = f.metadata().clone();
-    let get = |k: &str| -> Option<Tensor> { f.contains(k).then(|| f.tensor(k).unwrap()) };
-    let images = get("images").unwrap();
-    let prompts = Prompts {
-        point_coords: get("point_coords"),
-        point_labels: get("point_labels"),
-        boxes: get("boxes"),
-        mask_inputs: get("mask_inputs"),
-    };
+    let images = f.tensor("images").unwrap();
+    let prompts = Prompts::read(&f).unwrap();
     let multimask = meta["multimask_output"] == "true";
     let d: usize = meta["depth"].parse().unwrap();
     let depth = (d > 0).then(|| DepthSpec {

@@ -601,12 +601,7 @@ fn forward<B: Backend>(
         "mask_inputs",
         "depth",
     ];
-    let prompts = Prompts {
-        point_coords: get("point_coords")?,
-        point_labels: get("point_labels")?,
-        boxes: get("boxes")?,
-        mask_inputs: get("mask_inputs")?,
-    };
+    let prompts = Prompts::read(&f)?;
     let unknown: Vec<&str> = f
         .keys()
         .filter(|k| !known.contains(k) && !k.contains('.') && !is_output(k))

@@ -287,7 +287,7 @@ impl<B: Backend> MaskDecoder<B> {
     }
 
     /// Predicts all `T` masks: embeddings `[B, h, w, C]` (channels-last), dense prompts
-    /// `[B, h, w, C]`, dense PE `[1, h*w, C]`, sparse prompts `[B, Nt, C]`. Returns masks
+    /// `[B, h, w, C]` (or one broadcast `[1, 1, 1, C]` row), dense PE `[1, h*w, C]`, sparse prompts `[B, Nt, C]`. Returns masks
     /// `[B, T, 4h, 4w]` and IoU `[B, T]`.
     pub fn predict(
         &self,

@@ -54,7 +54,8 @@ impl<B: Backend> Trace<B> {
         }
     }
 
-    pub(crate) fn enabled_flag(&self) -> bool {
+    /// Whether the trace records (lets callers skip building trace-only tensors).
+    pub fn is_enabled(&self) -> bool {
         self.enabled
     }
 

@@ -127,14 +127,12 @@ impl<B: Backend> Sam<B> {
         let sparse = be.upload(&sparse)?;
         trace.record(be, "sparse_embeddings", &sparse);
         let dense = self.prompt_encoder.dense(be, prompts, b, (h, w))?;
-        let pe = be.upload(
-            &self
-                .prompt_encoder
-                .dense_pe((h, w))
-                .reshape(&[1, h * w, c])?,
-        )?;
-        if trace_enabled(trace) {
-            let d = be.permute(&dense, &[0, 3, 1, 2])?;
+        let pe = self.prompt_encoder.dense_pe_dev(be, (h, w))?;
+        if trace.is_enabled() {
+            // The no-mask embedding is kept as one broadcast row; the trace shows it per token.
+            let zeros = be.upload(&Tensor::zeros(&[b, h, w, c]))?;
+            let full = be.add_scaled(&zeros, 1.0, &dense, 1.0)?;
+            let d = be.permute(&full, &[0, 3, 1, 2])?;
             trace.record(be, "dense_embeddings", &d);
             let p = be.permute(&be.reshape(&pe, &[1, h, w, c])?, &[0, 3, 1, 2])?;
             trace.record(be, "dense_pe", &p);
@@ -175,18 +173,6 @@ impl<B: Backend> Sam<B> {
             low_res_masks: be.download(&masks)?,
             iou_predictions: be.download(&iou)?,
         })
-    }
-}
-
-fn trace_enabled<B: Backend>(t: &Trace<B>) -> bool {
-    // A zero-cost probe: recording into a disabled trace is a no-op, so check via a flag copy.
-    t.is_enabled()
-}
-
-impl<B: Backend> Trace<B> {
-    /// Whether the trace records.
-    pub fn is_enabled(&self) -> bool {
-        self.enabled_flag()
     }
 }
 

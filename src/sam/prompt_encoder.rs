@@ -31,6 +31,26 @@ pub struct Prompts {
     pub mask_inputs: Option<Tensor>,
 }
 
+impl Prompts {
+    /// Reads the optional prompt tensors of an inputs file (`point_coords`, `point_labels`,
+    /// `boxes`, `mask_inputs`), as `medsa-engine forward` and the golden files store them.
+    pub fn read(f: &crate::weights::SafetensorsFile) -> Result<Self> {
+        let get = |k: &str| -> Result<Option<Tensor>> {
+            if f.contains(k) {
+                f.tensor(k).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Prompts {
+            point_coords: get("point_coords")?,
+            point_labels: get("point_labels")?,
+            boxes: get("boxes")?,
+            mask_inputs: get("mask_inputs")?,
+        })
+    }
+}
+
 /// The prompt encoder.
 pub struct PromptEncoder<B: Backend> {
     /// `[2, C/2]` random Fourier features.
@@ -39,8 +59,6 @@ pub struct PromptEncoder<B: Backend> {
     pub point_embeddings: [Vec<f32>; 4],
     /// Embedding of ignored / padding points.
     pub not_a_point: Vec<f32>,
-    /// The no-mask dense embedding `[C]`.
-    pub no_mask: Vec<f32>,
     /// Mask downscaling: conv k2 s2 -> LN2d -> GELU -> conv k2 s2 -> LN2d -> GELU -> conv 1x1.
     pub mask_conv1: Conv2d<B>,
     /// See `mask_conv1`.
@@ -53,6 +71,10 @@ pub struct PromptEncoder<B: Backend> {
     pub mask_conv3: Conv2d<B>,
     /// Width C.
     pub dim: usize,
+    /// The no-mask embedding on the device, `[1, 1, 1, C]` (broadcast over the image tokens).
+    pub no_mask: B::Tensor,
+    /// Dense positional encodings `[1, h*w, C]` per grid, computed and uploaded once.
+    pub pe_cache: std::sync::Mutex<std::collections::HashMap<(usize, usize), B::Tensor>>,
 }
 
 impl<B: Backend> PromptEncoder<B> {
@@ -74,13 +96,17 @@ impl<B: Backend> PromptEncoder<B> {
             )?,
             point_embeddings: [pe(0, ws)?, pe(1, ws)?, pe(2, ws)?, pe(3, ws)?],
             not_a_point: vec(ws, "prompt_encoder.not_a_point_embed.weight")?,
-            no_mask: vec(ws, "prompt_encoder.no_mask_embed.weight")?,
+            no_mask: be.upload(
+                &ws.take("prompt_encoder.no_mask_embed.weight", &[1, c])?
+                    .reshape(&[1, 1, 1, c])?,
+            )?,
             mask_conv1: Conv2d::load(be, ws, &format!("{p}.0"), 1, m / 4, 2, 2, 0, true)?,
             mask_norm1: LayerNorm::load(be, ws, &format!("{p}.1"), m / 4, 1e-6)?,
             mask_conv2: Conv2d::load(be, ws, &format!("{p}.3"), m / 4, m, 2, 2, 0, true)?,
             mask_norm2: LayerNorm::load(be, ws, &format!("{p}.4"), m, 1e-6)?,
             mask_conv3: Conv2d::load(be, ws, &format!("{p}.6"), m, c, 1, 1, 0, true)?,
             dim: c,
+            pe_cache: Default::default(),
         })
     }
 
@@ -199,7 +225,25 @@ impl<B: Backend> PromptEncoder<B> {
         Tensor::from_vec(out, &[h, w, c]).expect("sizes agree by construction")
     }
 
-    /// Dense prompt embeddings `[batch, h, w, C]`.
+    /// The dense positional encoding of a `(h, w)` grid on the device, `[1, h*w, C]`, cached:
+    /// every decode of the same grid reuses it.
+    pub fn dense_pe_dev(&self, be: &B, grid: (usize, usize)) -> Result<B::Tensor> {
+        let mut cache = self.pe_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cache.get(&grid) {
+            return Ok(t.clone());
+        }
+        let t = be.upload(
+            &self
+                .dense_pe(grid)
+                .reshape(&[1, grid.0 * grid.1, self.dim])?,
+        )?;
+        cache.insert(grid, t.clone());
+        Ok(t)
+    }
+
+    /// Dense prompt embeddings: `[batch, h, w, C]` from mask inputs, or the no-mask embedding
+    /// as `[1, 1, 1, C]`, which the decoder broadcasts over every image token (no per-call
+    /// `batch x h x w x C` copy).
     pub fn dense(
         &self,
         be: &B,
@@ -223,14 +267,7 @@ impl<B: Backend> PromptEncoder<B> {
                 let x = be.activate(&self.mask_norm2.forward(be, &x)?, Act::Gelu)?;
                 self.mask_conv3.forward(be, &x)
             }
-            None => {
-                let n = batch * grid.0 * grid.1;
-                let mut v = Vec::with_capacity(n * self.dim);
-                for _ in 0..n {
-                    v.extend_from_slice(&self.no_mask);
-                }
-                be.upload(&Tensor::from_vec(v, &[batch, grid.0, grid.1, self.dim])?)
-            }
+            None => Ok(self.no_mask.clone()),
         }
     }
 }
