@@ -48,7 +48,22 @@ pub struct RelPos<'a, T> {
     pub k_grid: (usize, usize),
 }
 
-/// A compute backend: owns device memory and implements the forward ops.
+/// Gradients of [`Backend::attention`] with respect to its inputs.
+pub struct AttentionGrads<T> {
+    /// `[B, Lq, heads * d]`.
+    pub dq: T,
+    /// `[B, Lk, heads * d]`.
+    pub dk: T,
+    /// `[B, Lk, heads * d]`.
+    pub dv: T,
+    /// With a relative-position bias: the gradients of the gathered tables `(drh, drw)`, shaped
+    /// like `RelPos::rh` / `RelPos::rw` (`[qh, kh, d]`, `[qw, kw, d]`), summed over batch and
+    /// heads.
+    pub drel: Option<(T, T)>,
+}
+
+/// A compute backend: owns device memory and implements the forward ops and
+/// their backward counterparts.
 ///
 /// The CPU backend ([`cpu::Cpu`]) is the executable specification; other backends are tested
 /// against it.
@@ -215,4 +230,172 @@ pub trait Backend: Send + Sync {
     /// `F.interpolate(x, size, mode="bicubic", align_corners=False)` (A = -0.75, border
     /// clamped) on `[B, C, H, W]`.
     fn resize_bicubic(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
+
+    // ----- backward ----------------------------------------------------------------------------
+    //
+    // Each backward op returns the gradients of a forward op's inputs given the gradient of its
+    // output (`dy`). Ops that only some callers need (a frozen weight's gradient) take flags so
+    // nothing is computed for them. The defaults are compositions of the forward ops, correct on
+    // any backend; backends override them where a dedicated kernel is faster.
+
+    /// Gradient of [`Backend::activate`]: `dx = dy * act'(x)`, where `x` is the activation's
+    /// *input*. GELU is the exact (erf) form: `act'(x) = Phi(x) + x * phi(x)`. ReLU's derivative
+    /// at 0 is 0 (PyTorch's convention).
+    fn activate_backward(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        act: Act,
+    ) -> Result<Self::Tensor>;
+
+    /// Column sums: `x` viewed as `[rows, cols]` (`cols` must divide the element count) ->
+    /// `[cols]`. The gradient of a broadcast (bias, suffix-broadcast `add_scaled`).
+    fn sum_rows(&self, x: &Self::Tensor, cols: usize) -> Result<Self::Tensor> {
+        let n: usize = self.dims(x).iter().product();
+        if cols == 0 || n % cols != 0 {
+            return Err(crate::Error::shape(
+                "sum_rows",
+                format!("{n} elements are not rows of {cols}"),
+            ));
+        }
+        let rows = n / cols;
+        let ones = self.upload(&crate::Tensor::full(&[1, 1, rows], 1.0))?;
+        let x = self.reshape(x, &[1, rows, cols])?;
+        let y = self.matmul(&ones, &x, false)?;
+        self.reshape(&y, &[cols])
+    }
+
+    /// Input gradient of [`Backend::linear`] (before its activation): `dy` `[.., N]`, `w`
+    /// `[N, K]` -> `dx = dy @ w`, `[.., K]`.
+    fn linear_backward_input(&self, dy: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor> {
+        let s = self.dims(dy).to_vec();
+        let ws = self.dims(w).to_vec();
+        let n = *s.last().unwrap_or(&0);
+        if ws.len() != 2 || ws[0] != n {
+            return Err(crate::Error::shape(
+                "linear_backward_input",
+                format!("dy {s:?} and weight {ws:?}"),
+            ));
+        }
+        let rows: usize = s[..s.len() - 1].iter().product();
+        let dy2 = self.reshape(dy, &[1, rows, n])?;
+        let w3 = self.reshape(w, &[1, ws[0], ws[1]])?;
+        let dx = self.matmul(&dy2, &w3, false)?;
+        let mut out = s[..s.len() - 1].to_vec();
+        out.push(ws[1]);
+        self.reshape(&dx, &out)
+    }
+
+    /// Weight gradients of [`Backend::linear`]: `x` `[.., K]`, `dy` `[.., N]` -> `dw = dy^T x`
+    /// `[N, K]` and, if `bias`, `db = sum_rows(dy)` `[N]`.
+    fn linear_backward_weight(
+        &self,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+        bias: bool,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
+        let xs = self.dims(x).to_vec();
+        let ys = self.dims(dy).to_vec();
+        let (k, n) = (*xs.last().unwrap_or(&0), *ys.last().unwrap_or(&0));
+        let rows: usize = xs.iter().product::<usize>() / k.max(1);
+        if rows * n != ys.iter().product::<usize>() {
+            return Err(crate::Error::shape(
+                "linear_backward_weight",
+                format!("x {xs:?} and dy {ys:?}"),
+            ));
+        }
+        let dy2 = self.reshape(dy, &[1, rows, n])?;
+        let dyt = self.permute(&dy2, &[0, 2, 1])?;
+        let x2 = self.reshape(x, &[1, rows, k])?;
+        let dw = self.matmul(&dyt, &x2, false)?;
+        let dw = self.reshape(&dw, &[n, k])?;
+        let db = if bias {
+            Some(self.sum_rows(dy, n)?)
+        } else {
+            None
+        };
+        Ok((dw, db))
+    }
+
+    /// Gradient of [`Backend::layer_norm`]: returns `(dx, dg, db)` with `dg`, `db` summed over
+    /// all rows.
+    fn layer_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        g: &Self::Tensor,
+        dy: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+
+    /// Gradient of [`Backend::attention`] given its inputs, its output `o` and the output
+    /// gradient `d_o`. The bias depends on `q`, so its gradient flows into `dq` too; the gathered
+    /// tables' gradients are returned when `rel` is given. Implementations recompute the scores
+    /// tile by tile; no `Lq x Lk` tensor is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        o: &Self::Tensor,
+        d_o: &Self::Tensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<AttentionGrads<Self::Tensor>>;
+
+    /// Gradient of [`Backend::conv2d`]: returns `(dx if need_dx, dw, db if bias)`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        stride: usize,
+        pad: usize,
+        need_dx: bool,
+        bias: bool,
+    ) -> Result<(Option<Self::Tensor>, Self::Tensor, Option<Self::Tensor>)>;
+
+    /// Gradient of [`Backend::conv_transpose2x2`]: `(dx, dw, db)`. `dy` `[B, 2H, 2W, Cout]` is
+    /// regrouped into `[B*H*W, (di, dj, o)]` rows, after which both gradients are GEMMs.
+    fn conv_transpose2x2_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let xs = self.dims(x).to_vec();
+        let wsh = self.dims(w).to_vec();
+        let ys = self.dims(dy).to_vec();
+        if xs.len() != 4
+            || wsh.len() != 4
+            || ys.len() != 4
+            || wsh[0] != xs[3]
+            || ys != [xs[0], 2 * xs[1], 2 * xs[2], wsh[1]]
+        {
+            return Err(crate::Error::shape(
+                "conv_transpose2x2_backward",
+                format!("x {xs:?}, w {wsh:?}, dy {ys:?}"),
+            ));
+        }
+        let (b, h, wd, ci, co) = (xs[0], xs[1], xs[2], xs[3], wsh[1]);
+        // [B, H, 2, W, 2, O] -> [B, H, W, 2, 2, O] -> rows of (di, dj, o).
+        let g = self.reshape(dy, &[b * h, 2, wd, 2 * co])?;
+        let g = self.permute(&g, &[0, 2, 1, 3])?;
+        let g = self.reshape(&g, &[b * h * wd, 4 * co])?;
+        // w [C, O, 2, 2] -> [C, (di, dj, o)].
+        let wr = self.permute(w, &[0, 2, 3, 1])?;
+        let wr = self.reshape(&wr, &[ci, 4 * co])?;
+        // dx = g @ wr^T: a linear layer with weight wr.
+        let dx = self.linear(&g, &wr, None, Act::None)?;
+        let dx = self.reshape(&dx, &[b, h, wd, ci])?;
+        let x2 = self.reshape(x, &[b * h * wd, ci])?;
+        // dwr [(di,dj,o), C] = g^T x.
+        let (dwr, _) = self.linear_backward_weight(&x2, &g, false)?;
+        let dw = self.reshape(&dwr, &[2, 2, co, ci])?;
+        let dw = self.permute(&dw, &[3, 2, 0, 1])?;
+        let db = self.sum_rows(dy, co)?;
+        Ok((dx, dw, db))
+    }
 }

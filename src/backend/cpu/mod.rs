@@ -505,4 +505,18 @@ impl Backend for Cpu {
     fn resize_bicubic(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {
         resize::resize(x, size, resize::Mode::Bicubic)
     }
+
+    // TEMP(backward): replaced by src/backend/cpu/backward.rs.
+    fn activate_backward(&self, _x: &Tensor, _dy: &Tensor, _act: Act) -> Result<Tensor> {
+        Err(crate::Error::Device("activate_backward: not yet".into()))
+    }
+    fn layer_norm_backward(&self, _x: &Tensor, _g: &Tensor, _dy: &Tensor, _eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+        Err(crate::Error::Device("layer_norm_backward: not yet".into()))
+    }
+    fn attention_backward(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _o: &Tensor, _d_o: &Tensor, _heads: usize, _scale: f32, _rel: Option<RelPos<'_, Tensor>>) -> Result<crate::backend::AttentionGrads<Tensor>> {
+        Err(crate::Error::Device("attention_backward: not yet".into()))
+    }
+    fn conv2d_backward(&self, _x: &Tensor, _w: &Tensor, _dy: &Tensor, _stride: usize, _pad: usize, _need_dx: bool, _bias: bool) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        Err(crate::Error::Device("conv2d_backward: not yet".into()))
+    }
 }

@@ -734,6 +734,20 @@ impl Backend for Cuda {
     fn resize_bicubic(&self, x: &CudaTensor, size: (usize, usize)) -> Result<CudaTensor> {
         self.resize(x, size, "resize_bicubic")
     }
+
+    // TEMP(backward): replaced by src/backend/cuda/backward.rs.
+    fn activate_backward(&self, _x: &CudaTensor, _dy: &CudaTensor, _act: Act) -> Result<CudaTensor> {
+        Err(crate::Error::Device("activate_backward: not yet".into()))
+    }
+    fn layer_norm_backward(&self, _x: &CudaTensor, _g: &CudaTensor, _dy: &CudaTensor, _eps: f32) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        Err(crate::Error::Device("layer_norm_backward: not yet".into()))
+    }
+    fn attention_backward(&self, _q: &CudaTensor, _k: &CudaTensor, _v: &CudaTensor, _o: &CudaTensor, _d_o: &CudaTensor, _heads: usize, _scale: f32, _rel: Option<RelPos<'_, CudaTensor>>) -> Result<crate::backend::AttentionGrads<CudaTensor>> {
+        Err(crate::Error::Device("attention_backward: not yet".into()))
+    }
+    fn conv2d_backward(&self, _x: &CudaTensor, _w: &CudaTensor, _dy: &CudaTensor, _stride: usize, _pad: usize, _need_dx: bool, _bias: bool) -> Result<(Option<CudaTensor>, CudaTensor, Option<CudaTensor>)> {
+        Err(crate::Error::Device("conv2d_backward: not yet".into()))
+    }
 }
 
 impl Cuda {
