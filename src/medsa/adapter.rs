@@ -5,7 +5,7 @@
 
 use crate::backend::{Act, Backend};
 use crate::error::Result;
-use crate::nn::Linear;
+use crate::nn::{dx, Grads, Linear};
 use crate::weights::WeightStore;
 
 /// A bottleneck adapter.
@@ -62,6 +62,57 @@ impl<B: Backend> Adapter<B> {
             be.add_scaled(x, 1.0, &y, 1.0)
         } else {
             Ok(y)
+        }
+    }
+}
+
+/// What [`Adapter::forward_t`] keeps for the backward pass.
+pub struct AdapterCache<T> {
+    x: T,
+    h: T,
+    pre: Option<T>,
+}
+
+impl<B: Backend> Adapter<B> {
+    /// Appends the adapter's parameters.
+    pub fn params<'a>(&'a mut self, out: &mut crate::nn::ParamList<'a, B>) {
+        self.fc1.params(out);
+        self.fc2.params(out);
+    }
+
+    /// Forward keeping what backward needs.
+    pub fn forward_t(&self, be: &B, x: &B::Tensor) -> Result<(B::Tensor, AdapterCache<B::Tensor>)> {
+        let (h, pre) = self.fc1.forward_t(be, x, self.act)?;
+        let y = self.fc2.forward(be, &h, Act::None)?;
+        let y = if self.skip {
+            be.add_scaled(x, 1.0, &y, 1.0)?
+        } else {
+            y
+        };
+        let c = AdapterCache {
+            x: x.clone(),
+            h,
+            pre,
+        };
+        Ok((y, c))
+    }
+
+    /// `dx` given the output gradient (the skip path included).
+    pub fn backward(
+        &self,
+        be: &B,
+        c: &AdapterCache<B::Tensor>,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+    ) -> Result<B::Tensor> {
+        let dh = dx(self.fc2.backward_pre(be, &c.h, dy, grads, true)?)?;
+        let dx = dx(self
+            .fc1
+            .backward(be, &c.x, &c.h, c.pre.as_ref(), self.act, &dh, grads, true)?)?;
+        if self.skip {
+            be.add_scaled(&dx, 1.0, dy, 1.0)
+        } else {
+            Ok(dx)
         }
     }
 }

@@ -1,13 +1,18 @@
 //! Layers with explicit passes.
 //!
 //! Each layer owns its parameters as named backend tensors (field names follow the checkpoint
-//! keys) and exposes `forward`. The backward rule, when layers gain their backward passes:
-//! forward returns what backward needs; parameter gradients accumulate (`+=`) so that
-//! micro-batches add up; activation gradients are assigned (a fresh tensor per call).
+//! keys) and exposes `forward` and `backward`. The rule: the caller keeps what backward needs
+//! (a layer's input, and an activation's input); parameter gradients accumulate into [`Grads`]
+//! (`+=`, and only for trainable parameters, so frozen weights cost no gradient GEMM);
+//! activation gradients are returned as fresh tensors.
+
+pub mod grads;
 
 use crate::backend::{Act, Backend};
 use crate::error::Result;
 use crate::weights::WeightStore;
+
+pub use grads::{Grads, Param, ParamList, Trainable};
 
 /// `y = act(x W^T + b)`, PyTorch's `nn.Linear`.
 pub struct Linear<B: Backend> {
@@ -15,6 +20,8 @@ pub struct Linear<B: Backend> {
     pub weight: B::Tensor,
     /// `[out]`.
     pub bias: Option<B::Tensor>,
+    /// Checkpoint prefix (`{name}.weight`, `{name}.bias`).
+    pub name: String,
 }
 
 impl<B: Backend> Linear<B> {
@@ -33,7 +40,11 @@ impl<B: Backend> Linear<B> {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            name: prefix.to_string(),
+        })
     }
 
     /// Output features.
@@ -55,6 +66,8 @@ pub struct LayerNorm<B: Backend> {
     pub bias: B::Tensor,
     /// Variance epsilon.
     pub eps: f32,
+    /// Checkpoint prefix.
+    pub name: String,
 }
 
 impl<B: Backend> LayerNorm<B> {
@@ -64,6 +77,7 @@ impl<B: Backend> LayerNorm<B> {
             weight: be.upload(&ws.take(&format!("{prefix}.weight"), &[c])?)?,
             bias: be.upload(&ws.take(&format!("{prefix}.bias"), &[c])?)?,
             eps,
+            name: prefix.to_string(),
         })
     }
 
@@ -83,6 +97,8 @@ pub struct Conv2d<B: Backend> {
     pub stride: usize,
     /// Symmetric zero padding.
     pub pad: usize,
+    /// Checkpoint prefix.
+    pub name: String,
 }
 
 impl<B: Backend> Conv2d<B> {
@@ -110,6 +126,7 @@ impl<B: Backend> Conv2d<B> {
             bias,
             stride,
             pad,
+            name: prefix.to_string(),
         })
     }
 
@@ -125,6 +142,8 @@ pub struct ConvTranspose2x2<B: Backend> {
     pub weight: B::Tensor,
     /// `[out]`.
     pub bias: B::Tensor,
+    /// Checkpoint prefix.
+    pub name: String,
 }
 
 impl<B: Backend> ConvTranspose2x2<B> {
@@ -139,6 +158,7 @@ impl<B: Backend> ConvTranspose2x2<B> {
         Ok(ConvTranspose2x2 {
             weight: be.upload(&ws.take(&format!("{prefix}.weight"), &[inp, out, 2, 2])?)?,
             bias: be.upload(&ws.take(&format!("{prefix}.bias"), &[out])?)?,
+            name: prefix.to_string(),
         })
     }
 
@@ -173,5 +193,243 @@ impl<B: Backend> Mlp<B> {
             h = l.forward(be, &h, if i + 1 < n { Act::Relu } else { Act::None })?;
         }
         Ok(h)
+    }
+}
+
+// ----- backward -----------------------------------------------------------------------------
+
+/// Unwraps an input gradient that was asked for (`need_dx = true` always yields one).
+pub(crate) fn dx<T>(v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| crate::Error::shape("backward", String::from("input gradient missing")))
+}
+
+impl<B: Backend> Linear<B> {
+    /// Parameter names.
+    pub fn param_names(&self) -> Vec<String> {
+        let mut v = vec![format!("{}.weight", self.name)];
+        if self.bias.is_some() {
+            v.push(format!("{}.bias", self.name));
+        }
+        v
+    }
+
+    /// Appends this layer's parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        if let Some(b) = &mut self.bias {
+            out.push((format!("{}.bias", self.name), Param::Dev(b)));
+        }
+    }
+
+    /// Forward that also returns the pre-activation output (needed by GELU's backward) when
+    /// `act` is not the identity: `(y, pre)`.
+    pub fn forward_t(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        act: Act,
+    ) -> Result<(B::Tensor, Option<B::Tensor>)> {
+        match act {
+            Act::None => Ok((self.forward(be, x, Act::None)?, None)),
+            // ReLU's derivative is readable from its output; keep the fused epilogue.
+            Act::Relu => Ok((self.forward(be, x, Act::Relu)?, None)),
+            Act::Gelu => {
+                let pre = self.forward(be, x, Act::None)?;
+                Ok((be.activate(&pre, Act::Gelu)?, Some(pre)))
+            }
+        }
+    }
+
+    /// Backward of [`Linear::forward_t`]: `x` the input, `y`/`pre` what forward returned, `dy`
+    /// the output gradient. Returns `dx` when `need_dx`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        y: &B::Tensor,
+        pre: Option<&B::Tensor>,
+        act: Act,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+        need_dx: bool,
+    ) -> Result<Option<B::Tensor>> {
+        let dpre = match act {
+            Act::None => dy.clone(),
+            Act::Relu => be.activate_backward(y, dy, Act::Relu)?,
+            Act::Gelu => {
+                let pre = pre.ok_or_else(|| {
+                    crate::Error::shape("Linear::backward", String::from("GELU needs its input"))
+                })?;
+                be.activate_backward(pre, dy, Act::Gelu)?
+            }
+        };
+        self.backward_pre(be, x, &dpre, grads, need_dx)
+    }
+
+    /// Backward from the gradient of the pre-activation output.
+    pub fn backward_pre(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        dpre: &B::Tensor,
+        grads: &mut Grads<B>,
+        need_dx: bool,
+    ) -> Result<Option<B::Tensor>> {
+        let wn = format!("{}.weight", self.name);
+        let bn = format!("{}.bias", self.name);
+        let want_w = grads.wants(&wn);
+        let want_b = self.bias.is_some() && grads.wants(&bn);
+        if want_w {
+            let (dw, db) = be.linear_backward_weight(x, dpre, want_b)?;
+            grads.accum(be, &wn, dw)?;
+            if let Some(db) = db {
+                grads.accum(be, &bn, db)?;
+            }
+        } else if want_b {
+            let n = be.dims(&self.weight)[0];
+            grads.accum(be, &bn, be.sum_rows(dpre, n)?)?;
+        }
+        if need_dx {
+            Ok(Some(be.linear_backward_input(dpre, &self.weight)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// Appends this layer's parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        out.push((format!("{}.bias", self.name), Param::Dev(&mut self.bias)));
+    }
+
+    /// `dx` given the input `x` and the output gradient.
+    pub fn backward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+    ) -> Result<B::Tensor> {
+        let (dx, dg, db) = be.layer_norm_backward(x, &self.weight, dy, self.eps)?;
+        grads.accum(be, &format!("{}.weight", self.name), dg)?;
+        grads.accum(be, &format!("{}.bias", self.name), db)?;
+        Ok(dx)
+    }
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// Appends this layer's parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        if let Some(b) = &mut self.bias {
+            out.push((format!("{}.bias", self.name), Param::Dev(b)));
+        }
+    }
+
+    /// Accumulates the weight gradients and returns `dx` when `need_dx`.
+    pub fn backward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+        need_dx: bool,
+    ) -> Result<Option<B::Tensor>> {
+        let wn = format!("{}.weight", self.name);
+        let bn = format!("{}.bias", self.name);
+        let want_b = self.bias.is_some() && grads.wants(&bn);
+        if !need_dx && !grads.wants(&wn) && !want_b {
+            return Ok(None);
+        }
+        let (dx, dw, db) =
+            be.conv2d_backward(x, &self.weight, dy, self.stride, self.pad, need_dx, want_b)?;
+        grads.accum(be, &wn, dw)?;
+        if let Some(db) = db {
+            grads.accum(be, &bn, db)?;
+        }
+        Ok(dx)
+    }
+}
+
+impl<B: Backend> ConvTranspose2x2<B> {
+    /// Appends this layer's parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        out.push((format!("{}.bias", self.name), Param::Dev(&mut self.bias)));
+    }
+
+    /// Accumulates the weight gradients and returns `dx`.
+    pub fn backward(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+    ) -> Result<B::Tensor> {
+        let (dx, dw, db) = be.conv_transpose2x2_backward(x, &self.weight, dy)?;
+        grads.accum(be, &format!("{}.weight", self.name), dw)?;
+        grads.accum(be, &format!("{}.bias", self.name), db)?;
+        Ok(dx)
+    }
+}
+
+/// What [`Mlp::forward_t`] keeps: each layer's input and the final output.
+pub struct MlpCache<T> {
+    /// Input of layer i (index 0 is the MLP input); the last entry is the output.
+    pub acts: Vec<T>,
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Appends this MLP's parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        for l in &mut self.layers {
+            l.params(out);
+        }
+    }
+
+    /// Forward keeping every layer's input.
+    pub fn forward_t(&self, be: &B, x: &B::Tensor) -> Result<MlpCache<B::Tensor>> {
+        let n = self.layers.len();
+        let mut acts = vec![x.clone()];
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = if i + 1 < n { Act::Relu } else { Act::None };
+            let y = l.forward(be, &acts[i], a)?;
+            acts.push(y);
+        }
+        Ok(MlpCache { acts })
+    }
+
+    /// Backward of [`Mlp::forward_t`]; returns `dx` when `need_dx`.
+    pub fn backward(
+        &self,
+        be: &B,
+        c: &MlpCache<B::Tensor>,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+        need_dx: bool,
+    ) -> Result<Option<B::Tensor>> {
+        let n = self.layers.len();
+        let mut g = dy.clone();
+        for i in (0..n).rev() {
+            let act = if i + 1 < n { Act::Relu } else { Act::None };
+            let need = need_dx || i > 0;
+            match self.layers[i].backward(
+                be,
+                &c.acts[i],
+                &c.acts[i + 1],
+                None,
+                act,
+                &g,
+                grads,
+                need,
+            )? {
+                Some(d) => g = d,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(g))
     }
 }

@@ -334,3 +334,429 @@ impl<B: Backend> MaskDecoder<B> {
         Ok((masks, iou))
     }
 }
+
+// ----- training: forward with caches, backward --------------------------------------------------
+
+use crate::medsa::adapter::AdapterCache;
+use crate::medsa::hyper_adapter::HyperCache;
+use crate::nn::{dx, Grads, MlpCache, Param, ParamList};
+
+/// What [`DecoderAttention::forward_t`] keeps.
+pub struct DecAttnCache<T> {
+    qi: T,
+    ki: T,
+    vi: T,
+    q: T,
+    k: T,
+    v: T,
+    o: T,
+}
+
+impl<B: Backend> DecoderAttention<B> {
+    /// Appends the parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        self.q_proj.params(out);
+        self.k_proj.params(out);
+        self.v_proj.params(out);
+        self.out_proj.params(out);
+    }
+
+    /// Forward keeping what backward needs.
+    pub fn forward_t(
+        &self,
+        be: &B,
+        qi: &B::Tensor,
+        ki: &B::Tensor,
+        vi: &B::Tensor,
+    ) -> Result<(B::Tensor, DecAttnCache<B::Tensor>)> {
+        let q = self.q_proj.forward(be, qi, Act::None)?;
+        let k = self.k_proj.forward(be, ki, Act::None)?;
+        let v = self.v_proj.forward(be, vi, Act::None)?;
+        let internal = *be.dims(&q).last().unwrap_or(&1);
+        let scale = ((internal / self.heads) as f32).powf(-0.5);
+        let o = be.attention(&q, &k, &v, self.heads, scale, None)?;
+        let y = self.out_proj.forward(be, &o, Act::None)?;
+        let c = DecAttnCache {
+            qi: qi.clone(),
+            ki: ki.clone(),
+            vi: vi.clone(),
+            q,
+            k,
+            v,
+            o,
+        };
+        Ok((y, c))
+    }
+
+    /// Gradients of the three inputs `(dq, dk, dv)`.
+    pub fn backward(
+        &self,
+        be: &B,
+        c: &DecAttnCache<B::Tensor>,
+        dy: &B::Tensor,
+        grads: &mut Grads<B>,
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        let d_o = dx(self.out_proj.backward_pre(be, &c.o, dy, grads, true)?)?;
+        let internal = *be.dims(&c.q).last().unwrap_or(&1);
+        let scale = ((internal / self.heads) as f32).powf(-0.5);
+        let g = be.attention_backward(&c.q, &c.k, &c.v, &c.o, &d_o, self.heads, scale, None)?;
+        let dq = dx(self.q_proj.backward_pre(be, &c.qi, &g.dq, grads, true)?)?;
+        let dk = dx(self.k_proj.backward_pre(be, &c.ki, &g.dk, grads, true)?)?;
+        let dv = dx(self.v_proj.backward_pre(be, &c.vi, &g.dv, grads, true)?)?;
+        Ok((dq, dk, dv))
+    }
+}
+
+/// What [`TwoWayBlock::forward_t`] keeps.
+pub struct TwoWayCache<T> {
+    self_attn: DecAttnCache<T>,
+    q: T,
+    t2i: DecAttnCache<T>,
+    q3: T,
+    hyper: Option<HyperCache<T>>,
+    q_n2: T,
+    h1: T,
+    mlp_adapter: Option<AdapterCache<T>>,
+    q4: T,
+    i2t: DecAttnCache<T>,
+    k3: T,
+    cross: Option<AdapterCache<T>>,
+}
+
+fn add<B: Backend>(be: &B, a: &B::Tensor, b: &B::Tensor) -> Result<B::Tensor> {
+    be.add_scaled(a, 1.0, b, 1.0)
+}
+
+impl<B: Backend> TwoWayBlock<B> {
+    /// Appends the parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        self.self_attn.params(out);
+        self.norm1.params(out);
+        self.cross_t2i.params(out);
+        self.norm2.params(out);
+        self.lin1.params(out);
+        self.lin2.params(out);
+        self.norm3.params(out);
+        self.norm4.params(out);
+        self.cross_i2t.params(out);
+        if let Some(h) = &mut self.hyper_adapter {
+            h.params(out);
+        }
+        if let Some(a) = &mut self.mlp_adapter {
+            a.params(out);
+        }
+        if let Some(a) = &mut self.cross_adapter {
+            a.params(out);
+        }
+    }
+
+    /// [`TwoWayBlock::forward`] keeping what backward needs.
+    #[allow(clippy::type_complexity)]
+    pub fn forward_t(
+        &self,
+        be: &B,
+        queries: &B::Tensor,
+        keys: &B::Tensor,
+        query_pe: &B::Tensor,
+        key_pe: &B::Tensor,
+        sparse: &B::Tensor,
+    ) -> Result<(B::Tensor, B::Tensor, TwoWayCache<B::Tensor>)> {
+        let (q, self_attn) = if self.skip_first_layer_pe {
+            self.self_attn.forward_t(be, queries, queries, queries)?
+        } else {
+            let qp = add(be, queries, query_pe)?;
+            let (a, c) = self.self_attn.forward_t(be, &qp, &qp, queries)?;
+            (add(be, queries, &a)?, c)
+        };
+        let q_n1 = self.norm1.forward(be, &q)?;
+        let qp = add(be, &q_n1, query_pe)?;
+        let kp = add(be, keys, key_pe)?;
+        let (a, t2i) = self.cross_t2i.forward_t(be, &qp, &kp, keys)?;
+        let mut q3 = add(be, &q_n1, &a)?;
+        let mut hyper = None;
+        if let Some(h) = &self.hyper_adapter {
+            let (y, c) = h.forward_t(be, &q3, sparse)?;
+            hyper = Some(c);
+            q3 = y;
+        }
+        let q_n2 = self.norm2.forward(be, &q3)?;
+        let h1 = self.lin1.forward(be, &q_n2, Act::Relu)?;
+        let m = self.lin2.forward(be, &h1, Act::None)?;
+        let mut q4 = add(be, &q_n2, &m)?;
+        let mut mlp_adapter = None;
+        if let Some(ma) = &self.mlp_adapter {
+            let (y, c) = ma.forward_t(be, &q_n2)?;
+            q4 = be.add_scaled(&q4, 1.0, &y, MLP_ADAPTER_SCALE)?;
+            mlp_adapter = Some(c);
+        }
+        let q_n3 = self.norm3.forward(be, &q4)?;
+        let qp = add(be, &q_n3, query_pe)?;
+        let (a, i2t) = self.cross_i2t.forward_t(be, &kp, &qp, &q_n3)?;
+        let mut k3 = add(be, keys, &a)?;
+        let mut cross = None;
+        if let Some(ca) = &self.cross_adapter {
+            let (y, c) = ca.forward_t(be, &k3)?;
+            cross = Some(c);
+            k3 = y;
+        }
+        let k_n4 = self.norm4.forward(be, &k3)?;
+        let c = TwoWayCache {
+            self_attn,
+            q,
+            t2i,
+            q3,
+            hyper,
+            q_n2,
+            h1,
+            mlp_adapter,
+            q4,
+            i2t,
+            k3,
+            cross,
+        };
+        Ok((q_n3, k_n4, c))
+    }
+
+    /// Given the gradients of the block's outputs `(queries, keys)`, returns the gradients of
+    /// its inputs `(queries, keys, query_pe)` (the key PE is a constant).
+    pub fn backward(
+        &self,
+        be: &B,
+        c: &TwoWayCache<B::Tensor>,
+        dq_out: &B::Tensor,
+        dk_out: &B::Tensor,
+        grads: &mut Grads<B>,
+    ) -> Result<(B::Tensor, B::Tensor, B::Tensor)> {
+        // Image tokens: k_n4 = norm4(adapter(keys + i2t(kp, qp, q_n3))).
+        let mut dk3 = self.norm4.backward(be, &c.k3, dk_out, grads)?;
+        if let (Some(ca), Some(cc)) = (&self.cross_adapter, &c.cross) {
+            dk3 = ca.backward(be, cc, &dk3, grads)?;
+        }
+        let (dkp, dqp, dv) = self.cross_i2t.backward(be, &c.i2t, &dk3, grads)?;
+        let mut dkeys = add(be, &dk3, &dkp)?;
+        let mut dpe = dqp.clone();
+        let dq_n3 = add(be, &add(be, dq_out, &dqp)?, &dv)?;
+        // Tokens: q_n3 = norm3(q_n2 + mlp(q_n2) + 0.5 adapter(q_n2)).
+        let dq4 = self.norm3.backward(be, &c.q4, &dq_n3, grads)?;
+        let dh1 = dx(self.lin2.backward_pre(be, &c.h1, &dq4, grads, true)?)?;
+        let dm = dx(self.lin1.backward(
+            be,
+            &c.q_n2,
+            &c.h1,
+            None,
+            Act::Relu,
+            &dh1,
+            grads,
+            true,
+        )?)?;
+        let mut dq_n2 = add(be, &dq4, &dm)?;
+        if let (Some(ma), Some(mc)) = (&self.mlp_adapter, &c.mlp_adapter) {
+            let g = be.add_scaled(&dq4, MLP_ADAPTER_SCALE, &dq4, 0.0)?;
+            dq_n2 = add(be, &dq_n2, &ma.backward(be, mc, &g, grads)?)?;
+        }
+        let mut dq3 = self.norm2.backward(be, &c.q3, &dq_n2, grads)?;
+        if let (Some(h), Some(hc)) = (&self.hyper_adapter, &c.hyper) {
+            dq3 = h.backward(be, hc, &dq3, grads)?;
+        }
+        // q3 = q_n1 + t2i(q_n1 + pe, keys + key_pe, keys).
+        let (dqp, dkp, dv) = self.cross_t2i.backward(be, &c.t2i, &dq3, grads)?;
+        let dq_n1 = add(be, &dq3, &dqp)?;
+        dpe = add(be, &dpe, &dqp)?;
+        dkeys = add(be, &add(be, &dkeys, &dkp)?, &dv)?;
+        let dq = self.norm1.backward(be, &c.q, &dq_n1, grads)?;
+        let (a, b, v) = self.self_attn.backward(be, &c.self_attn, &dq, grads)?;
+        let dqueries = if self.skip_first_layer_pe {
+            add(be, &add(be, &a, &b)?, &v)?
+        } else {
+            let dqk = add(be, &a, &b)?;
+            dpe = add(be, &dpe, &dqk)?;
+            add(be, &add(be, &dq, &dqk)?, &v)?
+        };
+        Ok((dqueries, dkeys, dpe))
+    }
+}
+
+/// What [`MaskDecoder::predict_t`] keeps.
+pub struct DecoderCache<T> {
+    b: usize,
+    grid: (usize, usize),
+    sparse_len: usize,
+    layers: Vec<TwoWayCache<T>>,
+    final_attn: DecAttnCache<T>,
+    hs_in: T,
+    src: T,
+    u1: T,
+    u1n: T,
+    u1g: T,
+    u2: T,
+    up: T,
+    hyper: Vec<MlpCache<T>>,
+    hyper_in: T,
+    iou: MlpCache<T>,
+}
+
+impl<B: Backend> MaskDecoder<B> {
+    /// Appends the parameters (the IoU and mask tokens as `mask_decoder.output_tokens`).
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        out.push((
+            OUTPUT_TOKENS.to_string(),
+            Param::Dev(&mut self.output_tokens),
+        ));
+        for l in &mut self.layers {
+            l.params(out);
+        }
+        self.final_attn.params(out);
+        self.norm_final.params(out);
+        self.up1.params(out);
+        self.up_norm.params(out);
+        self.up2.params(out);
+        for m in &mut self.hyper_mlps {
+            m.params(out);
+        }
+        self.iou_head.params(out);
+    }
+
+    /// [`MaskDecoder::predict`] keeping what backward needs.
+    #[allow(clippy::type_complexity)]
+    pub fn predict_t(
+        &self,
+        be: &B,
+        embeddings: &B::Tensor,
+        dense: &B::Tensor,
+        dense_pe: &B::Tensor,
+        sparse: &B::Tensor,
+    ) -> Result<(B::Tensor, B::Tensor, DecoderCache<B::Tensor>)> {
+        let s = be.dims(embeddings).to_vec();
+        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+        let t = self.num_mask_tokens;
+        let out_tok = be.index_select0(&self.output_tokens, &vec![0; b])?;
+        let tokens = be.concat(&[&out_tok, sparse], 1)?;
+        let src = be.add_scaled(embeddings, 1.0, dense, 1.0)?;
+        let mut keys = be.reshape(&src, &[b, h * w, c])?;
+        let mut queries = tokens.clone();
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (q, k, lc) = layer.forward_t(be, &queries, &keys, &tokens, dense_pe, sparse)?;
+            queries = q;
+            keys = k;
+            layers.push(lc);
+        }
+        let qp = add(be, &queries, &tokens)?;
+        let kp = add(be, &keys, dense_pe)?;
+        let (a, final_attn) = self.final_attn.forward_t(be, &qp, &kp, &keys)?;
+        let hs_in = add(be, &queries, &a)?;
+        let hs = self.norm_final.forward(be, &hs_in)?;
+        let src = be.reshape(&keys, &[b, h, w, c])?;
+        let u1 = self.up1.forward(be, &src)?;
+        let u1n = self.up_norm.forward(be, &u1)?;
+        let u1g = be.activate(&u1n, Act::Gelu)?;
+        let u2 = self.up2.forward(be, &u1g)?;
+        let up = be.activate(&u2, Act::Gelu)?;
+        let cu = be.dims(&up)[3];
+        let up = be.reshape(&up, &[b, 16 * h * w, cu])?;
+        let hyper: Vec<MlpCache<B::Tensor>> = (0..t)
+            .map(|i| self.hyper_mlps[i].forward_t(be, &be.narrow(&hs, 1, 1 + i, 1)?))
+            .collect::<Result<_>>()?;
+        let outs: Vec<&B::Tensor> = hyper.iter().map(|m| &m.acts[m.acts.len() - 1]).collect();
+        let hyper_in = be.concat(&outs, 1)?;
+        let masks = be.matmul(&hyper_in, &up, true)?;
+        let masks = be.reshape(&masks, &[b, t, 4 * h, 4 * w])?;
+        let iou = self.iou_head.forward_t(be, &be.narrow(&hs, 1, 0, 1)?)?;
+        let iou_out = be.reshape(&iou.acts[iou.acts.len() - 1], &[b, t])?;
+        let sparse_len = be.dims(sparse)[1];
+        let c = DecoderCache {
+            b,
+            grid: (h, w),
+            sparse_len,
+            layers,
+            final_attn,
+            hs_in,
+            src,
+            u1,
+            u1n,
+            u1g,
+            u2,
+            up,
+            hyper,
+            hyper_in,
+            iou,
+        };
+        Ok((masks, iou_out, c))
+    }
+
+    /// Accumulates the decoder's gradients from `d(masks)` `[B, T, 4h, 4w]` and optionally
+    /// `d(iou)` `[B, T]`; returns `d(embeddings)` `[B, h, w, C]` (channels-last) when
+    /// `need_demb`.
+    pub fn backward(
+        &self,
+        be: &B,
+        c: &DecoderCache<B::Tensor>,
+        dmasks: &B::Tensor,
+        diou: Option<&B::Tensor>,
+        grads: &mut Grads<B>,
+        need_demb: bool,
+    ) -> Result<Option<B::Tensor>> {
+        let (b, (h, w), t) = (c.b, c.grid, self.num_mask_tokens);
+        let cch = be.dims(&c.hs_in)[2];
+        let dm = be.reshape(dmasks, &[b, t, 16 * h * w])?;
+        // masks = hyper_in @ up^T.
+        let dhyper_in = be.matmul(&dm, &c.up, false)?;
+        let dmt = be.permute(&dm, &[0, 2, 1])?;
+        let dup = be.matmul(&dmt, &c.hyper_in, false)?;
+        // Token gradients: row 0 from the IoU head, rows 1..=T from the hypernetworks.
+        let zero_row = be.upload(&crate::Tensor::zeros(&[b, 1, cch]))?;
+        let mut rows: Vec<B::Tensor> = Vec::with_capacity(1 + t + c.sparse_len);
+        rows.push(match diou {
+            Some(di) => {
+                let di = be.reshape(di, &[b, 1, t])?;
+                dx(self.iou_head.backward(be, &c.iou, &di, grads, true)?)?
+            }
+            None => zero_row.clone(),
+        });
+        for i in 0..t {
+            let g = be.narrow(&dhyper_in, 1, i, 1)?;
+            rows.push(dx(self.hyper_mlps[i].backward(be, &c.hyper[i], &g, grads, true)?)?);
+        }
+        if c.sparse_len > 0 {
+            rows.push(be.upload(&crate::Tensor::zeros(&[b, c.sparse_len, cch]))?);
+        }
+        let dhs = be.concat(&rows.iter().collect::<Vec<_>>(), 1)?;
+        // Upscaling path back to the image tokens.
+        let cu = be.dims(&c.up)[2];
+        let g = be.reshape(&dup, &[b, 4 * h, 4 * w, cu])?;
+        let g = be.activate_backward(&c.u2, &g, Act::Gelu)?;
+        let g = self.up2.backward(be, &c.u1g, &g, grads)?;
+        let g = be.activate_backward(&c.u1n, &g, Act::Gelu)?;
+        let g = self.up_norm.backward(be, &c.u1, &g, grads)?;
+        let g = self.up1.backward(be, &c.src, &g, grads)?;
+        let mut dkeys = be.reshape(&g, &[b, h * w, cch])?;
+        // hs = norm_final(queries + final_attn(queries + tokens, keys + pe, keys)).
+        let dhs_in = self.norm_final.backward(be, &c.hs_in, &dhs, grads)?;
+        let (dqp, dkp, dv) = self.final_attn.backward(be, &c.final_attn, &dhs_in, grads)?;
+        let mut dq = add(be, &dhs_in, &dqp)?;
+        let mut dtokens = dqp;
+        dkeys = add(be, &add(be, &dkeys, &dkp)?, &dv)?;
+        for (layer, lc) in self.layers.iter().zip(&c.layers).rev() {
+            let (a, k, pe) = layer.backward(be, lc, &dq, &dkeys, grads)?;
+            dq = a;
+            dkeys = k;
+            dtokens = add(be, &dtokens, &pe)?;
+        }
+        dtokens = add(be, &dtokens, &dq)?;
+        if grads.wants(OUTPUT_TOKENS) {
+            let d = be.narrow(&dtokens, 1, 0, 1 + t)?;
+            let d = be.sum_rows(&d, (1 + t) * cch)?;
+            grads.accum(be, OUTPUT_TOKENS, be.reshape(&d, &[1, 1 + t, cch])?)?;
+        }
+        if need_demb {
+            Ok(Some(be.reshape(&dkeys, &[b, h, w, cch])?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// The in-model name of the concatenated IoU + mask tokens `[1, 1 + T, C]`; checkpoints store
+/// them as `mask_decoder.iou_token.weight` `[1, C]` and `mask_decoder.mask_tokens.weight`
+/// `[T, C]`.
+pub const OUTPUT_TOKENS: &str = "mask_decoder.output_tokens";

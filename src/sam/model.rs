@@ -201,3 +201,159 @@ pub fn postprocess_masks<B: Backend>(
     let m = be.narrow(&m, 3, 0, input_size.1)?;
     be.resize_bilinear(&m, original_size)
 }
+
+// ----- training -----------------------------------------------------------------------------------
+
+use crate::nn::{Grads, ParamList};
+use crate::sam::image_encoder::EncoderCache;
+use crate::sam::mask_decoder::{DecoderCache, OUTPUT_TOKENS};
+
+/// What [`Sam::forward_t`] keeps for [`Sam::backward`].
+pub struct SamCache<T> {
+    enc: Option<EncoderCache<T>>,
+    dec: DecoderCache<T>,
+    range: (usize, usize),
+}
+
+/// Zero-pads `x` along dimension 1 from `[.., len, ..]` at `start` to `total` rows: the adjoint
+/// of `narrow(1, start, len)`.
+fn pad_dim1<B: Backend>(be: &B, x: &B::Tensor, start: usize, total: usize) -> Result<B::Tensor> {
+    let s = be.dims(x).to_vec();
+    let len = s[1];
+    if start == 0 && len == total {
+        return Ok(x.clone());
+    }
+    let mut parts = Vec::new();
+    let zeros = |n: usize| -> Result<B::Tensor> {
+        let mut z = s.clone();
+        z[1] = n;
+        be.upload(&Tensor::zeros(&z))
+    };
+    if start > 0 {
+        parts.push(zeros(start)?);
+    }
+    parts.push(x.clone());
+    if start + len < total {
+        parts.push(zeros(total - start - len)?);
+    }
+    be.concat(&parts.iter().collect::<Vec<_>>(), 1)
+}
+
+impl<B: Backend> Sam<B> {
+    /// Every trainable-capable parameter (image encoder and mask decoder; the prompt encoder is
+    /// frozen), by in-model name.
+    pub fn params(&mut self) -> ParamList<'_, B> {
+        let mut out = Vec::new();
+        self.image_encoder.params(&mut out);
+        self.mask_decoder.params(&mut out);
+        out
+    }
+
+    /// Re-derives cached device data after host parameters (position embedding, rel-pos
+    /// tables) changed.
+    pub fn refresh_caches(&mut self, be: &B) -> Result<()> {
+        self.image_encoder.refresh_caches(be)
+    }
+
+    /// The forward pass of training: like [`Sam::encode`] + [`Sam::decode`] on preprocessed
+    /// `images` `[B, 3, H, W]`, keeping what [`Sam::backward`] needs for the parameters
+    /// `grads` trains (the encoder keeps nothing when none of its parameters is trained).
+    /// Returns `(low_res_masks [B, M, 4h, 4w], iou [B, M], cache)`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub fn forward_t(
+        &self,
+        be: &B,
+        images: &B::Tensor,
+        prompts: &Prompts,
+        output: MaskOutput,
+        depth: Option<DepthSpec>,
+        grads: &Grads<B>,
+        recompute: bool,
+    ) -> Result<(B::Tensor, B::Tensor, SamCache<B::Tensor>)> {
+        if depth.is_some() && !self.config.has_depth_branch() {
+            return Err(Error::Input(
+                "volume input (depth) needs a checkpoint with Depth_Adapter weights".into(),
+            ));
+        }
+        let s = be.dims(images).to_vec();
+        let input_hw = (s[2], s[3]);
+        let (emb, enc) = if self.image_encoder.any_trained(grads) {
+            let (e, c) = self
+                .image_encoder
+                .forward_t(be, images, depth, grads, recompute)?;
+            (e, Some(c))
+        } else {
+            (
+                self.image_encoder
+                    .forward(be, images, depth, &mut Trace::off())?,
+                None,
+            )
+        };
+        let es = be.dims(&emb).to_vec();
+        let (b, h, w) = (es[0], es[2], es[3]);
+        let sparse = be.upload(&self.prompt_encoder.sparse(prompts, b, input_hw)?)?;
+        let dense = self.prompt_encoder.dense(be, prompts, b, (h, w))?;
+        let pe = self.prompt_encoder.dense_pe_dev(be, (h, w))?;
+        let emb = be.permute(&emb, &[0, 2, 3, 1])?;
+        let (masks, iou, dec) = self
+            .mask_decoder
+            .predict_t(be, &emb, &dense, &pe, &sparse)?;
+        let range = output.range(self.mask_decoder.num_mask_tokens)?;
+        let masks = be.narrow(&masks, 1, range.0, range.1)?;
+        let iou = be.narrow(&iou, 1, range.0, range.1)?;
+        Ok((masks, iou, SamCache { enc, dec, range }))
+    }
+
+    /// Accumulates into `grads` the gradients of the trained parameters given the gradients
+    /// of [`Sam::forward_t`]'s outputs (`diou` may be omitted when the loss ignores the IoU
+    /// head).
+    pub fn backward(
+        &self,
+        be: &B,
+        cache: &SamCache<B::Tensor>,
+        dmasks: &B::Tensor,
+        diou: Option<&B::Tensor>,
+        grads: &mut Grads<B>,
+    ) -> Result<()> {
+        let t = self.mask_decoder.num_mask_tokens;
+        let (start, _) = cache.range;
+        let dm = pad_dim1(be, dmasks, start, t)?;
+        let di = match diou {
+            Some(d) => {
+                let s = be.dims(d).to_vec();
+                let d3 = be.reshape(d, &[s[0], s[1], 1])?;
+                let p = pad_dim1(be, &d3, start, t)?;
+                Some(be.reshape(&p, &[s[0], t])?)
+            }
+            None => None,
+        };
+        let demb =
+            self.mask_decoder
+                .backward(be, &cache.dec, &dm, di.as_ref(), grads, cache.enc.is_some())?;
+        if let (Some(enc), Some(demb)) = (&cache.enc, demb) {
+            let demb = be.permute(&demb, &[0, 3, 1, 2])?;
+            self.image_encoder.backward(be, enc, &demb, grads)?;
+        }
+        Ok(())
+    }
+}
+
+/// Converts an in-model parameter to its checkpoint tensors (the neck's 1x1 convolution gets its
+/// kernel dimensions back; the output tokens split into the IoU and mask tokens).
+pub fn to_checkpoint(name: &str, t: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    if name == OUTPUT_TOKENS {
+        let s = t.shape();
+        let c = s[2];
+        let iou = Tensor::from_vec(t.data()[..c].to_vec(), &[1, c])?;
+        let masks = Tensor::from_vec(t.data()[c..].to_vec(), &[s[1] - 1, c])?;
+        return Ok(vec![
+            ("mask_decoder.iou_token.weight".into(), iou),
+            ("mask_decoder.mask_tokens.weight".into(), masks),
+        ]);
+    }
+    if name == "image_encoder.neck.0.weight" && t.rank() == 2 {
+        let s = t.shape();
+        return Ok(vec![(name.into(), t.reshape(&[s[0], s[1], 1, 1])?)]);
+    }
+    Ok(vec![(name.into(), t.clone())])
+}

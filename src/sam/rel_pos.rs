@@ -57,9 +57,80 @@ pub fn gather(table: &Tensor, q: usize, k: usize) -> Result<Tensor> {
     Tensor::from_vec(out, &[q, k, d])
 }
 
+/// Adjoint of [`resize_linear`]: the gradient of a `[l, d]` table given the gradient `dr`
+/// `[m, d]` of its resampled rows.
+pub fn resize_linear_backward(dr: &Tensor, l: usize) -> Result<Tensor> {
+    if dr.rank() != 2 || l == 0 {
+        return Err(Error::shape(
+            "rel_pos::resize_linear_backward",
+            format!("gradient {:?} -> {l} rows", dr.shape()),
+        ));
+    }
+    let (m, d) = (dr.dim(0), dr.dim(1));
+    if l == m {
+        return Ok(dr.clone());
+    }
+    let scale = l as f32 / m as f32;
+    let mut out = vec![0f32; l * d];
+    for (i, g) in dr.data().chunks_exact(d).enumerate() {
+        // Same sample positions as the forward, so the weights are its transpose.
+        let x = ((i as f32 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (x.floor() as usize).min(l - 1);
+        let i1 = (i0 + 1).min(l - 1);
+        let t = x - i0 as f32;
+        for c in 0..d {
+            out[i0 * d + c] += (1.0 - t) * g[c];
+            out[i1 * d + c] += t * g[c];
+        }
+    }
+    Tensor::from_vec(out, &[l, d])
+}
+
+/// Adjoint of [`gather`]: the gradient of a `[l, d]` table given the gradient `dg` `[q, k, d]`
+/// of the gathered embeddings (rows used by several query/key pairs add up).
+pub fn gather_backward(dg: &Tensor, l: usize, q: usize, k: usize) -> Result<Tensor> {
+    if dg.rank() != 3 || dg.dim(0) != q || dg.dim(1) != k {
+        return Err(Error::shape(
+            "rel_pos::gather_backward",
+            format!("gradient {:?} for a {q}x{k} gather", dg.shape()),
+        ));
+    }
+    let d = dg.dim(2);
+    let m = 2 * q.max(k) - 1;
+    let qs = (k as f32 / q as f32).max(1.0);
+    let ks = (q as f32 / k as f32).max(1.0);
+    let mut dr = vec![0f32; m * d];
+    let src = dg.data();
+    for i in 0..q {
+        for j in 0..k {
+            let r = (i as f32 * qs - j as f32 * ks) + (k as f32 - 1.0) * ks;
+            let r = (r as i64).clamp(0, m as i64 - 1) as usize;
+            let g = &src[(i * k + j) * d..(i * k + j + 1) * d];
+            for (o, v) in dr[r * d..r * d + d].iter_mut().zip(g) {
+                *o += v;
+            }
+        }
+    }
+    resize_linear_backward(&Tensor::from_vec(dr, &[m, d])?, l)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gather_backward_is_the_adjoint() {
+        // <gather(t), g> == <t, gather_backward(g)> for a resampled, non-square gather.
+        let mut rng = crate::sam::random::Rng::new(3);
+        let t = rng.tensor(&[9, 4], 1.0);
+        let (q, k) = (3, 7);
+        let g = rng.tensor(&[q, k, 4], 1.0);
+        let fwd = gather(&t, q, k).unwrap();
+        let lhs: f64 = fwd.data().iter().zip(g.data()).map(|(a, b)| (a * b) as f64).sum();
+        let bt = gather_backward(&g, 9, q, k).unwrap();
+        let rhs: f64 = t.data().iter().zip(bt.data()).map(|(a, b)| (a * b) as f64).sum();
+        assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+    }
 
     #[test]
     fn gather_same_size_indexes_offsets() {
