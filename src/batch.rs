@@ -537,8 +537,9 @@ impl Progress {
     }
 }
 
-/// A 2D label/ground-truth image as integer ids `[h, w]`.
-fn load_label_png(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
+/// A 2D label/ground-truth image as integer ids `[h, w]`: the stored 8- or 16-bit grey values
+/// (colour images through their luma), with the height and width.
+pub fn load_label_png(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
     let img = image::ImageReader::open(path)
         .map_err(|source| Error::Io {
             path: path.into(),

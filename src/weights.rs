@@ -226,6 +226,10 @@ enum Source {
 pub struct WeightStore {
     source: Source,
     used: BTreeSet<String>,
+    /// Tensors laid over the source (an adapter checkpoint on its base model, see
+    /// [`WeightStore::overlay`]): they win over same-named source tensors. Kept apart so that
+    /// a memory-mapped base is never read into memory just to replace a few tensors.
+    overlay: BTreeMap<String, Tensor>,
 }
 
 impl WeightStore {
@@ -234,6 +238,7 @@ impl WeightStore {
         Ok(WeightStore {
             source: Source::File(SafetensorsFile::open(path)?),
             used: BTreeSet::new(),
+            overlay: BTreeMap::new(),
         })
     }
 
@@ -246,6 +251,7 @@ impl WeightStore {
                 tensors,
             },
             used: BTreeSet::new(),
+            overlay: BTreeMap::new(),
         }
     }
 
@@ -259,10 +265,18 @@ impl WeightStore {
 
     /// All keys, sorted.
     pub fn keys(&self) -> Vec<String> {
-        match &self.source {
+        let base: Vec<String> = match &self.source {
             Source::File(f) => f.keys().map(String::from).collect(),
             Source::Memory { tensors, .. } => tensors.keys().cloned().collect(),
+        };
+        if self.overlay.is_empty() {
+            return base;
         }
+        let all: BTreeSet<String> = base
+            .into_iter()
+            .chain(self.overlay.keys().cloned())
+            .collect();
+        all.into_iter().collect()
     }
 
     /// The `__metadata__` map of a file store (empty for memory stores).
@@ -274,6 +288,9 @@ impl WeightStore {
     }
 
     fn shape_of(&self, key: &str) -> Option<Vec<usize>> {
+        if let Some(t) = self.overlay.get(key) {
+            return Some(t.shape().to_vec());
+        }
         match &self.source {
             Source::File(f) => f.shape(key).map(|s| s.to_vec()),
             Source::Memory { tensors, .. } => tensors.get(key).map(|t| t.shape().to_vec()),
@@ -315,10 +332,34 @@ impl WeightStore {
             });
         }
         self.used.insert(key.to_string());
+        if let Some(t) = self.overlay.get(key) {
+            return Ok(t.clone());
+        }
         match &self.source {
             Source::File(f) => f.tensor(key),
             Source::Memory { tensors, .. } => Ok(tensors[key].clone()),
         }
+    }
+
+    /// Lays `tensors` over the store (an adapter checkpoint on its base model): each replaces
+    /// the same-named tensor, whose shape it must keep, or adds a new key (adapters trained onto
+    /// a plain SAM). `source` names the tensors' file in errors. Checks every shape before
+    /// changing anything, so a failed overlay leaves the store as it was.
+    pub fn overlay(&mut self, source: &Path, tensors: BTreeMap<String, Tensor>) -> Result<()> {
+        for (k, t) in &tensors {
+            if let Some(base) = self.shape_of(k) {
+                if base != t.shape() {
+                    return Err(Error::ShapeMismatch {
+                        path: source.to_path_buf(),
+                        key: k.clone(),
+                        expected: base,
+                        found: t.shape().to_vec(),
+                    });
+                }
+            }
+        }
+        self.overlay.extend(tensors);
+        Ok(())
     }
 
     /// Takes the first present key among `aliases` (error names the first alias).

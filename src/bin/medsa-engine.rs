@@ -78,6 +78,12 @@ enum Cmd {
         /// Checkpoint (.safetensors).
         #[arg(long)]
         checkpoint: PathBuf,
+        /// Adapter checkpoint from `train`, applied on top of --checkpoint.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Accept an adapter trained on a different base file.
+        #[arg(long)]
+        allow_base_mismatch: bool,
         /// Inputs (.safetensors): `images` (B,3,H,W) preprocessed; optional `point_coords`
         /// (B,N,2), `point_labels` (B,N), `boxes` (B,4), `mask_inputs` (B,1,4h,4w), `depth`.
         #[arg(long)]
@@ -143,6 +149,28 @@ enum Cmd {
         #[arg(long, default_value = "tests/fixtures")]
         fixtures: PathBuf,
     },
+    /// Fine-tune a checkpoint on a dataset: adapters (added if the base has none), the decoder,
+    /// everything, or name patterns. Writes OUT/last.safetensors (+ .state for --resume),
+    /// OUT/best.safetensors (best validation Dice) and OUT/log.jsonl.
+    Train(Box<TrainArgs>),
+    /// Write a randomly initialised checkpoint of a custom (small) configuration, to train from
+    /// scratch with `train --trainable all`.
+    Init(InitArgs),
+    /// Merge a base checkpoint and an adapter checkpoint into one standalone checkpoint.
+    Merge {
+        /// Base checkpoint (.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Adapter checkpoint written by `train`.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output .safetensors (written atomically, f32).
+        #[arg(long)]
+        out: PathBuf,
+        /// Accept an adapter trained on a different base file.
+        #[arg(long)]
+        allow_base_mismatch: bool,
+    },
     /// Time the image encoder of a random-weight model (median of repeats).
     Bench {
         /// vit_b, vit_l or vit_h.
@@ -172,12 +200,168 @@ enum Cmd {
     },
 }
 
+/// Options of `train`.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Base checkpoint (.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Training data: a folder with images/ + masks/ (PNG/JPEG and PNG label maps) or
+    /// images/ + labels/ (NIfTI volumes and label volumes), or a .json manifest.
+    #[arg(long)]
+    data: PathBuf,
+    /// Validation data in the same form (default: --val-fraction of the training cases).
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    /// Fraction of the cases held out for validation when --val-data is absent (by case).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Output folder.
+    #[arg(short = 'o', long)]
+    out: PathBuf,
+    /// What is trained: adapters, adapters+decoder (the reference), all, or comma-separated
+    /// name patterns with * (e.g. "image_encoder.blocks.*.Space_Adapter.*").
+    #[arg(long, default_value = "adapters+decoder")]
+    trainable: String,
+    /// Adapters to add when the base has none: encoder, depth, decoder, combinations with +,
+    /// all, or none.
+    #[arg(long, default_value = "encoder")]
+    add_adapters: String,
+    /// Loss: bce (the 2D reference, pos_weight 2), dicece (the 3D reference) or both.
+    #[arg(long)]
+    loss: Option<String>,
+    /// BCE positive weight.
+    #[arg(long, default_value_t = 2.0)]
+    pos_weight: f32,
+    /// Weight of the IoU-head loss (0: IoU head untrained, as the reference).
+    #[arg(long, default_value_t = 0.0)]
+    iou_loss_weight: f32,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f64,
+    /// AdamW decoupled weight decay (0 = the reference's Adam).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Warm-up steps, then cosine decay to 1% (default: constant rate).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Clip the global gradient norm to this value.
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Samples per micro-batch (a depth chunk counts as one sample).
+    #[arg(long, default_value_t = 2)]
+    batch_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accumulate: usize,
+    /// Optimiser steps.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<u64>,
+    /// Epochs over the training samples (converted to steps).
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Validate every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    val_every: u64,
+    /// Save OUT/last.safetensors every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Seed (data order, prompts, adapter initialisation).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Model input size (default: the checkpoint's native size).
+    #[arg(long)]
+    size: Option<usize>,
+    /// Preprocessing preset (medsa: stretch to square, [0, 1]; the reference's).
+    #[arg(long, value_enum, default_value = "medsa")]
+    preset: PresetArg,
+    /// Train on this label id (default: any non-zero label).
+    #[arg(long)]
+    label_id: Option<u32>,
+    /// Volume intensities (see segment --intensity).
+    #[arg(long, default_value = "ct")]
+    intensity: String,
+    /// Volumes: train the depth branch on chunks of D consecutive slices (needs depth
+    /// adapters: --add-adapters encoder+depth).
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Positive clicks per image.
+    #[arg(long, default_value_t = 1)]
+    pos_clicks: usize,
+    /// Negative clicks per image.
+    #[arg(long, default_value_t = 0)]
+    neg_clicks: usize,
+    /// Also prompt with the mask's bounding box, each side jittered by up to N pixels.
+    #[arg(long)]
+    box_jitter: Option<u32>,
+    /// Recompute encoder blocks in backward (less memory, ~1/3 more compute).
+    #[arg(long)]
+    recompute: bool,
+    /// Continue from OUT/last.safetensors and its optimiser state.
+    #[arg(long)]
+    resume: bool,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// Device: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Storage precision on CUDA: f32 or bf16 (optimiser state and master weights stay f32).
+    #[arg(long, default_value = "f32")]
+    precision: String,
+}
+
+/// Options of `init`.
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Output .safetensors.
+    #[arg(long)]
+    out: PathBuf,
+    /// Native input size (pixels, square).
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    /// Patch size.
+    #[arg(long, default_value_t = 8)]
+    patch: usize,
+    /// Encoder width.
+    #[arg(long, default_value_t = 96)]
+    embed: usize,
+    /// Encoder blocks.
+    #[arg(long, default_value_t = 4)]
+    depth: usize,
+    /// Encoder heads.
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    /// Window size of the windowed blocks (0: all global).
+    #[arg(long, default_value_t = 8)]
+    window: usize,
+    /// Global-attention blocks, comma-separated (default: every other block, the last
+    /// included).
+    #[arg(long)]
+    global: Option<String>,
+    /// Neck output / decoder width.
+    #[arg(long, default_value_t = 128)]
+    prompt_dim: usize,
+    /// Decoder MLP width.
+    #[arg(long, default_value_t = 512)]
+    decoder_mlp: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
 /// Options of `segment`.
 #[derive(clap::Args)]
 struct SegmentArgs {
     /// Checkpoint (.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
+    /// Adapter checkpoint from `train`, applied on top of --checkpoint.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Accept an adapter trained on a different base file.
+    #[arg(long)]
+    allow_base_mismatch: bool,
     /// Batch input: a PNG/JPEG/NIfTI file, a folder of them, or a .json manifest.
     #[arg(short = 'i', long = "input")]
     input: Option<PathBuf>,
@@ -358,6 +542,8 @@ fn run(cli: Cli) -> Result<()> {
         } => convert(&input, &output, dtype),
         Cmd::Forward {
             checkpoint,
+            adapter,
+            allow_base_mismatch,
             inputs,
             out,
             multimask,
@@ -371,7 +557,7 @@ fn run(cli: Cli) -> Result<()> {
             let dev = open_device(&device, &precision)?;
             on_device!(&dev, be => forward(
                 be,
-                &checkpoint,
+                &ModelSource { checkpoint: checkpoint.clone(), adapter: adapter.clone(), allow_base_mismatch },
                 &inputs,
                 &out,
                 multimask,
@@ -396,6 +582,17 @@ fn run(cli: Cli) -> Result<()> {
             precision,
             fixtures,
         } => selftest(&device, &precision, &fixtures),
+        Cmd::Train(a) => {
+            let dev = open_device(&a.device, &a.precision)?;
+            on_device!(&dev, be => train_cmd(be, &a))
+        }
+        Cmd::Init(a) => init_cmd(&a),
+        Cmd::Merge {
+            checkpoint,
+            adapter,
+            out,
+            allow_base_mismatch,
+        } => merge_cmd(&checkpoint, &adapter, &out, allow_base_mismatch),
         Cmd::Bench {
             variant,
             size,
@@ -561,7 +758,7 @@ fn parse_pair(s: &str, what: &str) -> Result<(usize, usize)> {
 #[allow(clippy::too_many_arguments)]
 fn forward<B: Backend>(
     be: &B,
-    checkpoint: &Path,
+    src: &ModelSource,
     inputs: &Path,
     out: &Path,
     multimask: Option<bool>,
@@ -570,7 +767,7 @@ fn forward<B: Backend>(
     input_size: Option<String>,
     original_size: Option<String>,
 ) -> Result<()> {
-    let model = Sam::load(be, checkpoint)?;
+    let model = src.load(be)?;
     let f = SafetensorsFile::open(inputs)?;
     let meta = f.metadata().clone();
     let get = |k: &str| -> Result<Option<Tensor>> {
@@ -869,7 +1066,7 @@ fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         }
         return segment(
             be,
-            &a.checkpoint,
+            &ModelSource::of(a),
             image,
             &a.points,
             a.bbox.as_deref(),
@@ -938,7 +1135,7 @@ fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
     };
     let cases = batch::shard(batch::discover(input, out_dir)?, a.num_parts, a.part_id)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("{}", out_dir.display()))?;
-    let model = Sam::load(be, &a.checkpoint)?;
+    let model = ModelSource::of(a).load(be)?;
     let job = batch::Job::new(be, &model, opts)?;
     let n = cases.len();
     let summary = job.run(cases);
@@ -975,7 +1172,7 @@ fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
 #[allow(clippy::too_many_arguments)]
 fn segment<B: Backend>(
     be: &B,
-    checkpoint: &Path,
+    src: &ModelSource,
     image: &Path,
     points: &[String],
     bbox: Option<&str>,
@@ -986,12 +1183,12 @@ fn segment<B: Backend>(
     if points.is_empty() && bbox.is_none() {
         bail!("give at least one --point x,y[,label] or a --box x0,y0,x1,y1");
     }
-    let model = Sam::load(be, checkpoint)?;
+    let model = src.load(be)?;
     let (sh, sw) = model.config.img_size();
     if sh != sw {
         bail!(
             "{}: non-square native input {sh}x{sw} is not supported by segment",
-            checkpoint.display()
+            src.checkpoint.display()
         );
     }
     let img = pipeline::load_image(image)?;
@@ -1145,5 +1342,220 @@ fn bench<B: Backend>(
         batch as f64 / median,
         runs.iter().map(|r| (r * 1e4).round() / 1e4).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+/// A checkpoint, optionally with an adapter checkpoint on top.
+struct ModelSource {
+    checkpoint: PathBuf,
+    adapter: Option<PathBuf>,
+    allow_base_mismatch: bool,
+}
+
+impl ModelSource {
+    fn of(a: &SegmentArgs) -> Self {
+        ModelSource {
+            checkpoint: a.checkpoint.clone(),
+            adapter: a.adapter.clone(),
+            allow_base_mismatch: a.allow_base_mismatch,
+        }
+    }
+
+    fn load<B: Backend>(&self, be: &B) -> Result<Sam<B>> {
+        match &self.adapter {
+            None => Ok(Sam::load(be, &self.checkpoint)?),
+            Some(a) => {
+                let (mut ws, meta) = medsa::train::checkpoint::apply_adapter(
+                    &self.checkpoint,
+                    a,
+                    self.allow_base_mismatch,
+                )?;
+                eprintln!(
+                    "adapter {}: {} tensors trained as {} for {} steps (preset {}, size {})",
+                    a.display(),
+                    meta.config.blocks.len(),
+                    meta.trainable,
+                    meta.step,
+                    medsa::train::checkpoint::preset_name(meta.preset),
+                    meta.model_size
+                );
+                Ok(Sam::from_store(be, &mut ws)?)
+            }
+        }
+    }
+}
+
+fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
+    use medsa::train::checkpoint::AdapterChoice;
+    use medsa::train::step::{LossConfig, LossKind};
+    use medsa::train::trainer::{train, TrainConfig};
+    let add_adapters = if a.add_adapters == "none" {
+        AdapterChoice::default()
+    } else {
+        AdapterChoice::parse(&a.add_adapters)?
+    };
+    let (kind, cases) = medsa::train::data::discover(&a.data)?;
+    let loss_kind: LossKind = match &a.loss {
+        Some(l) => l.parse()?,
+        None if kind == medsa::train::data::DataKind::Volumes => LossKind::DiceCe,
+        None => LossKind::Bce,
+    };
+    let steps = match (a.steps, a.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => {
+            // Samples per epoch: 2D cases, or every slice with foreground is one sample.
+            let n = cases.len() as f64 * (1.0 - if a.val_data.is_some() { 0.0 } else { a.val_fraction });
+            ((e * n) / (a.batch_size * a.accumulate) as f64).ceil().max(1.0) as u64
+        }
+        (None, None) => bail!("give --steps N or --epochs E"),
+    };
+    let cfg = TrainConfig {
+        base: a.checkpoint.clone(),
+        data: a.data.clone(),
+        val_data: a.val_data.clone(),
+        val_fraction: if a.val_data.is_some() { 0.0 } else { a.val_fraction },
+        out: a.out.clone(),
+        trainable: a.trainable.clone(),
+        add_adapters,
+        loss: LossConfig {
+            kind: loss_kind,
+            pos_weight: a.pos_weight,
+            iou_weight: a.iou_loss_weight,
+        },
+        adamw: medsa::train::optim::AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        warmup_cosine: a.warmup,
+        clip: a.clip,
+        batch: a.batch_size,
+        accumulate: a.accumulate,
+        steps,
+        val_every: a.val_every,
+        save_every: a.save_every,
+        seed: a.seed,
+        data_opts: medsa::train::data::DataOptions {
+            size: a.size.unwrap_or(0),
+            preset: preset_of(a.preset),
+            label_id: a.label_id,
+            intensity: batch::Intensity::parse(&a.intensity)?,
+            depth: a.depth,
+        },
+        prompts: (a.pos_clicks, a.neg_clicks, a.box_jitter),
+        depth_mode: DepthMode::PerToken,
+        recompute: a.recompute,
+        resume: a.resume,
+        quiet: a.quiet,
+    };
+    let r = train(be, &cfg)?;
+    eprintln!(
+        "train: steps {}..{} on {}: {} tensors ({} values) trained as {}; {:.2} images/s",
+        r.start_step,
+        r.steps,
+        be.name(),
+        r.trained.0,
+        r.trained.1,
+        cfg.trainable,
+        r.images_per_s
+    );
+    eprintln!(
+        "train: loss {:.4} (first 10% of steps) -> {:.4} (last 10%)",
+        r.train_loss.0, r.train_loss.1
+    );
+    if let (Some(i), Some(f)) = (r.initial_val, r.final_val) {
+        eprintln!(
+            "train: validation loss {:.4} -> {:.4}, Dice {:.4} -> {:.4}, IoU {:.4} -> {:.4} ({} images)",
+            i.loss, f.loss, i.dice, f.dice, i.iou, f.iou, f.images
+        );
+    }
+    if let Some((d, s)) = r.best {
+        eprintln!(
+            "train: best validation Dice {d:.4} at step {s}: {}",
+            cfg.out.join("best.safetensors").display()
+        );
+    }
+    Ok(())
+}
+
+fn init_cmd(a: &InitArgs) -> Result<()> {
+    use medsa::sam::config::{BlockConfig, DecoderLayerConfig};
+    if a.patch == 0 || a.size % a.patch != 0 || a.heads == 0 || a.embed % a.heads != 0 {
+        bail!("--size must be a multiple of --patch and --embed a multiple of --heads");
+    }
+    if a.prompt_dim % 16 != 0 {
+        bail!("--prompt-dim must be a multiple of 16 (8 decoder heads, downsample 2)");
+    }
+    let global: Vec<usize> = match &a.global {
+        Some(g) => g
+            .split(',')
+            .map(|v| v.trim().parse().map_err(|_| anyhow!("--global {g}: expected block indices")))
+            .collect::<Result<_>>()?,
+        None => (0..a.depth).filter(|i| i % 2 == 1 || *i + 1 == a.depth).collect(),
+    };
+    let grid = a.size / a.patch;
+    let cfg = SamConfig {
+        patch: a.patch,
+        embed_dim: a.embed,
+        heads: a.heads,
+        mlp_dim: 4 * a.embed,
+        pos_grid: (grid, grid),
+        blocks: (0..a.depth)
+            .map(|i| BlockConfig {
+                window: if global.contains(&i) { 0 } else { a.window },
+                space_adapter: false,
+                mlp_adapter: false,
+                depth_adapter: false,
+                medsa_rel_names: false,
+            })
+            .collect(),
+        out_chans: a.prompt_dim,
+        adapter_dim: None,
+        prompt_dim: a.prompt_dim,
+        mask_in_chans: 16,
+        decoder_mlp_dim: a.decoder_mlp,
+        decoder_heads: 8,
+        attention_downsample: 2,
+        decoder_layers: vec![DecoderLayerConfig::default(); 2],
+        num_mask_tokens: 4,
+        iou_head: (a.prompt_dim, 3),
+    };
+    let tensors: Vec<(String, Tensor)> = random_checkpoint(&cfg, a.seed).into_iter().collect();
+    let n: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
+    let mut meta = HashMap::new();
+    meta.insert("medsa_init".to_string(), format!("seed {}", a.seed));
+    save_safetensors(&a.out, &tensors, &meta)?;
+    eprintln!(
+        "init: {} ({} tensors, {:.2} M parameters, native input {}x{})",
+        a.out.display(),
+        tensors.len(),
+        n as f64 / 1e6,
+        a.size,
+        a.size
+    );
+    Ok(())
+}
+
+fn merge_cmd(checkpoint: &Path, adapter: &Path, out: &Path, allow: bool) -> Result<()> {
+    let (mut ws, meta) = medsa::train::checkpoint::apply_adapter(checkpoint, adapter, allow)?;
+    let mut tensors = Vec::new();
+    for k in ws.keys() {
+        let shape = ws.shape(&k)?;
+        let t = ws.take(&k, &shape)?;
+        tensors.push((k, t));
+    }
+    let mut m = HashMap::new();
+    m.insert(
+        "medsa_merged".to_string(),
+        format!(
+            "{} + {} ({} steps, {})",
+            checkpoint.display(),
+            adapter.display(),
+            meta.step,
+            meta.trainable
+        ),
+    );
+    save_safetensors(out, &tensors, &m)?;
+    eprintln!("merge: {} ({} tensors)", out.display(), tensors.len());
     Ok(())
 }

@@ -2,6 +2,11 @@
 //! schedules and gradient clipping, and prompt sampling from masks. The backward passes of the
 //! network itself and the `train` command build on these.
 
+pub mod checkpoint;
+pub mod data;
 pub mod loss;
 pub mod optim;
 pub mod sampler;
+pub mod sha256;
+pub mod step;
+pub mod trainer;

@@ -11,9 +11,11 @@
 //! * `norm`: layer norm;
 //! * `attention`: blocked multi-head attention with decomposed relative-position bias;
 //! * `conv`: conv2d (im2col + gemm) and the 2x2 stride-2 transposed conv (gemm + scatter);
-//! * `resize`: bilinear / bicubic interpolation.
+//! * `resize`: bilinear / bicubic interpolation;
+//! * `backward`: the gradients of all of the above that training needs.
 
 mod attention;
+mod backward;
 mod conv;
 mod elementwise;
 mod linalg;
@@ -23,7 +25,7 @@ mod resize;
 
 use rayon::prelude::*;
 
-use super::{Act, Backend, RelPos};
+use super::{Act, AttentionGrads, Backend, RelPos};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -506,17 +508,70 @@ impl Backend for Cpu {
         resize::resize(x, size, resize::Mode::Bicubic)
     }
 
-    // TEMP(backward): replaced by src/backend/cpu/backward.rs.
-    fn activate_backward(&self, _x: &Tensor, _dy: &Tensor, _act: Act) -> Result<Tensor> {
-        Err(crate::Error::Device("activate_backward: not yet".into()))
+    fn activate_backward(&self, x: &Tensor, dy: &Tensor, act: Act) -> Result<Tensor> {
+        backward::activate_backward(x, dy, act)
     }
-    fn layer_norm_backward(&self, _x: &Tensor, _g: &Tensor, _dy: &Tensor, _eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
-        Err(crate::Error::Device("layer_norm_backward: not yet".into()))
+
+    fn sum_rows(&self, x: &Tensor, cols: usize) -> Result<Tensor> {
+        backward::sum_rows(x, cols)
     }
-    fn attention_backward(&self, _q: &Tensor, _k: &Tensor, _v: &Tensor, _o: &Tensor, _d_o: &Tensor, _heads: usize, _scale: f32, _rel: Option<RelPos<'_, Tensor>>) -> Result<crate::backend::AttentionGrads<Tensor>> {
-        Err(crate::Error::Device("attention_backward: not yet".into()))
+
+    fn linear_backward_input(&self, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+        backward::linear_backward_input(dy, w)
     }
-    fn conv2d_backward(&self, _x: &Tensor, _w: &Tensor, _dy: &Tensor, _stride: usize, _pad: usize, _need_dx: bool, _bias: bool) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-        Err(crate::Error::Device("conv2d_backward: not yet".into()))
+
+    fn linear_backward_weight(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        bias: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        backward::linear_backward_weight(x, dy, bias)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        dy: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        backward::layer_norm_backward(x, g, dy, eps)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        d_o: &Tensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Tensor>>,
+    ) -> Result<AttentionGrads<Tensor>> {
+        backward::attention_backward(q, k, v, o, d_o, heads, scale, rel)
+    }
+
+    fn conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        stride: usize,
+        pad: usize,
+        need_dx: bool,
+        bias: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
+        backward::conv2d_backward(x, w, dy, stride, pad, need_dx, bias)
+    }
+
+    fn conv_transpose2x2_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        backward::conv_transpose2x2_backward(x, w, dy)
     }
 }

@@ -3,7 +3,7 @@
 
 use super::gemm::GemmSpec;
 use super::{Arg, Cuda, CudaTensor, PermArgs, Precision};
-use crate::backend::{Act, Backend, RelPos};
+use crate::backend::{Act, AttentionGrads, Backend, RelPos};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -735,18 +735,64 @@ impl Backend for Cuda {
         self.resize(x, size, "resize_bicubic")
     }
 
-    // TEMP(backward): replaced by src/backend/cuda/backward.rs.
-    fn activate_backward(&self, _x: &CudaTensor, _dy: &CudaTensor, _act: Act) -> Result<CudaTensor> {
-        Err(crate::Error::Device("activate_backward: not yet".into()))
+    // ----- backward: launchers in backward.rs -------------------------------------------
+
+    fn activate_backward(&self, x: &CudaTensor, dy: &CudaTensor, act: Act) -> Result<CudaTensor> {
+        self.activate_backward_impl(x, dy, act)
     }
-    fn layer_norm_backward(&self, _x: &CudaTensor, _g: &CudaTensor, _dy: &CudaTensor, _eps: f32) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
-        Err(crate::Error::Device("layer_norm_backward: not yet".into()))
+
+    fn sum_rows(&self, x: &CudaTensor, cols: usize) -> Result<CudaTensor> {
+        self.sum_rows_impl(x, cols)
     }
-    fn attention_backward(&self, _q: &CudaTensor, _k: &CudaTensor, _v: &CudaTensor, _o: &CudaTensor, _d_o: &CudaTensor, _heads: usize, _scale: f32, _rel: Option<RelPos<'_, CudaTensor>>) -> Result<crate::backend::AttentionGrads<CudaTensor>> {
-        Err(crate::Error::Device("attention_backward: not yet".into()))
+
+    fn linear_backward_input(&self, dy: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
+        self.linear_backward_input_impl(dy, w)
     }
-    fn conv2d_backward(&self, _x: &CudaTensor, _w: &CudaTensor, _dy: &CudaTensor, _stride: usize, _pad: usize, _need_dx: bool, _bias: bool) -> Result<(Option<CudaTensor>, CudaTensor, Option<CudaTensor>)> {
-        Err(crate::Error::Device("conv2d_backward: not yet".into()))
+
+    fn linear_backward_weight(
+        &self,
+        x: &CudaTensor,
+        dy: &CudaTensor,
+        bias: bool,
+    ) -> Result<(CudaTensor, Option<CudaTensor>)> {
+        self.linear_backward_weight_impl(x, dy, bias)
+    }
+
+    fn layer_norm_backward(
+        &self,
+        x: &CudaTensor,
+        g: &CudaTensor,
+        dy: &CudaTensor,
+        eps: f32,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        self.layer_norm_backward_impl(x, g, dy, eps)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        o: &CudaTensor,
+        d_o: &CudaTensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, CudaTensor>>,
+    ) -> Result<AttentionGrads<CudaTensor>> {
+        self.attention_backward_impl(q, k, v, o, d_o, heads, scale, rel)
+    }
+
+    fn conv2d_backward(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        dy: &CudaTensor,
+        stride: usize,
+        pad: usize,
+        need_dx: bool,
+        bias: bool,
+    ) -> Result<(Option<CudaTensor>, CudaTensor, Option<CudaTensor>)> {
+        self.conv2d_backward_impl(x, w, dy, stride, pad, need_dx, bias)
     }
 }
 

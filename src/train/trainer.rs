@@ -1,0 +1,637 @@
+//! The training loop behind `medsa-engine train`: data, model set-up (adding adapters to a base
+//! checkpoint that has none), optimisation with gradient accumulation, validation, checkpoints
+//! (atomic; resumable, optimiser state included), a JSON-lines log and a progress line.
+//!
+//! Output folder layout: `last.safetensors` (+ `last.state.safetensors`), `best.safetensors`
+//! (best validation Dice), `log.jsonl` (one object per step and per validation).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::nn::{Grads, Param, Trainable};
+use crate::sam::image_encoder::DepthSpec;
+use crate::sam::mask_decoder::OUTPUT_TOKENS;
+use crate::sam::model::to_checkpoint;
+use crate::sam::{MaskOutput, Sam, Trace};
+use crate::tensor::Tensor;
+use crate::train::checkpoint::{
+    self, init_adapters, load_adapter, load_state, overlay_map, read_tensors, save_adapter,
+    save_state, state_path, AdapterChoice, AdapterMeta, TrainState,
+};
+use crate::train::data::{self, DataKind, DataOptions, Dataset, Loader, LoaderOptions};
+use crate::train::optim::{AdamWConfig, Schedule};
+use crate::train::sha256::sha256_file;
+use crate::train::step::{forward_backward, mask_loss, Batch, LossConfig, Optimizer};
+use crate::weights::WeightStore;
+
+/// Everything `train` needs.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    /// Base checkpoint.
+    pub base: PathBuf,
+    /// Training data: a dataset folder or manifest.
+    pub data: PathBuf,
+    /// Separate validation data; otherwise `val_fraction` of the training cases.
+    pub val_data: Option<PathBuf>,
+    /// Fraction of cases held out for validation when `val_data` is absent.
+    pub val_fraction: f64,
+    /// Output folder.
+    pub out: PathBuf,
+    /// Trainable set (see [`Trainable::parse`]).
+    pub trainable: String,
+    /// Adapters to add when the base checkpoint has none of them.
+    pub add_adapters: AdapterChoice,
+    /// Loss.
+    pub loss: LossConfig,
+    /// Optimiser.
+    pub adamw: AdamWConfig,
+    /// Warm-up steps of the warm-up + cosine schedule; `None` keeps the rate constant.
+    pub warmup_cosine: Option<u64>,
+    /// Global gradient-norm clipping.
+    pub clip: Option<f64>,
+    /// Samples per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimiser step.
+    pub accumulate: usize,
+    /// Optimiser steps in total.
+    pub steps: u64,
+    /// Validate every this many steps (and at the end); 0 = only at the end.
+    pub val_every: u64,
+    /// Save `last` every this many steps (and at the end); 0 = only at the end.
+    pub save_every: u64,
+    /// Seed of the data order, prompts and adapter initialisation.
+    pub seed: u64,
+    /// Data options (model size, preset, label, intensity, depth chunk).
+    pub data_opts: DataOptions,
+    /// Positive clicks, negative clicks and box jitter (`None`: no box) per image.
+    pub prompts: (usize, usize, Option<u32>),
+    /// Depth-branch mode for depth chunks.
+    pub depth_mode: crate::medsa::depth_branch::DepthMode,
+    /// Recompute encoder blocks in backward instead of keeping their activations.
+    pub recompute: bool,
+    /// Continue from `out/last.safetensors` and its state.
+    pub resume: bool,
+    /// No progress line.
+    pub quiet: bool,
+}
+
+/// Validation figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ValMetrics {
+    /// Mean loss per batch.
+    pub loss: f64,
+    /// Mean Dice at probability 0.5 over images.
+    pub dice: f64,
+    /// Mean IoU at probability 0.5.
+    pub iou: f64,
+    /// Mean Dice over thresholds 0.1, 0.3, 0.5, 0.7, 0.9 (the reference's extra figure).
+    pub dice_multi: f64,
+    /// Images evaluated.
+    pub images: usize,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct TrainReport {
+    /// Step the run started from (non-zero when resumed).
+    pub start_step: u64,
+    /// Steps done in total.
+    pub steps: u64,
+    /// Validation before the first step of this run, if there is validation data.
+    pub initial_val: Option<ValMetrics>,
+    /// Validation after the last step.
+    pub final_val: Option<ValMetrics>,
+    /// Best validation Dice and its step.
+    pub best: Option<(f64, u64)>,
+    /// Mean training loss of the first and last 10% of steps of this run.
+    pub train_loss: (f64, f64),
+    /// Training throughput (images per second).
+    pub images_per_s: f64,
+    /// Trained tensors (in-model) and their element count.
+    pub trained: (usize, usize),
+}
+
+/// Converts checkpoint tensors of trained parameters to in-model names and shapes (the inverse
+/// of [`to_checkpoint`]).
+fn from_checkpoint(
+    map: &BTreeMap<String, Tensor>,
+    model_shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    if let (Some(i), Some(m)) = (
+        map.get("mask_decoder.iou_token.weight"),
+        map.get("mask_decoder.mask_tokens.weight"),
+    ) {
+        let mut v = i.data().to_vec();
+        v.extend_from_slice(m.data());
+        let c = i.dim(1);
+        out.insert(
+            OUTPUT_TOKENS.to_string(),
+            Tensor::from_vec(v, &[1, 1 + m.dim(0), c])?,
+        );
+    }
+    for (k, t) in map {
+        if k == "mask_decoder.iou_token.weight" || k == "mask_decoder.mask_tokens.weight" {
+            continue;
+        }
+        match model_shapes.get(k) {
+            Some(s) if s.as_slice() != t.shape() => {
+                out.insert(k.clone(), t.reshape(s)?);
+            }
+            _ => {
+                out.insert(k.clone(), t.clone());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn dev_or_host<B: Backend>(be: &B, p: &Param<'_, B>) -> Result<Tensor> {
+    match p {
+        Param::Dev(t) => be.download(t),
+        Param::Host(t) => Ok((*t).clone()),
+    }
+}
+
+/// A JSON-lines log appended to (flushed per line so a crash loses nothing logged).
+struct Log(std::fs::File);
+
+impl Log {
+    fn open(path: &Path, truncate: bool) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(!truncate)
+            .write(true)
+            .truncate(truncate)
+            .open(path)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Log(f))
+    }
+
+    fn line(&mut self, v: serde_json::Value) {
+        // A full disk must not kill a long run; the checkpoint is what matters.
+        let _ = writeln!(self.0, "{v}");
+        let _ = self.0.flush();
+    }
+}
+
+fn make_loader<'a>(
+    ds: &'a Dataset,
+    batch: usize,
+    seed: u64,
+    prompts: (usize, usize, Option<u32>),
+    eval: bool,
+) -> Result<Loader<'a>> {
+    let mut o = if eval {
+        LoaderOptions::eval(batch, seed)
+    } else {
+        LoaderOptions::train(batch, seed)
+    };
+    o.pos = prompts.0;
+    o.neg = prompts.1;
+    o.box_jitter = prompts.2;
+    Loader::new(ds, o)
+}
+
+fn to_step_batch(
+    b: &data::Batch,
+    grid: usize,
+    mode: crate::medsa::depth_branch::DepthMode,
+) -> Result<Batch> {
+    Ok(Batch {
+        images: b.images()?,
+        prompts: b.prompts.clone(),
+        target: b.targets(grid)?,
+        depth: b.depth.map(|d| DepthSpec { d, mode }),
+    })
+}
+
+/// Dice and IoU of a thresholded map against a mask (both empty: Dice and IoU 1).
+fn dice_iou(pred: impl Iterator<Item = bool>, gt: &[f32]) -> (f64, f64) {
+    let (mut inter, mut p, mut g) = (0usize, 0usize, 0usize);
+    for (a, &b) in pred.zip(gt) {
+        let b = b > 0.5;
+        inter += (a && b) as usize;
+        p += a as usize;
+        g += b as usize;
+    }
+    if p + g == 0 {
+        return (1.0, 1.0);
+    }
+    let dice = 2.0 * inter as f64 / (p + g) as f64;
+    let iou = inter as f64 / (p + g - inter) as f64;
+    (dice, iou)
+}
+
+/// Loss, Dice and IoU of `model` on `ds` (one pass, fixed prompts for a given seed). Dice and
+/// IoU are measured at the model input size: the low-resolution logits are upsampled
+/// bilinearly, as at inference.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate<B: Backend>(
+    be: &B,
+    model: &Sam<B>,
+    ds: &Dataset,
+    batch: usize,
+    seed: u64,
+    prompts: (usize, usize, Option<u32>),
+    loss: &LossConfig,
+    mode: crate::medsa::depth_branch::DepthMode,
+) -> Result<ValMetrics> {
+    let mut loader = make_loader(ds, batch, seed, prompts, true)?;
+    let grid = 4 * model.config.pos_grid.0;
+    let mut m = ValMetrics::default();
+    let mut batches = 0usize;
+    let thresholds = [0.1f64, 0.3, 0.5, 0.7, 0.9].map(|t| (t / (1.0 - t)).ln() as f32);
+    while let Some(b) = loader.next_batch()? {
+        let sb = to_step_batch(&b, grid, mode)?;
+        let x = be.upload(&sb.images)?;
+        let emb = model.encode(be, &x, sb.depth, &mut Trace::off())?;
+        let s = b.size;
+        let (lr, iou) = model.decode(
+            be,
+            &emb,
+            (s, s),
+            &sb.prompts,
+            MaskOutput::Single,
+            &mut Trace::off(),
+        )?;
+        let logits = be.download(&lr)?;
+        let (parts, _, _) = mask_loss(&logits, &be.download(&iou)?, &sb.target, loss)?;
+        m.loss += parts.total;
+        batches += 1;
+        let up = be.download(&be.resize_bilinear(&lr, (s, s))?)?;
+        let gt = b.masks()?;
+        let n = s * s;
+        for i in 0..b.len() {
+            let (p, g) = (&up.data()[i * n..(i + 1) * n], &gt.data()[i * n..(i + 1) * n]);
+            let (d, j) = dice_iou(p.iter().map(|&v| v > 0.0), g);
+            m.dice += d;
+            m.iou += j;
+            let mt: f64 = thresholds
+                .iter()
+                .map(|&t| dice_iou(p.iter().map(|&v| v > t), g).0)
+                .sum::<f64>()
+                / thresholds.len() as f64;
+            m.dice_multi += mt;
+            m.images += 1;
+        }
+    }
+    if m.images == 0 {
+        return Err(Error::Input(
+            "validation data has no image with foreground for the trained label".into(),
+        ));
+    }
+    m.loss /= batches as f64;
+    let n = m.images as f64;
+    m.dice /= n;
+    m.iou /= n;
+    m.dice_multi /= n;
+    Ok(m)
+}
+
+/// The trained parameters in checkpoint form (f32 master copies when the optimiser has them).
+fn trained_tensors<B: Backend>(
+    be: &B,
+    model: &mut Sam<B>,
+    trainable: &Trainable,
+    opt: &Optimizer,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for (name, p) in model.params() {
+        if !trainable.contains(&name) {
+            continue;
+        }
+        let t = match opt.master.get(&name) {
+            Some(m) => m.clone(),
+            None => dev_or_host(be, &p)?,
+        };
+        for (k, v) in to_checkpoint(&name, &t)? {
+            out.insert(k, v);
+        }
+    }
+    Ok(out)
+}
+
+/// Runs training as configured; see the module documentation for what it writes.
+pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
+    if cfg.batch == 0 || cfg.accumulate == 0 || cfg.steps == 0 {
+        return Err(Error::Input(
+            "batch size, accumulation and steps must be positive".into(),
+        ));
+    }
+    std::fs::create_dir_all(&cfg.out).map_err(|source| Error::Io {
+        path: cfg.out.clone(),
+        source,
+    })?;
+    let last = cfg.out.join("last.safetensors");
+    let best_path = cfg.out.join("best.safetensors");
+    let trainable = Arc::new(Trainable::parse(&cfg.trainable)?);
+
+    // Model: base + (resumed tensors | newly added adapters).
+    let base_sha = sha256_file(&cfg.base)?;
+    let mut tensors = read_tensors(&cfg.base)?;
+    let mut resumed: Option<(BTreeMap<String, Tensor>, TrainState)> = None;
+    if cfg.resume {
+        if !last.exists() {
+            return Err(Error::Input(format!(
+                "--resume: {} does not exist (nothing to resume)",
+                last.display()
+            )));
+        }
+        let (t, meta) = load_adapter(&last)?;
+        checkpoint::verify_base(&cfg.base, &last, &meta, false)?;
+        if meta.trainable != cfg.trainable {
+            return Err(Error::Input(format!(
+                "--resume: {} was trained with --trainable {}, not {}",
+                last.display(),
+                meta.trainable,
+                cfg.trainable
+            )));
+        }
+        overlay_map(&mut tensors, &last, &t)?;
+        let st = load_state(&state_path(&last))?;
+        resumed = Some((t, st));
+    } else {
+        let cfg0 = {
+            let mut ws = WeightStore::from_tensors("base", tensors.clone());
+            crate::sam::SamConfig::infer(&mut ws)?
+        };
+        let mut want = cfg.add_adapters;
+        if cfg0.adapter_dim.is_some() {
+            want.encoder = false;
+        }
+        if cfg0.has_depth_branch() {
+            want.depth = false;
+        }
+        if cfg0.decoder_layers.iter().any(|l| l.hyper) {
+            want.decoder = false;
+        }
+        if want.encoder || want.depth || want.decoder {
+            init_adapters(&mut tensors, &cfg0, want, cfg.seed)?;
+        }
+    }
+    let mut ws = WeightStore::from_tensors(&cfg.base.display().to_string(), tensors);
+    let mut model = Sam::from_store(be, &mut ws)?;
+    if cfg.data_opts.depth.is_some() && !model.config.has_depth_branch() {
+        return Err(Error::Input(
+            "depth chunks need Depth_Adapter weights: add them (--add-adapters depth) or train on \
+             single slices"
+                .into(),
+        ));
+    }
+    let native = model.config.pos_grid.0 * model.config.patch;
+    let mut dopts = cfg.data_opts.clone();
+    if dopts.size == 0 {
+        dopts.size = native;
+    }
+    let grid = 4 * (dopts.size / model.config.patch);
+
+    // Data.
+    let (kind, cases) = data::discover(&cfg.data)?;
+    let (train_cases, val_cases, val_kind) = match &cfg.val_data {
+        Some(v) => {
+            let (vk, vc) = data::discover(v)?;
+            (cases, vc, vk)
+        }
+        None => {
+            let (t, v) = data::split(&cases, cfg.val_fraction, cfg.seed)?;
+            (t, v, kind)
+        }
+    };
+    if val_kind != kind {
+        return Err(Error::Input(
+            "training and validation data must both be 2D images or both volumes".into(),
+        ));
+    }
+    let train_ds = Dataset::load(kind, &train_cases, &dopts)?;
+    let val_ds = if val_cases.is_empty() {
+        None
+    } else {
+        Some(Dataset::load(kind, &val_cases, &dopts)?)
+    };
+    let mut loader = make_loader(&train_ds, cfg.batch, cfg.seed, cfg.prompts, false)?;
+
+    // Optimiser (restored on resume, with the saved f32 masters).
+    let schedule = match cfg.warmup_cosine {
+        Some(w) => Schedule::WarmupCosine {
+            warmup: w,
+            total: cfg.steps,
+            min_factor: 0.01,
+        },
+        None => Schedule::Constant,
+    };
+    let mut opt = Optimizer::new(cfg.adamw, schedule, cfg.clip);
+    let mut trained = (0usize, 0usize);
+    let shapes: BTreeMap<String, Vec<usize>> = model
+        .params()
+        .into_iter()
+        .map(|(k, p)| {
+            let s = match &p {
+                Param::Dev(t) => be.dims(t).to_vec(),
+                Param::Host(t) => t.shape().to_vec(),
+            };
+            (k, s)
+        })
+        .collect();
+    for (k, s) in &shapes {
+        if trainable.contains(k) {
+            trained.0 += 1;
+            trained.1 += s.iter().product::<usize>();
+        }
+    }
+    if trained.0 == 0 {
+        return Err(Error::Input(format!(
+            "trainable set \"{}\" matches no parameter of this model",
+            cfg.trainable
+        )));
+    }
+    let mut start = 0;
+    let mut best: Option<(f64, u64)> = None;
+    if let Some((t, st)) = resumed {
+        opt.master = from_checkpoint(&t, &shapes)?;
+        opt.states = st.optim;
+        opt.step = st.step;
+        start = st.step;
+        loader.restore(data::LoaderState::from_words(&st.rng)?)?;
+        if let Some(b) = st.extra.get("best_dice").and_then(|v| v.as_f64()) {
+            let s = st.extra.get("best_step").and_then(|v| v.as_u64()).unwrap_or(0);
+            best = Some((b, s));
+        }
+    }
+    let mut log = Log::open(&cfg.out.join("log.jsonl"), !cfg.resume)?;
+    let mut grads = Grads::<B>::new(trainable.clone());
+    let mut report = TrainReport {
+        start_step: start,
+        trained,
+        ..Default::default()
+    };
+    let model_config = model.config.clone();
+    let meta = |step: u64, loss: Option<f64>| AdapterMeta {
+        base_sha256: base_sha.clone(),
+        base_file: cfg
+            .base
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        config: model_config.clone(),
+        trainable: cfg.trainable.clone(),
+        preset: dopts.preset,
+        model_size: dopts.size,
+        intensity: (kind == DataKind::Volumes).then_some(dopts.intensity),
+        num_classes: 1,
+        step,
+        loss,
+        extra: [
+            (
+                "label_id".to_string(),
+                dopts.label_id.map(|v| v.to_string()).unwrap_or_default(),
+            ),
+            (
+                "depth".to_string(),
+                dopts.depth.map(|v| v.to_string()).unwrap_or_default(),
+            ),
+            ("lr".to_string(), cfg.adamw.lr.to_string()),
+            ("loss_kind".to_string(), format!("{:?}", cfg.loss.kind)),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let validate = |model: &Sam<B>| -> Result<Option<ValMetrics>> {
+        match &val_ds {
+            Some(v) => evaluate(
+                be,
+                model,
+                v,
+                cfg.batch,
+                cfg.seed ^ 0x5eed,
+                cfg.prompts,
+                &cfg.loss,
+                cfg.depth_mode,
+            )
+            .map(Some),
+            None => Ok(None),
+        }
+    };
+    report.initial_val = validate(&model)?;
+    if let Some(v) = report.initial_val {
+        log.line(json!({"step": start, "val_loss": v.loss, "val_dice": v.dice, "val_iou": v.iou,
+                        "val_dice_multi": v.dice_multi, "val_images": v.images}));
+    }
+
+    let t0 = Instant::now();
+    let mut images = 0usize;
+    let mut losses = Vec::new();
+    let mut last_loss = None;
+    let scale = 1.0 / cfg.accumulate as f32;
+    for step in start..cfg.steps {
+        let ts = Instant::now();
+        let mut parts_sum = crate::train::step::LossParts::default();
+        let mut n_img = 0;
+        for _ in 0..cfg.accumulate {
+            let b = loader.next_batch()?.ok_or_else(|| {
+                Error::Input("the training data has no image with foreground".into())
+            })?;
+            let sb = to_step_batch(&b, grid, cfg.depth_mode)?;
+            let (p, _) = forward_backward(
+                be,
+                &model,
+                &sb,
+                MaskOutput::Single,
+                &cfg.loss,
+                &mut grads,
+                scale,
+                cfg.recompute,
+            )?;
+            parts_sum.total += p.total * scale as f64;
+            parts_sum.bce += p.bce * scale as f64;
+            parts_sum.dice += p.dice * scale as f64;
+            parts_sum.iou += p.iou * scale as f64;
+            n_img += b.len();
+        }
+        let lr = opt.lr();
+        let norm = opt.step(be, &mut model, &mut grads)?;
+        be.synchronize()?;
+        let dt = ts.elapsed().as_secs_f64();
+        images += n_img;
+        losses.push(parts_sum.total);
+        last_loss = Some(parts_sum.total);
+        let ips = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        log.line(json!({"step": step + 1, "loss": parts_sum.total, "bce": parts_sum.bce,
+                        "dice_ce": parts_sum.dice, "iou_loss": parts_sum.iou, "lr": lr,
+                        "grad_norm": norm, "images": n_img, "step_s": dt,
+                        "images_per_s": ips}));
+        if !cfg.quiet {
+            let done = step + 1 - start;
+            let left = cfg.steps - step - 1;
+            let eta = t0.elapsed().as_secs_f64() / done as f64 * left as f64;
+            eprint!(
+                "\rstep {}/{}  loss {:.4}  {:.1} img/s  eta {:.0}s   ",
+                step + 1,
+                cfg.steps,
+                parts_sum.total,
+                ips,
+                eta
+            );
+        }
+        let at_end = step + 1 == cfg.steps;
+        if at_end || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
+            if let Some(v) = validate(&model)? {
+                log.line(json!({"step": step + 1, "val_loss": v.loss, "val_dice": v.dice,
+                                "val_iou": v.iou, "val_dice_multi": v.dice_multi,
+                                "val_images": v.images}));
+                if !cfg.quiet {
+                    eprintln!(
+                        "\rstep {}/{}  val loss {:.4}  Dice {:.4}  IoU {:.4}          ",
+                        step + 1,
+                        cfg.steps,
+                        v.loss,
+                        v.dice,
+                        v.iou
+                    );
+                }
+                if best.is_none_or(|(d, _)| v.dice > d) {
+                    best = Some((v.dice, step + 1));
+                    let t = trained_tensors(be, &mut model, &trainable, &opt)?;
+                    save_adapter(&best_path, &t, &meta(step + 1, Some(parts_sum.total)))?;
+                }
+                if at_end {
+                    report.final_val = Some(v);
+                }
+            }
+        }
+        if at_end || (cfg.save_every > 0 && (step + 1) % cfg.save_every == 0) {
+            let t = trained_tensors(be, &mut model, &trainable, &opt)?;
+            save_adapter(&last, &t, &meta(step + 1, Some(parts_sum.total)))?;
+            let st = TrainState {
+                step: step + 1,
+                rng: loader.state().to_words(),
+                optim: opt.states.clone(),
+                extra: json!({"best_dice": best.map(|b| b.0), "best_step": best.map(|b| b.1)}),
+            };
+            save_state(&state_path(&last), &st)?;
+        }
+    }
+    if !cfg.quiet {
+        eprintln!();
+    }
+    let _ = last_loss;
+    let k = (losses.len() / 10).max(1);
+    if !losses.is_empty() {
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        report.train_loss = (mean(&losses[..k]), mean(&losses[losses.len() - k..]));
+    }
+    report.steps = cfg.steps;
+    report.best = best;
+    report.images_per_s = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    Ok(report)
+}
