@@ -64,16 +64,19 @@
 // attn_bwd_dq_<t>(const T* q, const T* k, const T* v, const T* o, const T* dO, T* dq,
 //                 float* lse, float* dr, const float* rq, float* gs, const T* rh, const T* rw,
 //                 int heads, int Lq, int Lk, int d, float scale, int qw, int kh, int kw,
-//                 int has_rel)
+//                 int has_rel, int rel_smem)
 //   One CTA per (64-query block, head, batch). Writes Dr and LSE of its rows (pass 1 over the
 //   key tiles: S and the online max/sum only), then (pass 2 over the key tiles) recomputes P,
 //   dP, dS into a 64x64 smem tile and accumulates dQ += dS K in registers; with has_rel it
-//   adds each dS tile's row sums per ky and per kx into gs (rows owned by this CTA only, tile
-//   order: deterministic; gs MUST be zeroed before) and at the end adds the rel-pos term of dQ
-//   from gs, rh, rw. Writes dq (all of it: scale*dS K (+ rel term)), lse, dr, gs.
+//   adds each dS tile's row sums per ky and per kx to its 64 rows of Sh/Sw (in tile order:
+//   deterministic): rel_smem != 0: in a [64][kh+kw] f32 smem accumulator, copied to gs at
+//   the end; rel_smem == 0: in gs directly (rows owned by this CTA only; gs MUST be zeroed
+//   before). At the end it adds the rel-pos term of dQ from Sh/Sw, rh, rw. Writes dq (all of
+//   it: scale*dS K (+ rel term)), lse, dr, and with has_rel the gs rows of its queries.
 //   Thread (ty = tid/16, tx = tid%16) owns tile rows ty+8a (a < 8), tile key columns tx+16b
 //   (b < 4) and dQ columns tx+16c (c < Dp/16).
-//   grid = (ceil(Lq/64), heads, B), block = (128, 1, 1), dynamic smem SMEM_BWD (below).
+//   grid = (ceil(Lq/64), heads, B), block = (128, 1, 1), dynamic smem
+//   SMEM_BWD + (has_rel && rel_smem ? 4*64*(kh+kw) : 0) (SMEM_BWD below).
 //
 // attn_bwd_dkv_<t>(const T* q, const T* k, const T* v, const T* dO, T* dk, T* dv,
 //                  const float* lse, const float* dr, const float* rq, int heads, int Lq,
@@ -87,7 +90,8 @@
 //
 //   SMEM_BWD = 4 * (4*64*(Dp+1) + 64*65 + 256) bytes, Dp = 16 if d <= 16, 32 if d <= 32,
 //   64 if d <= 64, 80 if d <= 80, else 128 (f32 Q, dO, K, V tiles with odd row strides, the
-//   dS tile, per-row statistics). d=64: 84224, d=80: 100608, d=128: 149760. Above 48 KB the
+//   dS tile, per-row statistics). d=64: 84224, d=80: 100608, d=128: 149760 (+ 32768 for the
+//   dq kernel's rel-pos accumulator of a 64x64 key grid). Above 48 KB the
 //   launcher raises CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; the kernels TRAP if given
 //   less. Both are compiled with __launch_bounds__(128, 2) (<= 255 registers).
 //
@@ -406,10 +410,10 @@ __device__ __forceinline__ void bw_scores_q(float s[8][4], const float* __restri
     }
 }
 
-// gs rows of this CTA += the tile's dS row sums per ky and per kx (keys k0 .. k0+kn-1).
-__device__ __forceinline__ void bw_rel_rowsums(const float* Ps, float* __restrict__ gsb, int q0,
-                                               int Lq, int k0, int kn, int kh, int kw, int R,
-                                               int tid) {
+// grow[i*R + ..] (tile row i: this CTA's smem accumulator or its rows of gs) += the tile's dS
+// row sums per ky (columns 0..kh-1) and per kx (kh..kh+kw-1), keys k0 .. k0+kn-1.
+__device__ __forceinline__ void bw_rel_rowsums(const float* Ps, float* grow, int q0, int Lq,
+                                               int k0, int kn, int kh, int kw, int R, int tid) {
     const int ky_lo = k0 / kw, ky_hi = (k0 + kn - 1) / kw;
     const int nky = ky_hi - ky_lo + 1, nkx = min(kw, kn), nt = nky + nkx;
     for (int e = tid; e < AB_TILE * nt; e += AB_THREADS) {
@@ -428,7 +432,7 @@ __device__ __forceinline__ void bw_rel_rowsums(const float* Ps, float* __restric
             for (int jj = jj0; jj < kn; jj += kw) s += pr[jj];
             col = kh + (k0 + jj0) % kw;
         }
-        gsb[(long long)qi * R + col] += s;
+        grow[i * R + col] += s;
     }
 }
 
@@ -438,15 +442,18 @@ __device__ __forceinline__ void attn_bwd_dq_body(
     const T* __restrict__ o, const T* __restrict__ dO, T* __restrict__ dq,
     float* __restrict__ lse_out, float* __restrict__ dr_out, const float* __restrict__ rq,
     float* __restrict__ gs, const T* __restrict__ rh, const T* __restrict__ rw, int heads,
-    int Lq, int Lk, int d, float scale, int qw, int kh, int kw, int has_rel) {
+    int Lq, int Lk, int d, float scale, int qw, int kh, int kw, int has_rel, int rel_smem) {
     constexpr int S = D + 1, NC = D / 16;
     extern __shared__ float4 smem_f4[];
-    if (bw_dyn_smem_bytes() < attn_bwd_smem_need(D)) __trap();
+    const int R = has_rel ? kh + kw : 0;
+    const bool use_sm = has_rel && rel_smem;
+    if (bw_dyn_smem_bytes() < attn_bwd_smem_need(D) + (use_sm ? 4u * AB_TILE * R : 0u)) __trap();
     float* Qs = reinterpret_cast<float*>(smem_f4);
     float* dOs = Qs + AB_TILE * S;
     float* Ks = dOs + AB_TILE * S;
     float* Vs = Ks + AB_TILE * S;
     float* Ps = Vs + AB_TILE * S;
+    float* Gsm = Ps + AB_TILE * AB_PS + 256;  // [64][R] row sums when use_sm
 
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * AB_TILE;
@@ -454,9 +461,13 @@ __device__ __forceinline__ void attn_bwd_dq_body(
     const long long qoff = (long long)b * Lq * rs + (long long)h * d;
     const long long koff = (long long)b * Lk * rs + (long long)h * d;
     const long long bh = (long long)b * heads + h;
-    const int R = has_rel ? kh + kw : 0;
     const float* rqb = has_rel ? rq + bh * Lq * R : nullptr;
     float* gsb = has_rel ? gs + bh * Lq * R : nullptr;
+    // Row sums of tile row i accumulate at grow[i*R ..]: in smem (copied to gs at the end), or
+    // straight in this CTA's rows of gs (zeroed by the launcher) when smem is too small.
+    float* grow = !has_rel ? nullptr : use_sm ? Gsm : gsb + (long long)q0 * R;
+    if (use_sm)
+        for (int e = tid; e < AB_TILE * R; e += AB_THREADS) Gsm[e] = 0.f;
 
     bw_load_tile<T, D>(Qs, q + qoff, q0, Lq, d, rs, tid);
     bw_load_tile<T, D>(dOs, dO + qoff, q0, Lq, d, rs, tid);
@@ -555,9 +566,16 @@ __device__ __forceinline__ void attn_bwd_dq_body(
 #pragma unroll
                 for (int c = 0; c < NC; ++c) acc[a][c] = fmaf(pv[a], kv[c], acc[a][c]);
         }
-        if (has_rel) bw_rel_rowsums(Ps, gsb, q0, Lq, k0, kn, kh, kw, R, tid);
+        if (has_rel) bw_rel_rowsums(Ps, grow, q0, Lq, k0, kn, kh, kw, R, tid);
     }
-    if (has_rel) __syncthreads();  // every gs row sum of this CTA is written (and visible)
+    if (has_rel) {
+        __syncthreads();  // every row sum of this CTA is written (and visible)
+        if (use_sm)
+            for (int e = tid; e < AB_TILE * R; e += AB_THREADS) {
+                const int i = e / R;
+                if (q0 + i < Lq) gsb[(long long)q0 * R + e] = Gsm[e];
+            }
+    }
 
 #pragma unroll
     for (int a = 0; a < 8; ++a) {
@@ -568,7 +586,7 @@ __device__ __forceinline__ void attn_bwd_dq_body(
         for (int c = 0; c < NC; ++c) r[c] = acc[a][c] * scale;
         if (has_rel) {
             const int qy = qi / qw, qx = qi - qy * qw;
-            const float* gr = gsb + (long long)qi * R;
+            const float* gr = grow + (ty + 8 * a) * R;
             for (int ky = 0; ky < kh; ++ky) {
                 const float gv = gr[ky];
                 const T* tr = rh + ((long long)qy * kh + ky) * d;
@@ -858,9 +876,9 @@ __device__ __forceinline__ void attn_bwd_relgrad_body(const float* __restrict__ 
         attn_bwd_dq_##S(const T* q, const T* k, const T* v, const T* o, const T* dO, T* dq,     \
                         float* lse, float* dr, const float* rq, float* gs, const T* rh,         \
                         const T* rw, int heads, int Lq, int Lk, int d, float scale, int qw,     \
-                        int kh, int kw, int has_rel) {                                          \
+                        int kh, int kw, int has_rel, int rel_smem) {                            \
         AB_DISPATCH(attn_bwd_dq_body, T, q, k, v, o, dO, dq, lse, dr, rq, gs, rh, rw, heads,    \
-                    Lq, Lk, d, scale, qw, kh, kw, has_rel)                                      \
+                    Lq, Lk, d, scale, qw, kh, kw, has_rel, rel_smem)                            \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(AB_THREADS, 2)                                 \
         attn_bwd_dkv_##S(const T* q, const T* k, const T* v, const T* dO, T* dk, T* dv,         \

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The main job on the bundled example: segment a real MRI volume (the MNI152 T1 template, fetched
-# once from the nilearn wheel on PyPI) from a prompt file, writing a NIfTI mask on the scan's grid
-# and a PNG overview; then a 2D image. Outputs go to examples/out/.
+# The main job on the bundled example: segment grey matter in the held-out slices of a real MRI
+# volume (the MNI152 T1 template, fetched once from the nilearn wheel on PyPI) with the bundled
+# Med-SA model (examples/models/mni152_gm.safetensors: a small SAM trained from scratch on white
+# matter, adapted to grey matter with adapters only; scripts/train-mni152.sh reproduces it).
+# Prompts per slice come from the tissue labels (bounding box + one click inside); the masks are
+# written on the scan's grid with an overview PNG, and scored (Dice, IoU, HD95) against the
+# labels. Outputs go to examples/out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/setup-cuda.sh     # nvcc 13.0 from PyPI for the CUDA kernels (once, into .tools/)
-bash scripts/fetch-example.sh  # examples/data/mni152_*.nii.gz (once)
+bash scripts/setup-cuda.sh      # nvcc 13.0 from PyPI for the CUDA kernels (once, into .tools/)
+bash scripts/fetch-example.sh   # examples/data/mni152_*.nii.gz (once)
+python3 scripts/prepare-mni152.py   # training / held-out slabs + tissue labels (once)
 cargo build --release --quiet
 bin=target/release/medsa-engine
-# Small random-weight Med-SA models from the golden tests (see README: the pipeline, not a
-# meaningful segmentation, until trained adapters are bundled).
-volume_model=tests/fixtures/volume/weights.safetensors
-image_model=tests/fixtures/tiny/weights.safetensors
+model=examples/models/mni152_gm.safetensors
+val=examples/data/mni152_val
 mkdir -p examples/out
-"$bin" info "$volume_model"
-"$bin" segment --checkpoint "$volume_model" -i examples/mni152.json -o examples/out \
-  --intensity mr --chunk 8 --overview
-"$bin" segment --checkpoint "$image_model" --image examples/phantom.png \
-  --point 128,80 --box 100,55,165,115 --multimask --out examples/out/phantom-mask.png
-echo "outputs: examples/out/mni152_t1_mask.nii.gz (+ _overview.png), examples/out/phantom-mask.png"
+"$bin" info "$model"
+"$bin" segment --checkpoint "$model" -i "$val/images" -o examples/out \
+  --prompt-from-label "$val/labels" --label-id 2 --click --labels "$val/labels" \
+  --volume-preset medsa --intensity window:0,255 --overview
+echo "outputs: examples/out/mni152.nii.gz (grey matter, label 1), mni152_overview.png, metrics.csv"

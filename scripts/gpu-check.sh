@@ -13,20 +13,27 @@
 #   .device/build-root                   the repo path the tests were compiled in
 #
 # Steps: card, CUDA libraries (LD_LIBRARY_PATH), test binaries, `medsa-engine selftest`, medsa
-# benchmarks (bf16 B=1,8; f32 B=1), the PyTorch baseline (tools/reference/bench_gpu.py), and a
-# table. A failing step does not stop the others; the exit status is 1 if any step failed, timed
-# out or was skipped for lack of time. Without a GPU it says so and exits 0, doing nothing else.
+# benchmarks (bf16 B=1,8; f32 B=1), the PyTorch baseline (tools/reference/bench_gpu.py), the
+# training benchmark (issue 4: `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against
+# tools/reference/bench_train.py, bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
+# and the tables. A failing step does not stop the others; the exit status is 1 if any step
+# failed, timed out or was skipped for lack of time (PyTorch running out of GPU memory in a
+# training configuration is a result, recorded in the table, not a failure). Without a GPU it
+# says so and exits 0, doing nothing else.
 #
-# Under $OUT (at most 5 files, so that all of them come back from the device tool):
-#   gpu-check.log    everything printed (test summaries, failure tails, the table)
-#   summary.md       the table
+# Under $OUT (at most 7 files; the device tool returns 8 at most):
+#   gpu-check.log    everything printed (test summaries, failure tails, the tables)
+#   summary.md       the tables
 #   bench.jsonl      one JSON line per medsa benchmark
 #   torch.json       the PyTorch baseline, GEMM rate and SDPA check
+#   train.jsonl      one JSON line per medsa training benchmark
+#   torch-train.json the PyTorch training baseline
 #   logs.tar.gz      the full log of every step (tests-<name>.log, selftest.log, bench-*.log,
-#                    torch.log, steps.tsv), refreshed after each step
+#                    torch.log, train-*.log, torch-train.log, steps.tsv), refreshed after each step
 #
-# Environment: OUT; GPU_CHECK_BUDGET_S (default 470): the whole run's time budget, each step's
-# timeout is cut so that the later steps keep their share; GPU_CHECK_TEST_ARGS (default
+# Environment: OUT; GPU_CHECK_BUDGET_S (default 560, inside the device tool's 600 s per call):
+# the whole run's time budget, each step's timeout is cut so that the later steps keep their
+# share (TRAIN_S = 180 s of it are kept for the training benchmark); GPU_CHECK_TEST_ARGS (default
 # "--test-threads=1"): arguments of every test executable (e.g. add --include-ignored).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -38,9 +45,12 @@ fi
 
 OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT" || exit 1
-rm -f "$OUT/gpu-check.log" "$OUT/summary.md" "$OUT/bench.jsonl" "$OUT/torch.json" "$OUT/logs.tar.gz"
+rm -f "$OUT/gpu-check.log" "$OUT/summary.md" "$OUT/bench.jsonl" "$OUT/torch.json" "$OUT/logs.tar.gz" \
+  "$OUT/train.jsonl" "$OUT/torch-train.json"
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX") || exit 1
-BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
+# seconds of the budget kept for the training benchmark (added to every earlier step's reserve)
+TRAIN_S=180
 START_S=$SECONDS
 BIN=.device/bin
 ORIG_LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
@@ -90,6 +100,28 @@ tail_on_failure() { # LOG
   echo "---- last 40 lines of $(basename "$1") ----"
   tail -n 40 "$1"
   echo "----"
+}
+
+# json_line LOG PRECISION BATCH: prints the last JSON line of LOG (a medsa-engine bench log), with
+# precision and batch filled in if absent; fails if there is none
+json_line() {
+  python3 - "$1" "$2" "$3" <<'EOF'
+import json, sys
+log, prec, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rec = None
+for line in open(log, errors="replace"):
+    line = line.strip()
+    if line.startswith("{"):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            pass
+if rec is None:
+    sys.exit(f"no JSON line in {log}")
+rec.setdefault("precision", prec)
+rec.setdefault("batch", batch)
+print(json.dumps(rec))
+EOF
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +203,23 @@ link_build_root() {
   fi
 }
 
+# train_medsa PRECISION BATCH RESERVE: `medsa-engine bench --train` at vit_b 1024, its JSON line
+# appended to $OUT/train.jsonl
+train_medsa() {
+  local prec=$1 b=$2 name="train $1 B=$2" log="$LOGS/train-$1-b$2.log"
+  if [ ! -x "$BIN/medsa-engine" ]; then
+    record "$name" FAIL - 0
+    return
+  fi
+  if run_step "$name" 75 "$3" "$log" "$BIN/medsa-engine" bench --train --device cuda --precision "$prec" \
+    --variant vit_b --size 1024 --batch "$b" --repeats 5 --warmup 2; then
+    json_line "$log" "$prec" "$b" >>"$OUT/train.jsonl" || record "$name: JSON" FAIL 1 0
+    grep -E '^(bench --train|step median)' "$log"
+  else
+    tail_on_failure "$log"
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------
 main() {
   local t name log rc b prec
@@ -217,7 +266,7 @@ main() {
     say "test $name"
     log="$LOGS/tests-$name.log"
     # shellcheck disable=SC2086 # GPU_CHECK_TEST_ARGS is a list of words
-    run_step "test $name" 180 300 "$log" "$t" ${GPU_CHECK_TEST_ARGS:---test-threads=1}
+    run_step "test $name" 180 $((300 + TRAIN_S)) "$log" "$t" ${GPU_CHECK_TEST_ARGS:---test-threads=1}
     rc=$?
     grep -E '^test result:' "$log" | tail -n 1
     if [ "$rc" -ne 0 ]; then
@@ -229,7 +278,7 @@ main() {
   say "medsa-engine selftest --device cuda"
   log="$LOGS/selftest.log"
   if [ -x "$BIN/medsa-engine" ]; then
-    run_step "selftest" 120 230 "$log" "$BIN/medsa-engine" selftest --device cuda
+    run_step "selftest" 120 $((230 + TRAIN_S)) "$log" "$BIN/medsa-engine" selftest --device cuda
     rc=$?
     tail -n 25 "$log"
   else
@@ -238,7 +287,7 @@ main() {
 
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
-  local reserve=190
+  local reserve=$((190 + TRAIN_S))
   for spec in "bf16 1" "bf16 8" "f32 1"; do
     read -r prec b <<<"$spec"
     name="bench $prec B=$b"
@@ -249,23 +298,7 @@ main() {
     rc=$?
     reserve=$((reserve - 30))
     if [ "$rc" -eq 0 ]; then
-      if ! python3 - "$log" "$prec" "$b" >>"$OUT/bench.jsonl" <<'EOF'; then
-import json, sys
-log, prec, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rec = None
-for line in open(log, errors="replace"):
-    line = line.strip()
-    if line.startswith("{"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            pass
-if rec is None:
-    sys.exit(f"no JSON line in {log}")
-rec.setdefault("precision", prec)
-rec.setdefault("batch", batch)
-print(json.dumps(rec))
-EOF
+      if ! json_line "$log" "$prec" "$b" >>"$OUT/bench.jsonl"; then
         record "$name: JSON" FAIL 1 0
       fi
       tail -n 1 "$OUT/bench.jsonl"
@@ -285,12 +318,38 @@ EOF
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
     python3 -c 'import segment_anything' || { echo "segment_anything is not importable (no wheel in .device/whl?)"; exit 1; }
-    run_step "torch baseline" 240 15 "$log" python3 tools/reference/bench_gpu.py --batch 1 8 --json "$OUT/torch.json"
+    run_step "torch baseline" 240 $((15 + TRAIN_S)) "$log" python3 tools/reference/bench_gpu.py --batch 1 8 --json "$OUT/torch.json"
     rc=$?
     cat "$log"
     exit "$rc"
   ) || true
   [ -f "$OUT/torch.json" ] || grep -q '^torch baseline' "$LOGS/steps.tsv" 2>/dev/null || record "torch baseline" FAIL 1 0
+
+  # Training (issue 4): vit_b 1024x1024, Med-SA encoder + decoder adapters, adapters+decoder
+  # trained, one click per image, BCE pos_weight 2, Adam lr 1e-4; 2 warm-up + 5 timed steps.
+  # Order: medsa bf16 B=2, 8, then PyTorch (bf16 autocast first: the target's reference), then
+  # medsa f32 B=2; each step's timeout keeps the later steps' share of TRAIN_S.
+  say "training benchmark: medsa-engine bench --train"
+  : >"$OUT/train.jsonl"
+  train_medsa bf16 2 120
+  train_medsa bf16 8 100
+
+  say "training benchmark: PyTorch (tools/reference/bench_train.py)"
+  log="$LOGS/torch-train.log"
+  (
+    if [ -n "$ORIG_LD_LIBRARY_PATH" ]; then export LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH; else unset LD_LIBRARY_PATH; fi
+    # segment_anything: installed into /tmp/site by the baseline step above (the same wheel)
+    if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+    # one subprocess per configuration, each killed after 60 s; running out of memory is a result
+    run_step "torch train" 170 25 "$log" python3 tools/reference/bench_train.py --device cuda --size 1024 \
+      --batch 2 8 --modes bf16_autocast fp32 --warmup 2 --repeats 5 --timeout 60 --json "$OUT/torch-train.json"
+    rc=$?
+    cat "$log"
+    exit "$rc"
+  ) || true
+  [ -f "$OUT/torch-train.json" ] || grep -q '^torch train' "$LOGS/steps.tsv" 2>/dev/null || record "torch train" FAIL 1 0
+
+  train_medsa f32 2 0
 
   say "summary"
   python3 - "$OUT" "$LOGS" <<'EOF' || record "summary" FAIL 1 0
@@ -387,6 +446,78 @@ for ref in ("torch bf16 autocast", "torch bf16 autocast + SDPA"):
         parts.append(f"B={b}: " + (f"{a / t:.2f}×" if a and t else "—"))
     lines.append(f"medsa bf16 / {ref} images/s: " + ", ".join(parts) + "  ")
 lines.append("")
+
+# ---- training (issue 4) ----
+train = load_jsonl(os.path.join(out, "train.jsonl"))
+torch_train = {}
+try:
+    torch_train = json.load(open(os.path.join(out, "torch-train.json")))
+except (OSError, ValueError):
+    pass
+
+def find_medsa_train(prec, b):
+    for r in train:
+        if r.get("precision") == prec and int(r.get("batch", -1)) == b:
+            return {"ms": r.get("median_s", 0) * 1e3, "ips": r.get("images_per_s"),
+                    "peak": r.get("peak_bytes"),
+                    "opt_ms": None if r.get("opt_median_s") is None else r["opt_median_s"] * 1e3}
+    return None
+
+def find_torch_train(prec, b):
+    for r in torch_train.get("results", []):
+        if r.get("precision") == prec and r.get("batch") == b:
+            if "error" in r:
+                return {"error": ("out of memory: " if r.get("oom") else "") + r["error"]}
+            return {"ms": r["median_ms"], "ips": r["images_per_s"], "peak": r.get("peak_bytes"),
+                    "opt_ms": None}
+    return None
+
+if train or torch_train:
+    lines.append("### Training step (issue 4)")
+    lines.append("")
+    lines.append("vit_b 1024×1024, random weights, Med-SA encoder + decoder adapters, `adapters+decoder` "
+                 "trained, one click per image, BCE (pos_weight 2) on the 256×256 low-res masks, "
+                 "Adam lr 1e-4; median of 5 steps after 2 warm-up steps, host→device copy of the batch "
+                 "included. Peak: medsa = its CUDA pool's peak (weights, activations, gradients; the "
+                 "optimiser's f32 masters and moments live on the host); torch = "
+                 "max_memory_allocated (Adam state on the GPU). "
+                 + (f"torch {torch_train.get('torch')} (CUDA {torch_train.get('cuda')}), TF32 off." if torch_train else ""))
+    lines.append("")
+    lines.append("| impl | batch | ms / step (median) | images/s | peak MiB | optimiser ms | images/s ÷ torch bf16 | peak ÷ torch bf16 |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    trows = [("medsa bf16", lambda b: find_medsa_train("bf16", b), (2, 8)),
+             ("medsa f32", lambda b: find_medsa_train("f32", b), (2, 8)),
+             ("torch bf16 autocast", lambda b: find_torch_train("bf16_autocast", b), (2, 8)),
+             ("torch fp32", lambda b: find_torch_train("fp32", b), (2, 8))]
+    ref = {b: find_torch_train("bf16_autocast", b) for b in (2, 8)}
+    verdict = []
+    for label, get, bs in trows:
+        for b in bs:
+            r = get(b)
+            if r is None:
+                lines.append(f"| {label} | {b} | not run | | | | | |")
+                continue
+            if "error" in r:
+                lines.append(f"| {label} | {b} | {r['error'][:70]} | | | | | |")
+                continue
+            t = ref.get(b)
+            ok_ref = t is not None and "error" not in t
+            rip = r["ips"] / t["ips"] if ok_ref and r.get("ips") and t.get("ips") else None
+            rpk = r["peak"] / t["peak"] if ok_ref and r.get("peak") and t.get("peak") else None
+            peak = None if r.get("peak") is None else r["peak"] / 2**20
+            lines.append(f"| {label} | {b} | {f(r.get('ms'), '.1f')} | {f(r.get('ips'), '.2f')} | {f(peak, '.0f')} | "
+                         f"{f(r.get('opt_ms'), '.1f')} | {f(rip, '.2f')} | {f(rpk, '.3f')} |")
+            if label == "medsa bf16":
+                if rip is None or rpk is None:
+                    verdict.append(f"B={b}: no torch bf16 reference")
+                else:
+                    met = rip >= 2.0 and rpk <= 0.5
+                    verdict.append(f"B={b}: {rip:.2f}× images/s, {rpk:.3f}× peak → {'met' if met else 'not met'}")
+    lines.append("")
+    lines.append("Target (medsa bf16 ≥ 2× torch bf16 autocast images/s with ≤ ½ its peak memory): "
+                 + ("; ".join(verdict) if verdict else "not measured") + "  ")
+    lines.append("")
+
 bad = [s for s in steps if len(s) >= 2 and s[1] != "ok"]
 lines.append(f"Steps: {len(steps) - len(bad)} ok, {len(bad)} not ok"
              + ("".join(f"\n- {s[0]}: {s[1]} (rc {s[2]})" for s in bad)))

@@ -8,17 +8,20 @@ scripts/fetch-example.sh) and writes
     examples/data/mni152_val/{images,labels}/mni152.nii.gz
 
 Labels: 1 = white matter (WM map >= 50%), 2 = grey matter (GM map >= 50%), 0 otherwise.
-Split along the third (axial) axis in slabs of 8 slices: slab k goes to training when
-k % 4 == 0 and to validation when k % 4 == 2; slabs 1 and 3 are dropped, so every validation
-slice is at least 9 slices (9 mm) away from any training slice. The header is copied unchanged
-except for the number of slices. Idempotent: existing outputs are kept.
+Split along the third (axial) axis in slabs of 4 slices, in a period of 6 slabs: slabs 0-2 go
+to training, slab 4 to validation, slabs 3 and 5 are dropped, so every validation slice is at
+least 5 slices (5 mm) away from any training slice. The header is copied unchanged
+except for the number of slices. Idempotent: outputs made with the same split are kept.
 """
 import gzip
 import os
 import struct
 import sys
 
-SLAB = 8
+SLAB = 4
+PERIOD = 6
+TRAIN = (0, 1, 2)
+VAL = (4,)
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "data")
 
 
@@ -57,20 +60,26 @@ def main():
     nx, ny, nz = shape
     plane = nx * ny
     labels = bytes(1 if w >= 128 else (2 if g >= 128 else 0) for w, g in zip(wm, gm))
-    parts = {"mni152_train": 0, "mni152_val": 2}
-    for name, slab in parts.items():
+    parts = {"mni152_train": TRAIN, "mni152_val": VAL}
+    for name, slabs in parts.items():
         out = os.path.join(ROOT, name)
         img_p = os.path.join(out, "images", "mni152.nii.gz")
         lab_p = os.path.join(out, "labels", "mni152.nii.gz")
-        if os.path.exists(img_p) and os.path.exists(lab_p):
-            continue
-        zs = [z for z in range(nz) if (z // SLAB) % 4 == slab]
+        marker = os.path.join(out, "split.txt")
+        spec = f"slab {SLAB}, period {PERIOD}, slabs {list(slabs)}\n"
+        if os.path.exists(img_p) and os.path.exists(lab_p) and os.path.exists(marker):
+            with open(marker) as f:
+                if f.read() == spec:
+                    continue
+        zs = [z for z in range(nz) if (z // SLAB) % PERIOD in slabs]
         img = b"".join(t1[z * plane:(z + 1) * plane] for z in zs)
         lab = b"".join(labels[z * plane:(z + 1) * plane] for z in zs)
         os.makedirs(os.path.dirname(img_p), exist_ok=True)
         os.makedirs(os.path.dirname(lab_p), exist_ok=True)
         write_nifti(img_p, t1_h, (nx, ny, len(zs)), img)
         write_nifti(lab_p, t1_h, (nx, ny, len(zs)), lab)
+        with open(marker, "w") as f:
+            f.write(spec)
         wm_n = sum(1 for v in lab if v == 1)
         gm_n = sum(1 for v in lab if v == 2)
         print(f"{out}: {len(zs)} slices, {wm_n} WM and {gm_n} GM voxels")

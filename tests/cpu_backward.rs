@@ -459,7 +459,7 @@ fn attn_fwd(
 /// Gradients `(dq, dk, dv, drh, drw)` of attention in f64, element by element through the chain
 /// rule: `dP = dO V^T`, the softmax Jacobian `dS_j = sum_l dP_l P_l (delta_jl - P_j)`, then every
 /// logit's partial derivatives (`scale k_j`, `scale q_i`, and the bias' `q_i`, `rh`, `rw`).
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn attn_bwd(
     a: &Attn,
     q: &[f64],
@@ -615,14 +615,14 @@ fn attention_backward_matches_naive() {
             d: 8,
             rel: grid((7, 5), (3, 4)),
         },
-        // Two query blocks (99 rows) per head.
+        // Two query blocks (143 rows -> 2 x 72) per head, with keys on another grid.
         Attn {
             b: 1,
-            lq: 99,
+            lq: 143,
             lk: 99,
             heads: 2,
             d: 8,
-            rel: grid((9, 11), (9, 11)),
+            rel: grid((13, 11), (9, 11)),
         },
         // Cross attention (Lq != Lk), no bias, both ways round.
         Attn {
@@ -698,12 +698,13 @@ fn attention_backward_is_deterministic_across_threads() {
     let mut rng = Rng::new(8);
     let a = Attn {
         b: 3,
-        lq: 64,
-        lk: 64,
+        lq: 144,
+        lk: 144,
         heads: 8,
         d: 16,
-        rel: grid((8, 8), (8, 8)),
+        rel: grid((12, 12), (12, 12)),
     };
+    // Two query blocks per head and more tasks than table-gradient groups.
     let x = attn_inputs(&a, &mut rng);
     let one = with_threads(1, || cpu_attn_grads(&cpu, &a, &x, 0.25));
     let three = with_threads(3, || cpu_attn_grads(&cpu, &a, &x, 0.25));

@@ -277,6 +277,9 @@ const ATTN_CASES: &[AttnCase] = &[
     (1, 2, 24, (4, 5), (6, 7), true),
     (1, 3, 33, (3, 9), (7, 3), true),
     (1, 1, 128, (9, 10), (9, 10), true),
+    // kh + kw = 400 with d = 128: the dq kernel's rel-pos accumulator does not fit in shared
+    // memory (A100 / H100 / H200), so its row sums go through global memory (the other path)
+    (1, 2, 100, (2, 200), (2, 200), true),
     // no bias, Lq != Lk, sizes that are not tile multiples, tiny dims (the mask decoder)
     (2, 3, 16, (37, 1), (53, 1), false),
     (2, 8, 32, (7, 1), (256, 1), false),

@@ -56,7 +56,11 @@ const LOSS: LossConfig = LossConfig {
 
 fn close(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<(), String> {
     if got.shape() != want.shape() {
-        return Err(format!("{name}: shape {:?} vs {:?}", got.shape(), want.shape()));
+        return Err(format!(
+            "{name}: shape {:?} vs {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
     let scale = want.data().iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = got
@@ -94,7 +98,14 @@ fn check_gradients(case: &str) {
         false,
     )
     .unwrap();
-    close("low_res_masks", &logits, &g.tensor("low_res_masks").unwrap(), 1e-4, 1e-5).unwrap();
+    close(
+        "low_res_masks",
+        &logits,
+        &g.tensor("low_res_masks").unwrap(),
+        1e-4,
+        1e-5,
+    )
+    .unwrap();
     let want = g.tensor("loss").unwrap().data()[0] as f64;
     assert!(
         (parts.total - want).abs() <= 1e-5 * want.abs(),
@@ -196,13 +207,20 @@ fn check_trajectory(case: &str, prefix: &str, set: &str, steps: usize, recompute
             // key leaves the softmax unchanged): both sides feed f32 rounding noise (~1e-8) to
             // Adam, which scales it into steps of up to lr. The reference's own f32-vs-f64 gap
             // there is 5.5e-4; only the size of the drift is checked.
-            let atol = if name.ends_with("k_proj.bias") { 1e-2 } else { 1e-5 };
+            let atol = if name.ends_with("k_proj.bias") {
+                1e-2
+            } else {
+                1e-5
+            };
             close(name, &finals[name], &g.tensor(k).unwrap(), 2e-3, atol).unwrap();
             n += 1;
         }
     }
     let trained = finals.keys().filter(|k| trainable.contains(k)).count();
-    assert!(n > 0 && n == trained, "{n} final tensors checked, {trained} trained");
+    assert!(
+        n > 0 && n == trained,
+        "{n} final tensors checked, {trained} trained"
+    );
 }
 
 #[test]

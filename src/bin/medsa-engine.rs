@@ -171,7 +171,8 @@ enum Cmd {
         #[arg(long)]
         allow_base_mismatch: bool,
     },
-    /// Time the image encoder of a random-weight model (median of repeats).
+    /// Time the image encoder (or, with --train, a training step) of a random-weight model
+    /// (median of repeats).
     Bench {
         /// vit_b, vit_l or vit_h.
         #[arg(long, default_value = "vit_b")]
@@ -197,6 +198,15 @@ enum Cmd {
         /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// Time full training steps instead of the encoder: forward, BCE loss (pos_weight 2) on
+        /// the low-resolution masks, backward and AdamW on `adapters+decoder`, with encoder and
+        /// decoder adapters (HyP-Adpt) added and one positive click per image.
+        #[arg(long)]
+        train: bool,
+        /// With --train: recompute encoder activations in the backward pass instead of keeping
+        /// them (less memory, more time).
+        #[arg(long, requires = "train")]
+        recompute: bool,
     },
 }
 
@@ -294,6 +304,9 @@ struct TrainArgs {
     /// Also prompt with the mask's bounding box, each side jittered by up to N pixels.
     #[arg(long)]
     box_jitter: Option<u32>,
+    /// Random left-right flips of training samples (with their prompts and masks).
+    #[arg(long)]
+    flip: bool,
     /// Recompute encoder blocks in backward (less memory, ~1/3 more compute).
     #[arg(long)]
     recompute: bool,
@@ -402,16 +415,18 @@ struct SegmentArgs {
     /// Predict three masks per object and keep the best predicted IoU.
     #[arg(long)]
     multimask: bool,
-    /// 2D preprocessing preset.
-    #[arg(long, value_enum, default_value = "sam")]
-    preset: PresetArg,
-    /// Preprocessing preset for volume slices (the reference trains 3D with medsa).
-    #[arg(long, value_enum, default_value = "medsa")]
-    volume_preset: PresetArg,
+    /// 2D preprocessing preset (default: the adapter's training preset, else sam).
+    #[arg(long, value_enum)]
+    preset: Option<PresetArg>,
+    /// Preprocessing preset for volume slices (default: the adapter's, else medsa as the
+    /// reference trains 3D).
+    #[arg(long, value_enum)]
+    volume_preset: Option<PresetArg>,
     /// Volume intensities: ct (= ct-abdomen, [-175, 250] HU as the reference), ct-soft,
-    /// ct-lung, ct-bone, ct-brain, window:lo,hi, mr (0.5-99.5 percentiles), mr:plo,phi, none.
-    #[arg(long, default_value = "ct")]
-    intensity: String,
+    /// ct-lung, ct-bone, ct-brain, window:lo,hi, mr (0.5-99.5 percentiles), mr:plo,phi, none
+    /// (default: the adapter's training intensities, else ct).
+    #[arg(long)]
+    intensity: Option<String>,
     /// Slices per encoder pass for volumes (the SD-Trans depth window); chunks do not overlap.
     #[arg(long, default_value_t = 8)]
     chunk: usize,
@@ -602,9 +617,15 @@ fn run(cli: Cli) -> Result<()> {
             adapters,
             device,
             precision,
+            train,
+            recompute,
         } => {
             let dev = open_device(&device, &precision)?;
-            on_device!(&dev, be => bench(be, &dev, &variant, size, batch, repeats, warmup, adapters))
+            if train {
+                on_device!(&dev, be => bench_train(be, &dev, &variant, size, batch, repeats, warmup, recompute))
+            } else {
+                on_device!(&dev, be => bench(be, &dev, &variant, size, batch, repeats, warmup, adapters))
+            }
         }
     }
 }
@@ -1056,6 +1077,11 @@ fn preset_of(p: PresetArg) -> Preset {
 }
 
 fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
+    // An adapter records how its training data was preprocessed; that is the default here.
+    let meta = match &a.adapter {
+        Some(p) => Some(medsa::train::checkpoint::load_adapter(p)?.1),
+        None => None,
+    };
     if let Some(image) = &a.image {
         let out = a
             .out
@@ -1072,7 +1098,10 @@ fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
             a.bbox.as_deref(),
             out,
             a.multimask,
-            a.preset,
+            a.preset.unwrap_or(
+                meta.as_ref()
+                    .map_or(PresetArg::Sam, |m| preset_arg(m.preset)),
+            ),
         );
     }
     let input = a.input.as_ref().ok_or_else(|| {
@@ -1107,9 +1136,23 @@ fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         bail!("--prompt-from-label needs --label-id N");
     }
     let opts = batch::JobOptions {
-        preset: preset_of(a.preset),
-        volume_preset: preset_of(a.volume_preset),
-        intensity: batch::Intensity::parse(&a.intensity)?,
+        preset: preset_of(
+            a.preset.unwrap_or(
+                meta.as_ref()
+                    .map_or(PresetArg::Sam, |m| preset_arg(m.preset)),
+            ),
+        ),
+        volume_preset: preset_of(
+            a.volume_preset.unwrap_or(
+                meta.as_ref()
+                    .map_or(PresetArg::Medsa, |m| preset_arg(m.preset)),
+            ),
+        ),
+        intensity: match (&a.intensity, meta.as_ref().and_then(|m| m.intensity)) {
+            (Some(i), _) => batch::Intensity::parse(i)?,
+            (None, Some(i)) => i,
+            (None, None) => batch::Intensity::parse("ct")?,
+        },
         chunk: a.chunk,
         depth_mode: match a.depth_mode {
             DepthModeArg::PerToken => DepthMode::PerToken,
@@ -1345,6 +1388,213 @@ fn bench<B: Backend>(
     Ok(())
 }
 
+/// Peak resident set size of this process (VmHWM of /proc/self/status), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// `bench --train`: full training steps (forward, loss, backward, optimiser) of a random-weight
+/// model with encoder and decoder adapters, `adapters+decoder` trained, as `train` runs them.
+#[allow(clippy::too_many_arguments)]
+fn bench_train<B: Backend>(
+    be: &B,
+    dev: &Dev,
+    variant: &str,
+    size: usize,
+    batch: usize,
+    repeats: usize,
+    warmup: usize,
+    recompute: bool,
+) -> Result<()> {
+    use medsa::nn::{Grads, Param, Trainable};
+    use medsa::train::checkpoint::{init_adapters, AdapterChoice};
+    use medsa::train::optim::{AdamWConfig, Schedule};
+    use medsa::train::step::{forward_backward, Batch, LossConfig, Optimizer};
+    use std::sync::Arc;
+
+    let mut cfg = SamConfig::published(variant, true, false)
+        .ok_or_else(|| anyhow!("--variant {variant}: expected vit_b, vit_l or vit_h"))?;
+    if size == 0 || !size.is_multiple_of(cfg.patch) || batch == 0 {
+        bail!(
+            "--size {size} --batch {batch}: expected a positive multiple of {} and a positive batch",
+            cfg.patch
+        );
+    }
+    // A model native to the benchmark size (position tables of that grid, as the PyTorch
+    // reference builds it with img_size = size); at 1024 this is the published model.
+    let window = cfg.blocks.iter().map(|b| b.window).max().unwrap_or(0);
+    if size / cfg.patch < window {
+        bail!(
+            "--size {size}: --train needs a token grid of at least the window ({window}), i.e. \
+             --size >= {}",
+            window * cfg.patch
+        );
+    }
+    cfg.pos_grid = (size / cfg.patch, size / cfg.patch);
+    let mut tensors = random_checkpoint(&cfg, 0);
+    init_adapters(
+        &mut tensors,
+        &cfg,
+        AdapterChoice {
+            encoder: false,
+            depth: false,
+            decoder: true,
+        },
+        0,
+    )?;
+    let mut ws = WeightStore::from_tensors("random", tensors);
+    let mut model = Sam::from_store(be, &mut ws).context("building the random model")?;
+    let trainable = Arc::new(Trainable::parse("adapters+decoder")?);
+    let (mut n_tensors, mut n_params) = (0usize, 0usize);
+    for (name, p) in model.params() {
+        if trainable.contains(&name) {
+            n_tensors += 1;
+            n_params += match &p {
+                Param::Dev(t) => be.dims(t).iter().product::<usize>(),
+                Param::Host(t) => t.numel(),
+            };
+        }
+    }
+
+    // One random batch, reused every step: images, one positive click per image, 0/1 targets on
+    // the low-resolution mask grid.
+    let mut rng = Rng::new(1);
+    let grid = 4 * (size / cfg.patch);
+    let clicks: Vec<f32> = (0..2 * batch)
+        .map(|_| (rng.uniform() * size as f32).floor() + 0.5)
+        .collect();
+    let target: Vec<f32> = (0..batch * grid * grid)
+        .map(|_| if rng.uniform() < 0.5 { 1.0 } else { 0.0 })
+        .collect();
+    let data = Batch {
+        images: rng.tensor(&[batch, 3, size, size], 2.0),
+        prompts: Prompts {
+            point_coords: Some(Tensor::from_vec(clicks, &[batch, 1, 2])?),
+            point_labels: Some(Tensor::from_vec(vec![1.0; batch], &[batch, 1])?),
+            ..Default::default()
+        },
+        target: Tensor::from_vec(target, &[batch, 1, grid, grid])?,
+        depth: None,
+    };
+    let loss = LossConfig::default();
+    let mut grads = Grads::new(trainable);
+    let mut opt = Optimizer::new(AdamWConfig::default(), Schedule::Constant, None);
+    eprintln!(
+        "bench --train: {variant} {size}x{size}, batch {batch}, {n_tensors} trained tensors \
+         ({n_params} parameters, adapters+decoder), recompute {recompute}, on {}",
+        be.name()
+    );
+
+    // step = forward + loss + backward (timed as `fb`), then the optimiser (`opt`)
+    let mut step = |model: &mut Sam<B>| -> Result<(f64, f64, f64)> {
+        let t = Instant::now();
+        let (parts, _) = forward_backward(
+            be,
+            model,
+            &data,
+            MaskOutput::Single,
+            &loss,
+            &mut grads,
+            1.0,
+            recompute,
+        )?;
+        be.synchronize()?;
+        let fb = t.elapsed().as_secs_f64();
+        opt.step(be, model, &mut grads)?;
+        be.synchronize()?;
+        Ok((fb, t.elapsed().as_secs_f64() - fb, parts.total))
+    };
+    for _ in 0..warmup {
+        step(&mut model)?;
+    }
+    dev.reset_peak();
+    dev.take_profile();
+    let (mut runs, mut fbs, mut opts, mut losses) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..repeats.max(1) {
+        let (fb, o, l) = step(&mut model)?;
+        runs.push(fb + o);
+        fbs.push(fb);
+        opts.push(o);
+        losses.push(l);
+    }
+    let prof = dev.take_profile();
+    if !prof.is_empty() {
+        let total: f64 = prof
+            .iter()
+            .filter(|p| !p.0.starts_with("detail:"))
+            .map(|p| p.2)
+            .sum();
+        let n = repeats.max(1) as f64;
+        eprintln!("profile (MEDSA_PROFILE=1, synchronised per op), per step:");
+        for (name, calls, t) in prof.iter().take(40) {
+            eprintln!(
+                "  {:>8.3} ms {:>5.1}% {:>6} calls  {name}",
+                t * 1e3 / n,
+                100.0 * t / total,
+                *calls as f64 / n
+            );
+        }
+    }
+    if let Some(l) = losses.iter().find(|l| !l.is_finite()) {
+        bail!("bench --train: non-finite loss {l}");
+    }
+    let med = median(&runs);
+    let min = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let rss = peak_rss_bytes();
+    // the device's peak: the CUDA pool's, else (CPU) the process's peak RSS
+    let (peak, peak_kind) = match dev.peak_bytes() {
+        Some(p) => (Some(p as u64), "cuda_pool"),
+        None => (rss, "rss"),
+    };
+    let opt_json = |v: Option<u64>| v.map_or_else(|| "null".to_string(), |x| x.to_string());
+    eprintln!(
+        "step median {:.1} ms (forward+loss+backward {:.1} ms, optimiser {:.1} ms), {:.3} images/s, \
+         peak {} MiB ({peak_kind}), loss {:.4} -> {:.4}",
+        med * 1e3,
+        median(&fbs) * 1e3,
+        median(&opts) * 1e3,
+        batch as f64 / med,
+        peak.map_or_else(|| "?".into(), |p| format!("{:.0}", p as f64 / 1048576.0)),
+        losses[0],
+        losses[losses.len() - 1]
+    );
+    let r4 = |v: &[f64]| {
+        v.iter()
+            .map(|r| (r * 1e4).round() / 1e4)
+            .collect::<Vec<_>>()
+    };
+    println!(
+        "{{\"impl\":\"medsa\",\"mode\":\"train\",\"device\":\"{}\",\"variant\":\"{variant}\",\"size\":{size},\"batch\":{batch},\"trainable\":\"adapters+decoder\",\"trained_params\":{n_params},\"recompute\":{recompute},\"warmup\":{warmup},\"median_s\":{med:.4},\"min_s\":{min:.4},\"median_ms\":{:.2},\"images_per_s\":{:.4},\"fb_median_s\":{:.4},\"opt_median_s\":{:.4},\"peak_bytes\":{},\"peak_kind\":\"{peak_kind}\",\"peak_rss_bytes\":{},\"loss_first\":{:.6},\"loss_last\":{:.6},\"runs\":{:?}}}",
+        be.name(),
+        med * 1e3,
+        batch as f64 / med,
+        median(&fbs),
+        median(&opts),
+        opt_json(peak),
+        opt_json(rss),
+        losses[0],
+        losses[losses.len() - 1],
+        r4(&runs)
+    );
+    Ok(())
+}
+
+fn preset_arg(p: Preset) -> PresetArg {
+    match p {
+        Preset::Sam => PresetArg::Sam,
+        Preset::Medsa => PresetArg::Medsa,
+    }
+}
+
 /// A checkpoint, optionally with an adapter checkpoint on top.
 struct ModelSource {
     checkpoint: PathBuf,
@@ -1371,9 +1621,8 @@ impl ModelSource {
                     self.allow_base_mismatch,
                 )?;
                 eprintln!(
-                    "adapter {}: {} tensors trained as {} for {} steps (preset {}, size {})",
+                    "adapter {}: trained as {} for {} steps (preset {}, size {})",
                     a.display(),
-                    meta.config.blocks.len(),
                     meta.trainable,
                     meta.step,
                     medsa::train::checkpoint::preset_name(meta.preset),
@@ -1404,8 +1653,16 @@ fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         (Some(s), _) => s,
         (None, Some(e)) => {
             // Samples per epoch: 2D cases, or every slice with foreground is one sample.
-            let n = cases.len() as f64 * (1.0 - if a.val_data.is_some() { 0.0 } else { a.val_fraction });
-            ((e * n) / (a.batch_size * a.accumulate) as f64).ceil().max(1.0) as u64
+            let n = cases.len() as f64
+                * (1.0
+                    - if a.val_data.is_some() {
+                        0.0
+                    } else {
+                        a.val_fraction
+                    });
+            ((e * n) / (a.batch_size * a.accumulate) as f64)
+                .ceil()
+                .max(1.0) as u64
         }
         (None, None) => bail!("give --steps N or --epochs E"),
     };
@@ -1413,7 +1670,11 @@ fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         base: a.checkpoint.clone(),
         data: a.data.clone(),
         val_data: a.val_data.clone(),
-        val_fraction: if a.val_data.is_some() { 0.0 } else { a.val_fraction },
+        val_fraction: if a.val_data.is_some() {
+            0.0
+        } else {
+            a.val_fraction
+        },
         out: a.out.clone(),
         trainable: a.trainable.clone(),
         add_adapters,
@@ -1444,6 +1705,7 @@ fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         },
         prompts: (a.pos_clicks, a.neg_clicks, a.box_jitter),
         depth_mode: DepthMode::PerToken,
+        flip: a.flip,
         recompute: a.recompute,
         resume: a.resume,
         quiet: a.quiet,
@@ -1489,9 +1751,15 @@ fn init_cmd(a: &InitArgs) -> Result<()> {
     let global: Vec<usize> = match &a.global {
         Some(g) => g
             .split(',')
-            .map(|v| v.trim().parse().map_err(|_| anyhow!("--global {g}: expected block indices")))
+            .map(|v| {
+                v.trim()
+                    .parse()
+                    .map_err(|_| anyhow!("--global {g}: expected block indices"))
+            })
             .collect::<Result<_>>()?,
-        None => (0..a.depth).filter(|i| i % 2 == 1 || *i + 1 == a.depth).collect(),
+        None => (0..a.depth)
+            .filter(|i| i % 2 == 1 || *i + 1 == a.depth)
+            .collect(),
     };
     let grid = a.size / a.patch;
     let cfg = SamConfig {

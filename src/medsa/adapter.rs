@@ -106,9 +106,10 @@ impl<B: Backend> Adapter<B> {
         grads: &mut Grads<B>,
     ) -> Result<B::Tensor> {
         let dh = dx(self.fc2.backward_pre(be, &c.h, dy, grads, true)?)?;
-        let dx = dx(self
-            .fc1
-            .backward(be, &c.x, &c.h, c.pre.as_ref(), self.act, &dh, grads, true)?)?;
+        let dx =
+            dx(self
+                .fc1
+                .backward(be, &c.x, &c.h, c.pre.as_ref(), self.act, &dh, grads, true)?)?;
         if self.skip {
             be.add_scaled(&dx, 1.0, dy, 1.0)
         } else {

@@ -165,9 +165,20 @@ impl<B: Backend> HyperAdapter<B> {
             if hyper0_trained || hyper2_trained {
                 dws.reverse();
                 let dg = be.concat(&dws.iter().collect::<Vec<_>>(), 1)?;
-                if let Some(dg1) = self.hyper2.backward_pre(be, g1, &dg, grads, hyper0_trained)? {
-                    self.hyper0
-                        .backward(be, &c.prompts, g1, None, Act::Relu, &dg1, grads, false)?;
+                if let Some(dg1) = self
+                    .hyper2
+                    .backward_pre(be, g1, &dg, grads, hyper0_trained)?
+                {
+                    self.hyper0.backward(
+                        be,
+                        &c.prompts,
+                        g1,
+                        None,
+                        Act::Relu,
+                        &dg1,
+                        grads,
+                        false,
+                    )?;
                 }
             }
         }

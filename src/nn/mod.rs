@@ -215,7 +215,10 @@ impl<B: Backend> Linear<B> {
 
     /// Appends this layer's parameters.
     pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
-        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        out.push((
+            format!("{}.weight", self.name),
+            Param::Dev(&mut self.weight),
+        ));
         if let Some(b) = &mut self.bias {
             out.push((format!("{}.bias", self.name), Param::Dev(b)));
         }
@@ -301,7 +304,10 @@ impl<B: Backend> Linear<B> {
 impl<B: Backend> LayerNorm<B> {
     /// Appends this layer's parameters.
     pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
-        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        out.push((
+            format!("{}.weight", self.name),
+            Param::Dev(&mut self.weight),
+        ));
         out.push((format!("{}.bias", self.name), Param::Dev(&mut self.bias)));
     }
 
@@ -323,7 +329,10 @@ impl<B: Backend> LayerNorm<B> {
 impl<B: Backend> Conv2d<B> {
     /// Appends this layer's parameters.
     pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
-        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        out.push((
+            format!("{}.weight", self.name),
+            Param::Dev(&mut self.weight),
+        ));
         if let Some(b) = &mut self.bias {
             out.push((format!("{}.bias", self.name), Param::Dev(b)));
         }
@@ -357,7 +366,10 @@ impl<B: Backend> Conv2d<B> {
 impl<B: Backend> ConvTranspose2x2<B> {
     /// Appends this layer's parameters.
     pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
-        out.push((format!("{}.weight", self.name), Param::Dev(&mut self.weight)));
+        out.push((
+            format!("{}.weight", self.name),
+            Param::Dev(&mut self.weight),
+        ));
         out.push((format!("{}.bias", self.name), Param::Dev(&mut self.bias)));
     }
 

@@ -376,8 +376,8 @@ impl<B: Backend> ImageEncoder<B> {
 
 // ----- training: forward with caches, backward --------------------------------------------------
 
-use crate::nn::{dx, Grads, Param, ParamList};
 use crate::medsa::adapter::AdapterCache;
+use crate::nn::{dx, Grads, Param, ParamList};
 
 /// What [`EncoderAttention::forward_t`] keeps.
 pub struct AttnCache<T> {
@@ -469,7 +469,16 @@ impl<B: Backend> EncoderAttention<B> {
             q_grid: c.grid,
             k_grid: c.grid,
         };
-        let g = be.attention_backward(&q, &k, &v, &c.o, &d_o, self.heads, self.scale(dim), Some(rel))?;
+        let g = be.attention_backward(
+            &q,
+            &k,
+            &v,
+            &c.o,
+            &d_o,
+            self.heads,
+            self.scale(dim),
+            Some(rel),
+        )?;
         if let Some((drh, drw)) = g.drel {
             for (key, table, dg, side) in [
                 (&self.rel_keys.0, &self.rel_pos_h, drh, gh),
@@ -849,9 +858,9 @@ impl<B: Backend> ImageEncoder<B> {
             &self.neck_norm2.name,
         ];
         self.first_trained_block(grads) < self.blocks.len()
-            || neck.iter().any(|n| {
-                grads.wants(&format!("{n}.weight")) || grads.wants(&format!("{n}.bias"))
-            })
+            || neck
+                .iter()
+                .any(|n| grads.wants(&format!("{n}.weight")) || grads.wants(&format!("{n}.bias")))
     }
 
     /// [`ImageEncoder::forward`] keeping what backward needs for the parameters `grads`
@@ -925,11 +934,11 @@ impl<B: Backend> ImageEncoder<B> {
         let g = self.neck_norm2.backward(be, &c.y2, &dy, grads)?;
         let g = dx(self.neck_conv2.backward(be, &c.y1n, &g, grads, true)?)?;
         let g = self.neck_norm1.backward(be, &c.y1, &g, grads)?;
-        let skipped = c
-            .blocks
-            .iter()
-            .all(|b| matches!(b, SavedBlock::Skipped));
-        let Some(mut g) = self.neck_conv1.backward_pre(be, &c.x_last, &g, grads, !skipped)? else {
+        let skipped = c.blocks.iter().all(|b| matches!(b, SavedBlock::Skipped));
+        let Some(mut g) = self
+            .neck_conv1
+            .backward_pre(be, &c.x_last, &g, grads, !skipped)?
+        else {
             return Ok(());
         };
         for (blk, saved) in self.blocks.iter().zip(&c.blocks).rev() {

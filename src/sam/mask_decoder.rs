@@ -539,16 +539,9 @@ impl<B: Backend> TwoWayBlock<B> {
         // Tokens: q_n3 = norm3(q_n2 + mlp(q_n2) + 0.5 adapter(q_n2)).
         let dq4 = self.norm3.backward(be, &c.q4, &dq_n3, grads)?;
         let dh1 = dx(self.lin2.backward_pre(be, &c.h1, &dq4, grads, true)?)?;
-        let dm = dx(self.lin1.backward(
-            be,
-            &c.q_n2,
-            &c.h1,
-            None,
-            Act::Relu,
-            &dh1,
-            grads,
-            true,
-        )?)?;
+        let dm = dx(self
+            .lin1
+            .backward(be, &c.q_n2, &c.h1, None, Act::Relu, &dh1, grads, true)?)?;
         let mut dq_n2 = add(be, &dq4, &dm)?;
         if let (Some(ma), Some(mc)) = (&self.mlp_adapter, &c.mlp_adapter) {
             let g = be.add_scaled(&dq4, MLP_ADAPTER_SCALE, &dq4, 0.0)?;
@@ -715,7 +708,13 @@ impl<B: Backend> MaskDecoder<B> {
         });
         for i in 0..t {
             let g = be.narrow(&dhyper_in, 1, i, 1)?;
-            rows.push(dx(self.hyper_mlps[i].backward(be, &c.hyper[i], &g, grads, true)?)?);
+            rows.push(dx(self.hyper_mlps[i].backward(
+                be,
+                &c.hyper[i],
+                &g,
+                grads,
+                true,
+            )?)?);
         }
         if c.sparse_len > 0 {
             rows.push(be.upload(&crate::Tensor::zeros(&[b, c.sparse_len, cch]))?);
@@ -732,7 +731,9 @@ impl<B: Backend> MaskDecoder<B> {
         let mut dkeys = be.reshape(&g, &[b, h * w, cch])?;
         // hs = norm_final(queries + final_attn(queries + tokens, keys + pe, keys)).
         let dhs_in = self.norm_final.backward(be, &c.hs_in, &dhs, grads)?;
-        let (dqp, dkp, dv) = self.final_attn.backward(be, &c.final_attn, &dhs_in, grads)?;
+        let (dqp, dkp, dv) = self
+            .final_attn
+            .backward(be, &c.final_attn, &dhs_in, grads)?;
         let mut dq = add(be, &dhs_in, &dqp)?;
         let mut dtokens = dqp;
         dkeys = add(be, &add(be, &dkeys, &dkp)?, &dv)?;

@@ -327,9 +327,14 @@ impl<B: Backend> Sam<B> {
             }
             None => None,
         };
-        let demb =
-            self.mask_decoder
-                .backward(be, &cache.dec, &dm, di.as_ref(), grads, cache.enc.is_some())?;
+        let demb = self.mask_decoder.backward(
+            be,
+            &cache.dec,
+            &dm,
+            di.as_ref(),
+            grads,
+            cache.enc.is_some(),
+        )?;
         if let (Some(enc), Some(demb)) = (&cache.enc, demb) {
             let demb = be.permute(&demb, &[0, 3, 1, 2])?;
             self.image_encoder.backward(be, enc, &demb, grads)?;

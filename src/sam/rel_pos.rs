@@ -126,10 +126,23 @@ mod tests {
         let (q, k) = (3, 7);
         let g = rng.tensor(&[q, k, 4], 1.0);
         let fwd = gather(&t, q, k).unwrap();
-        let lhs: f64 = fwd.data().iter().zip(g.data()).map(|(a, b)| (a * b) as f64).sum();
+        let lhs: f64 = fwd
+            .data()
+            .iter()
+            .zip(g.data())
+            .map(|(a, b)| (a * b) as f64)
+            .sum();
         let bt = gather_backward(&g, 9, q, k).unwrap();
-        let rhs: f64 = t.data().iter().zip(bt.data()).map(|(a, b)| (a * b) as f64).sum();
-        assert!((lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+        let rhs: f64 = t
+            .data()
+            .iter()
+            .zip(bt.data())
+            .map(|(a, b)| (a * b) as f64)
+            .sum();
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+            "{lhs} vs {rhs}"
+        );
     }
 
     #[test]

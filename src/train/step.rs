@@ -267,9 +267,8 @@ impl Optimizer {
             let shape = master.shape().to_vec();
             let mut data = std::mem::replace(master, Tensor::zeros(&[0])).into_vec();
             let st = self.states.entry(name.clone()).or_default();
-            adamw_step(&self.cfg, lr, &mut data, g, st).map_err(|e| {
-                Error::Input(format!("optimiser step on {name}: {e}"))
-            })?;
+            adamw_step(&self.cfg, lr, &mut data, g, st)
+                .map_err(|e| Error::Input(format!("optimiser step on {name}: {e}")))?;
             *master = Tensor::from_vec(data, &shape)?;
             match p {
                 Param::Dev(t) => *t = be.upload(master)?,

@@ -74,6 +74,9 @@ pub struct TrainConfig {
     pub prompts: (usize, usize, Option<u32>),
     /// Depth-branch mode for depth chunks.
     pub depth_mode: crate::medsa::depth_branch::DepthMode,
+    /// Random left-right flips of training samples (p = 0.5, prompts and targets flipped
+    /// with them); for anatomy that is roughly mirror-symmetric.
+    pub flip: bool,
     /// Recompute encoder blocks in backward instead of keeping their activations.
     pub recompute: bool,
     /// Continue from `out/last.safetensors` and its state.
@@ -216,6 +219,53 @@ fn to_step_batch(
     })
 }
 
+/// Mirrors every selected sample of `b` left-right: images, targets and prompt x coordinates
+/// (pixel `x` becomes `S - 1 - x`, so points stay on the same pixels and boxes swap sides).
+/// Depth chunks flip as a whole (`per` images per sample).
+fn flip_batch(b: &mut Batch, per: usize, rng: &mut crate::sam::random::Rng) -> Result<()> {
+    let n = b.images.dim(0);
+    let flips: Vec<bool> = (0..n / per.max(1)).map(|_| rng.uniform() < 0.5).collect();
+    let flip_of = |i: usize| flips.get(i / per.max(1)).copied().unwrap_or(false);
+    fn mirror_rows(t: &Tensor, flip_of: &dyn Fn(usize) -> bool) -> Result<Tensor> {
+        let s = t.shape().to_vec();
+        let w = s[s.len() - 1];
+        let per_image: usize = s[1..].iter().product();
+        let mut d = t.data().to_vec();
+        for (i, img) in d.chunks_mut(per_image).enumerate() {
+            if flip_of(i) {
+                img.chunks_mut(w).for_each(|r| r.reverse());
+            }
+        }
+        Tensor::from_vec(d, &s)
+    }
+    b.images = mirror_rows(&b.images, &flip_of)?;
+    b.target = mirror_rows(&b.target, &flip_of)?;
+    let size = b.images.dim(3) as f32;
+    if let Some(pc) = &b.prompts.point_coords {
+        let s = pc.shape().to_vec();
+        let mut d = pc.data().to_vec();
+        for (i, pts) in d.chunks_mut(s[1] * 2).enumerate() {
+            if flip_of(i) {
+                pts.chunks_mut(2).for_each(|p| p[0] = size - 1.0 - p[0]);
+            }
+        }
+        b.prompts.point_coords = Some(Tensor::from_vec(d, &s)?);
+    }
+    if let Some(bx) = &b.prompts.boxes {
+        let s = bx.shape().to_vec();
+        let mut d = bx.data().to_vec();
+        for (i, r) in d.chunks_mut(4).enumerate() {
+            if flip_of(i) {
+                let (x0, x1) = (r[0], r[2]);
+                r[0] = size - 1.0 - x1;
+                r[2] = size - 1.0 - x0;
+            }
+        }
+        b.prompts.boxes = Some(Tensor::from_vec(d, &s)?);
+    }
+    Ok(())
+}
+
 /// Dice and IoU of a thresholded map against a mask (both empty: Dice and IoU 1).
 fn dice_iou(pred: impl Iterator<Item = bool>, gt: &[f32]) -> (f64, f64) {
     let (mut inter, mut p, mut g) = (0usize, 0usize, 0usize);
@@ -273,7 +323,10 @@ pub fn evaluate<B: Backend>(
         let gt = b.masks()?;
         let n = s * s;
         for i in 0..b.len() {
-            let (p, g) = (&up.data()[i * n..(i + 1) * n], &gt.data()[i * n..(i + 1) * n]);
+            let (p, g) = (
+                &up.data()[i * n..(i + 1) * n],
+                &gt.data()[i * n..(i + 1) * n],
+            );
             let (d, j) = dice_iou(p.iter().map(|&v| v > 0.0), g);
             m.dice += d;
             m.iou += j;
@@ -464,7 +517,11 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
         start = st.step;
         loader.restore(data::LoaderState::from_words(&st.rng)?)?;
         if let Some(b) = st.extra.get("best_dice").and_then(|v| v.as_f64()) {
-            let s = st.extra.get("best_step").and_then(|v| v.as_u64()).unwrap_or(0);
+            let s = st
+                .extra
+                .get("best_step")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
             best = Some((b, s));
         }
     }
@@ -524,8 +581,10 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
     };
     report.initial_val = validate(&model)?;
     if let Some(v) = report.initial_val {
-        log.line(json!({"step": start, "val_loss": v.loss, "val_dice": v.dice, "val_iou": v.iou,
-                        "val_dice_multi": v.dice_multi, "val_images": v.images}));
+        log.line(
+            json!({"step": start, "val_loss": v.loss, "val_dice": v.dice, "val_iou": v.iou,
+                        "val_dice_multi": v.dice_multi, "val_images": v.images}),
+        );
     }
 
     let t0 = Instant::now();
@@ -535,13 +594,20 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
     let scale = 1.0 / cfg.accumulate as f32;
     for step in start..cfg.steps {
         let ts = Instant::now();
+        // Per-step stream, so a resumed run flips exactly as an uninterrupted one.
+        let mut flip_rng = crate::sam::random::Rng::new(
+            cfg.seed ^ 0xf11d_u64.wrapping_mul(step.wrapping_add(1)),
+        );
         let mut parts_sum = crate::train::step::LossParts::default();
         let mut n_img = 0;
         for _ in 0..cfg.accumulate {
             let b = loader.next_batch()?.ok_or_else(|| {
                 Error::Input("the training data has no image with foreground".into())
             })?;
-            let sb = to_step_batch(&b, grid, cfg.depth_mode)?;
+            let mut sb = to_step_batch(&b, grid, cfg.depth_mode)?;
+            if cfg.flip {
+                flip_batch(&mut sb, b.depth.unwrap_or(1), &mut flip_rng)?;
+            }
             let (p, _) = forward_backward(
                 be,
                 &model,
@@ -566,10 +632,12 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
         losses.push(parts_sum.total);
         last_loss = Some(parts_sum.total);
         let ips = images as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        log.line(json!({"step": step + 1, "loss": parts_sum.total, "bce": parts_sum.bce,
+        log.line(
+            json!({"step": step + 1, "loss": parts_sum.total, "bce": parts_sum.bce,
                         "dice_ce": parts_sum.dice, "iou_loss": parts_sum.iou, "lr": lr,
                         "grad_norm": norm, "images": n_img, "step_s": dt,
-                        "images_per_s": ips}));
+                        "images_per_s": ips}),
+        );
         if !cfg.quiet {
             let done = step + 1 - start;
             let left = cfg.steps - step - 1;
@@ -586,9 +654,11 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
         let at_end = step + 1 == cfg.steps;
         if at_end || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
             if let Some(v) = validate(&model)? {
-                log.line(json!({"step": step + 1, "val_loss": v.loss, "val_dice": v.dice,
+                log.line(
+                    json!({"step": step + 1, "val_loss": v.loss, "val_dice": v.dice,
                                 "val_iou": v.iou, "val_dice_multi": v.dice_multi,
-                                "val_images": v.images}));
+                                "val_images": v.images}),
+                );
                 if !cfg.quiet {
                     eprintln!(
                         "\rstep {}/{}  val loss {:.4}  Dice {:.4}  IoU {:.4}          ",

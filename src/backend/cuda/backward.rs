@@ -87,7 +87,7 @@ impl Cuda {
     /// chunks in order.
     pub(super) fn sum_rows_impl(&self, x: &CudaTensor, cols: usize) -> Result<CudaTensor> {
         let n = x.numel();
-        if cols == 0 || n % cols != 0 || cols > i32::MAX as usize {
+        if cols == 0 || !n.is_multiple_of(cols) || cols > i32::MAX as usize {
             return Err(shape_err(
                 "sum_rows",
                 format!("{n} elements are not rows of {cols}"),
@@ -507,8 +507,13 @@ impl Cuda {
         let rows = b * heads * lq;
         let lse = self.scratch(rows)?;
         let dr = self.scratch(rows)?;
-        // rq: the forward's bias terms per query row; gs: dS row sums per ky / kx (zeroed:
-        // attn_bwd_dq accumulates into it).
+        let smem_kv = attention_bwd_smem(d);
+        // attn_bwd_dq accumulates its rows' dS sums per ky / kx in shared memory when the
+        // device has room for them, else straight in gs (which must then start at zero).
+        let smem_q_rel = smem_kv + 4 * ATTN_TILE * nr;
+        let rel_smem = nr > 0 && smem_q_rel <= self.max_smem_optin.max(0) as usize;
+        let smem_q = if rel_smem { smem_q_rel } else { smem_kv };
+        // rq: the forward's bias terms per query row; gs: the dS row sums per ky / kx.
         let rq = self.scratch(rows * nr)?;
         let gs = self.scratch(rows * nr)?;
         let (rh, rw) = match &rel {
@@ -534,9 +539,10 @@ impl Cuda {
                     Arg::I(kw as i32),
                 ],
             )?;
-            self.memset0(gs.ptr(), rows * nr * 4)?;
+            if !rel_smem {
+                self.memset0(gs.ptr(), rows * nr * 4)?;
+            }
         }
-        let smem = attention_bwd_smem(d) as u32;
         let has_rel = rel.is_some() as i32;
         let dq = self.empty(sq)?;
         let dk = self.empty(sk)?;
@@ -554,7 +560,7 @@ impl Cuda {
                     "attn_bwd_dq",
                     (lq.div_ceil(ATTN_TILE) as u32, heads as u32, b as u32),
                     (128, 1, 1),
-                    smem,
+                    smem_q as u32,
                     &[
                         Arg::P(q.ptr()),
                         Arg::P(k.ptr()),
@@ -577,6 +583,7 @@ impl Cuda {
                         Arg::I(kh as i32),
                         Arg::I(kw as i32),
                         Arg::I(has_rel),
+                        Arg::I(rel_smem as i32),
                     ],
                 )
             },
@@ -588,7 +595,7 @@ impl Cuda {
                     "attn_bwd_dkv",
                     (lk.div_ceil(ATTN_TILE) as u32, heads as u32, b as u32),
                     (128, 1, 1),
-                    smem,
+                    smem_kv as u32,
                     &[
                         Arg::P(q.ptr()),
                         Arg::P(k.ptr()),
@@ -698,8 +705,9 @@ impl Cuda {
     }
 }
 
-/// Dynamic shared memory of `attn_bwd_dq` / `attn_bwd_dkv` (`SMEM_BWD` of the kernel header):
-/// f32 Q, dO, K, V tiles with row stride `Dp + 1`, one 64x65 dS tile, 256 words of row stats.
+/// Dynamic shared memory of `attn_bwd_dkv`, and of `attn_bwd_dq` without its rel-pos
+/// accumulator (`SMEM_BWD` of the kernel header): f32 Q, dO, K, V tiles with row stride
+/// `Dp + 1`, one 64x65 dS tile, 256 words of row stats.
 fn attention_bwd_smem(d: usize) -> usize {
     let dp = match d {
         0..=16 => 16,
