@@ -339,10 +339,14 @@ main() {
   (
     if [ -n "$ORIG_LD_LIBRARY_PATH" ]; then export LD_LIBRARY_PATH=$ORIG_LD_LIBRARY_PATH; else unset LD_LIBRARY_PATH; fi
     # segment_anything: installed into /tmp/site by the baseline step above (the same wheel)
+    if [ ! -d /tmp/site/segment_anything ] && compgen -G ".device/whl/*.whl" >/dev/null; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .device/whl/*.whl >>"$LOGS/pip.log" 2>&1 || cat "$LOGS/pip.log"
+    fi
     if [ -d /tmp/site ]; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
-    # one subprocess per configuration, each killed after 60 s; running out of memory is a result
+    # one subprocess per configuration, each killed after 40 s; running out of memory is a result
     run_step "torch train" 170 25 "$log" python3 tools/reference/bench_train.py --device cuda --size 1024 \
-      --batch 2 8 --modes bf16_autocast fp32 --warmup 2 --repeats 5 --timeout 60 --json "$OUT/torch-train.json"
+      --batch 2 8 --modes bf16_autocast fp32 --warmup 2 --repeats 5 --timeout 40 --json "$OUT/torch-train.json"
     rc=$?
     cat "$log"
     exit "$rc"

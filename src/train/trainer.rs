@@ -416,8 +416,8 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
         resumed = Some((t, st));
     } else {
         let cfg0 = {
-            let mut ws = WeightStore::from_tensors("base", tensors.clone());
-            crate::sam::SamConfig::infer(&mut ws)?
+            let ws = WeightStore::from_tensors("base", tensors.clone());
+            crate::sam::SamConfig::infer(&ws)?
         };
         let mut want = cfg.add_adapters;
         if cfg0.adapter_dim.is_some() {
@@ -595,9 +595,8 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
     for step in start..cfg.steps {
         let ts = Instant::now();
         // Per-step stream, so a resumed run flips exactly as an uninterrupted one.
-        let mut flip_rng = crate::sam::random::Rng::new(
-            cfg.seed ^ 0xf11d_u64.wrapping_mul(step.wrapping_add(1)),
-        );
+        let mut flip_rng =
+            crate::sam::random::Rng::new(cfg.seed ^ 0xf11d_u64.wrapping_mul(step.wrapping_add(1)));
         let mut parts_sum = crate::train::step::LossParts::default();
         let mut n_img = 0;
         for _ in 0..cfg.accumulate {
