@@ -54,13 +54,8 @@ impl<B: Backend> DecoderAttention<B> {
         k: &B::Tensor,
         v: &B::Tensor,
     ) -> Result<B::Tensor> {
-        let q = self.q_proj.forward(be, q, Act::None)?;
-        let k = self.k_proj.forward(be, k, Act::None)?;
-        let v = self.v_proj.forward(be, v, Act::None)?;
-        let internal = *be.dims(&q).last().unwrap_or(&1);
-        let scale = ((internal / self.heads) as f32).powf(-0.5);
-        let o = be.attention(&q, &k, &v, self.heads, scale, None)?;
-        self.out_proj.forward(be, &o, Act::None)
+        // The training pass computes exactly this; its cache holds only references.
+        Ok(self.forward_t(be, q, k, v)?.0)
     }
 }
 
@@ -105,40 +100,7 @@ impl<B: Backend> TwoWayBlock<B> {
         key_pe: &B::Tensor,
         sparse: &B::Tensor,
     ) -> Result<(B::Tensor, B::Tensor)> {
-        let mut q = if self.skip_first_layer_pe {
-            self.self_attn.forward(be, queries, queries, queries)?
-        } else {
-            let qp = be.add_scaled(queries, 1.0, query_pe, 1.0)?;
-            let a = self.self_attn.forward(be, &qp, &qp, queries)?;
-            be.add_scaled(queries, 1.0, &a, 1.0)?
-        };
-        q = self.norm1.forward(be, &q)?;
-
-        let qp = be.add_scaled(&q, 1.0, query_pe, 1.0)?;
-        let kp = be.add_scaled(keys, 1.0, key_pe, 1.0)?;
-        let a = self.cross_t2i.forward(be, &qp, &kp, keys)?;
-        q = be.add_scaled(&q, 1.0, &a, 1.0)?;
-        if let Some(h) = &self.hyper_adapter {
-            q = h.forward(be, &q, sparse)?;
-        }
-        q = self.norm2.forward(be, &q)?;
-
-        let m = self.lin1.forward(be, &q, Act::Relu)?;
-        let m = self.lin2.forward(be, &m, Act::None)?;
-        let mut q2 = be.add_scaled(&q, 1.0, &m, 1.0)?;
-        if let Some(ma) = &self.mlp_adapter {
-            let y = ma.forward(be, &q)?;
-            q2 = be.add_scaled(&q2, 1.0, &y, MLP_ADAPTER_SCALE)?;
-        }
-        let q = self.norm3.forward(be, &q2)?;
-
-        let qp = be.add_scaled(&q, 1.0, query_pe, 1.0)?;
-        let a = self.cross_i2t.forward(be, &kp, &qp, &q)?;
-        let mut k = be.add_scaled(keys, 1.0, &a, 1.0)?;
-        if let Some(ca) = &self.cross_adapter {
-            k = ca.forward(be, &k)?;
-        }
-        let k = self.norm4.forward(be, &k)?;
+        let (q, k, _) = self.forward_t(be, queries, keys, query_pe, key_pe, sparse)?;
         Ok((q, k))
     }
 }
@@ -297,40 +259,7 @@ impl<B: Backend> MaskDecoder<B> {
         dense_pe: &B::Tensor,
         sparse: &B::Tensor,
     ) -> Result<(B::Tensor, B::Tensor)> {
-        let s = be.dims(embeddings).to_vec();
-        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
-        let t = self.num_mask_tokens;
-        let out_tok = be.index_select0(&self.output_tokens, &vec![0; b])?;
-        let tokens = be.concat(&[&out_tok, sparse], 1)?;
-        let src = be.add_scaled(embeddings, 1.0, dense, 1.0)?;
-        let mut keys = be.reshape(&src, &[b, h * w, c])?;
-        let mut queries = tokens.clone();
-        for layer in &self.layers {
-            let (q, k) = layer.forward(be, &queries, &keys, &tokens, dense_pe, sparse)?;
-            queries = q;
-            keys = k;
-        }
-        let qp = be.add_scaled(&queries, 1.0, &tokens, 1.0)?;
-        let kp = be.add_scaled(&keys, 1.0, dense_pe, 1.0)?;
-        let a = self.final_attn.forward(be, &qp, &kp, &keys)?;
-        let hs = self
-            .norm_final
-            .forward(be, &be.add_scaled(&queries, 1.0, &a, 1.0)?)?;
-
-        let src = be.reshape(&keys, &[b, h, w, c])?;
-        let up = self.up1.forward(be, &src)?;
-        let up = be.activate(&self.up_norm.forward(be, &up)?, Act::Gelu)?;
-        let up = be.activate(&self.up2.forward(be, &up)?, Act::Gelu)?; // [B, 4h, 4w, c/8]
-        let cu = be.dims(&up)[3];
-        let up = be.reshape(&up, &[b, 16 * h * w, cu])?;
-        let hyper: Vec<B::Tensor> = (0..t)
-            .map(|i| self.hyper_mlps[i].forward(be, &be.narrow(&hs, 1, 1 + i, 1)?))
-            .collect::<Result<_>>()?;
-        let hyper_in = be.concat(&hyper.iter().collect::<Vec<_>>(), 1)?; // [B, T, c/8]
-        let masks = be.matmul(&hyper_in, &up, true)?; // [B, T, 16hw]
-        let masks = be.reshape(&masks, &[b, t, 4 * h, 4 * w])?;
-        let iou = self.iou_head.forward(be, &be.narrow(&hs, 1, 0, 1)?)?;
-        let iou = be.reshape(&iou, &[b, t])?;
+        let (masks, iou, _) = self.predict_t(be, embeddings, dense, dense_pe, sparse)?;
         Ok((masks, iou))
     }
 }

@@ -473,7 +473,7 @@ pub fn verify_base(
         return Err(Error::Config {
             path: adapter.to_path_buf(),
             msg: format!(
-                "trained on {trained_on} with sha256 {}, but {} has sha256 {found}; use the base model it was trained with, or allow the mismatch explicitly",
+                "trained on {trained_on} with sha256 {}, but {} has sha256 {found}; use the base model it was trained with, or allow the mismatch explicitly (--allow-base-mismatch)",
                 meta.base_sha256,
                 base.display()
             ),

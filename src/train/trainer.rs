@@ -579,7 +579,8 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
             None => Ok(None),
         }
     };
-    report.initial_val = validate(&model)?;
+    // A resumed run's starting point was validated (and logged) when it was saved.
+    report.initial_val = if start == 0 { validate(&model)? } else { None };
     if let Some(v) = report.initial_val {
         log.line(
             json!({"step": start, "val_loss": v.loss, "val_dice": v.dice, "val_iou": v.iou,
