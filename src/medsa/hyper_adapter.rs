@@ -136,50 +136,31 @@ impl<B: Backend> HyperAdapter<B> {
     ) -> Result<B::Tensor> {
         let n = c.ws.len();
         let mut dh = dx(self.fc2.backward_pre(be, &c.hs[n], dy, grads, true)?)?;
+        // The generated layers' gradients are only needed when the hyper network trains.
+        let hyper0_trained = self.hyper0.trained(grads);
+        let hyper_trained = hyper0_trained || self.hyper2.trained(grads);
         let mut dws = Vec::with_capacity(n);
         for i in (0..n).rev() {
             let dn = be.activate_backward(&c.hs[i + 1], &dh, Act::Relu)?;
             let dm = self.norm.backward(be, &c.ms[i], &dn, grads)?;
             // m = h W: dh = dm W^T, dW = h^T dm.
             dh = be.matmul(&dm, &c.ws[i], true)?;
-            let ht = be.permute(&c.hs[i], &[0, 2, 1])?;
-            let dw = be.matmul(&ht, &dm, false)?;
-            let s = be.dims(&dw).to_vec();
-            dws.push(be.reshape(&dw, &[s[0], 1, s[1] * s[2]])?);
+            if hyper_trained {
+                let ht = be.permute(&c.hs[i], &[0, 2, 1])?;
+                let dw = be.matmul(&ht, &dm, false)?;
+                let s = be.dims(&dw).to_vec();
+                dws.push(be.reshape(&dw, &[s[0], 1, s[1] * s[2]])?);
+            }
         }
-        if let Some(g1) = &c.g1 {
-            let hyper0_trained = grads.wants_any(
+        if let (Some(g1), true) = (&c.g1, hyper_trained) {
+            dws.reverse();
+            let dg = be.concat(&dws.iter().collect::<Vec<_>>(), 1)?;
+            if let Some(dg1) = self
+                .hyper2
+                .backward_pre(be, g1, &dg, grads, hyper0_trained)?
+            {
                 self.hyper0
-                    .param_names()
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>(),
-            );
-            let hyper2_trained = grads.wants_any(
-                self.hyper2
-                    .param_names()
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>(),
-            );
-            if hyper0_trained || hyper2_trained {
-                dws.reverse();
-                let dg = be.concat(&dws.iter().collect::<Vec<_>>(), 1)?;
-                if let Some(dg1) = self
-                    .hyper2
-                    .backward_pre(be, g1, &dg, grads, hyper0_trained)?
-                {
-                    self.hyper0.backward(
-                        be,
-                        &c.prompts,
-                        g1,
-                        None,
-                        Act::Relu,
-                        &dg1,
-                        grads,
-                        false,
-                    )?;
-                }
+                    .backward(be, &c.prompts, g1, None, Act::Relu, &dg1, grads, false)?;
             }
         }
         let dx0 = dx(self.fc1.backward_pre(be, &c.x, &dh, grads, true)?)?;

@@ -107,11 +107,6 @@ impl<B: Backend> Grads<B> {
         self.trainable.contains(name)
     }
 
-    /// Whether any parameter under `prefix` is trained.
-    pub fn wants_any<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> bool {
-        names.into_iter().any(|n| self.wants(n))
-    }
-
     /// Adds `g` to the gradient of `name` (if trained).
     pub fn accum(&mut self, be: &B, name: &str, g: B::Tensor) -> Result<()> {
         if !self.wants(name) {

@@ -204,6 +204,11 @@ pub(crate) fn dx<T>(v: Option<T>) -> Result<T> {
 }
 
 impl<B: Backend> Linear<B> {
+    /// Whether any of this layer's parameters is trained.
+    pub fn trained(&self, grads: &Grads<B>) -> bool {
+        self.param_names().iter().any(|n| grads.wants(n))
+    }
+
     /// Parameter names.
     pub fn param_names(&self) -> Vec<String> {
         let mut v = vec![format!("{}.weight", self.name)];

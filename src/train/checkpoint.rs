@@ -534,18 +534,16 @@ pub fn trainable_keys<'a>(
     keys: impl IntoIterator<Item = &'a str>,
     trainable: &str,
 ) -> Result<Vec<String>> {
-    let decoder = match trainable {
-        "adapters" => false,
-        "adapters+decoder" => true,
-        other => {
-            return Err(Error::Input(format!(
-                "trainable set \"{other}\": expected \"adapters\" or \"adapters+decoder\""
-            )))
-        }
-    };
+    // Adapter checkpoints name their set; the membership rule itself is `nn::Trainable`'s.
+    if !matches!(trainable, "adapters" | "adapters+decoder") {
+        return Err(Error::Input(format!(
+            "trainable set \"{trainable}\": expected \"adapters\" or \"adapters+decoder\""
+        )));
+    }
+    let set = crate::nn::Trainable::parse(trainable)?;
     Ok(keys
         .into_iter()
-        .filter(|k| k.contains("_Adapter.") || (decoder && k.starts_with("mask_decoder.")))
+        .filter(|k| set.contains(k))
         .map(String::from)
         .collect())
 }
