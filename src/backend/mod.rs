@@ -13,6 +13,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fused;
 
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -201,6 +202,85 @@ pub trait Backend: Send + Sync {
         let k = self.narrow(qkv, 2, d, d)?;
         let v = self.narrow(qkv, 2, 2 * d, d)?;
         self.attention(&q, &k, &v, heads, scale, rel)
+    }
+
+    // ----- fused inference ops ---------------------------------------------------------------
+    //
+    // One op where the plain sequence takes several passes over memory (DESIGN principle 6).
+    // The defaults are those sequences (free functions in [`fused`], so a backend can still run
+    // them when asked not to fuse); the CPU reference keeps them, faster backends override.
+
+    /// Whether the model takes its fused inference path (these ops, one call where the plain
+    /// path makes several). The two paths agree up to the storage precision's rounding; a backend
+    /// returns `false` only to expose the plain sequence, e.g. for an A/B benchmark.
+    fn fused(&self) -> bool {
+        true
+    }
+
+    /// `y = r + alpha * (x @ w^T + b)`: a linear layer whose output is added to a residual
+    /// stream `r` (`[.., N]`, the shape of the output) in the same pass.
+    fn linear_residual(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        r: &Self::Tensor,
+        alpha: f32,
+    ) -> Result<Self::Tensor> {
+        fused::linear_residual(self, x, w, b, r, alpha)
+    }
+
+    /// Residual add then LayerNorm: `s = a + beta * b` (same shapes), `y = layer_norm(s)`.
+    /// Returns `(s, y)`: the new residual stream and its normalised copy.
+    fn add_layer_norm(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        beta: f32,
+        g: &Self::Tensor,
+        bias: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        fused::add_layer_norm(self, a, b, beta, g, bias, eps)
+    }
+
+    /// Windowed self-attention read straight from an unpartitioned packed projection.
+    ///
+    /// `qkv` `[B, H, W, 3 * heads * d]` is the qkv projection of every token of a `H x W` map.
+    /// The map is cut into `ws x ws` windows as [`Backend::window_partition`] cuts it; the
+    /// padding tokens (bottom/right, when `ws` does not divide `H` or `W`) have the projection
+    /// `pad` `[3 * heads * d]` (the projection of what the block pads with). Each window attends
+    /// within itself (`rel` on the `ws x ws` grid). Output `[B, H, W, heads * d]`, padding
+    /// positions dropped: `window_unpartition(attention_qkv(partition(qkv | pad)))`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_qkv_windowed(
+        &self,
+        qkv: &Self::Tensor,
+        pad: &Self::Tensor,
+        ws: usize,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<Self::Tensor> {
+        fused::attention_qkv_windowed(self, qkv, pad, ws, heads, scale, rel)
+    }
+
+    /// Depth-axis self-attention (SD-Trans) read straight from the slice-major layout.
+    ///
+    /// `qkv` `[V * depth, h, w, 3 * heads * d]` holds `V` volumes of `depth` slices (slice index
+    /// fastest, as the encoder's batch). Every spatial token `(v, y, x)` attends over its own
+    /// `depth` slices (`rel` on the depth grid, `Lq = Lk = depth`). Output
+    /// `[V * depth, h, w, heads * d]` in the same slice-major layout: the depth-major transposes
+    /// before and after [`Backend::attention_qkv`] are folded into the indexing.
+    fn attention_qkv_depth(
+        &self,
+        qkv: &Self::Tensor,
+        depth: usize,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<Self::Tensor> {
+        fused::attention_qkv_depth(self, qkv, depth, heads, scale, rel)
     }
 
     // ----- convolutions ----------------------------------------------------------------------

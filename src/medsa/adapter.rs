@@ -57,12 +57,29 @@ impl<B: Backend> Adapter<B> {
     /// Applies the adapter to `x` `[.., D]`.
     pub fn forward(&self, be: &B, x: &B::Tensor) -> Result<B::Tensor> {
         let h = self.fc1.forward(be, x, self.act)?;
-        let y = self.fc2.forward(be, &h, Act::None)?;
         if self.skip {
-            be.add_scaled(x, 1.0, &y, 1.0)
+            // The skip rides in fc2's GEMM epilogue on backends that fuse it.
+            be.linear_residual(&h, &self.fc2.weight, self.fc2.bias.as_ref(), x, 1.0)
         } else {
-            Ok(y)
+            self.fc2.forward(be, &h, Act::None)
         }
+    }
+
+    /// `r + alpha * adapter(x)` for an adapter without skip (Med-SA's scaled MLP adapter), the
+    /// residual add fused into fc2.
+    pub fn forward_residual(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        r: &B::Tensor,
+        alpha: f32,
+    ) -> Result<B::Tensor> {
+        if self.skip {
+            let y = self.forward(be, x)?;
+            return be.add_scaled(r, 1.0, &y, alpha);
+        }
+        let h = self.fc1.forward(be, x, self.act)?;
+        be.linear_residual(&h, &self.fc2.weight, self.fc2.bias.as_ref(), r, alpha)
     }
 }
 

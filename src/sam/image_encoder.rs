@@ -54,7 +54,12 @@ pub struct EncoderAttention<B: Backend> {
 }
 
 impl<B: Backend> EncoderAttention<B> {
-    fn rel_tables(&self, be: &B, gh: usize, gw: usize) -> Result<(B::Tensor, B::Tensor)> {
+    pub(crate) fn rel_tables(
+        &self,
+        be: &B,
+        gh: usize,
+        gw: usize,
+    ) -> Result<(B::Tensor, B::Tensor)> {
         let mut cache = self.rel_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = cache.get(&(gh, gw)) {
             return Ok(t.clone());
@@ -111,7 +116,7 @@ pub struct Block<B: Backend> {
 pub const MLP_ADAPTER_SCALE: f32 = 0.5;
 
 impl<B: Backend> Block<B> {
-    fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig, i: usize) -> Result<Self> {
+    pub(crate) fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig, i: usize) -> Result<Self> {
         let p = format!("image_encoder.blocks.{i}");
         let bc = cfg.blocks[i].clone();
         let d = cfg.embed_dim;
@@ -187,8 +192,24 @@ impl<B: Backend> Block<B> {
         depth_branch::from_depth_major(be, &xd, d, (s[1], s[2]))
     }
 
-    /// `x` `[B, h, w, D]` -> `[B, h, w, D]`.
+    /// `x` `[B, h, w, D]` -> `[B, h, w, D]`. Takes the fused path (`sam::encoder_fused`) when
+    /// the backend fuses and the block's configuration allows it.
     pub fn forward(&self, be: &B, x: &B::Tensor, depth: Option<DepthSpec>) -> Result<B::Tensor> {
+        if be.fused() && self.fusable(depth) {
+            self.forward_fused(be, x, depth)
+        } else {
+            self.forward_plain(be, x, depth)
+        }
+    }
+
+    /// The block op by op, as SPEC.md writes it: window partition and unpartition, separate
+    /// residual adds, the depth branch through explicit depth-major transposes.
+    pub fn forward_plain(
+        &self,
+        be: &B,
+        x: &B::Tensor,
+        depth: Option<DepthSpec>,
+    ) -> Result<B::Tensor> {
         let s = be.dims(x).to_vec();
         let (h, w) = (s[1], s[2]);
         let ws = self.cfg.window;

@@ -1,6 +1,7 @@
 //! The Segment Anything Model with the Med-SA additions.
 
 pub mod config;
+mod encoder_fused;
 pub mod image_encoder;
 pub mod mask_decoder;
 pub mod model;

@@ -1,0 +1,138 @@
+//! The plain op sequences behind the fused ops of [`Backend`]: the defaults of
+//! `linear_residual`, `add_layer_norm`, `attention_qkv_windowed` and `attention_qkv_depth`.
+//!
+//! They are the definition of those ops (the CPU reference runs exactly these), and a backend
+//! that overrides an op can still call them, e.g. when it was asked not to fuse.
+
+use super::{Act, Backend, RelPos};
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+/// `r + alpha * (x @ w^T + b)`: [`Backend::linear`], then [`Backend::add_scaled`].
+pub fn linear_residual<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Tensor,
+    w: &B::Tensor,
+    b: Option<&B::Tensor>,
+    r: &B::Tensor,
+    alpha: f32,
+) -> Result<B::Tensor> {
+    let y = be.linear(x, w, b, Act::None)?;
+    if be.dims(&y) != be.dims(r) {
+        return Err(Error::shape(
+            "linear_residual",
+            format!("output {:?} vs residual {:?}", be.dims(&y), be.dims(r)),
+        ));
+    }
+    be.add_scaled(r, 1.0, &y, alpha)
+}
+
+/// `(s, layer_norm(s))` with `s = a + beta * b`.
+pub fn add_layer_norm<B: Backend + ?Sized>(
+    be: &B,
+    a: &B::Tensor,
+    b: &B::Tensor,
+    beta: f32,
+    g: &B::Tensor,
+    bias: &B::Tensor,
+    eps: f32,
+) -> Result<(B::Tensor, B::Tensor)> {
+    if be.dims(a) != be.dims(b) {
+        return Err(Error::shape(
+            "add_layer_norm",
+            format!("{:?} + {:?}", be.dims(a), be.dims(b)),
+        ));
+    }
+    let s = be.add_scaled(a, 1.0, b, beta)?;
+    let y = be.layer_norm(&s, g, bias, eps)?;
+    Ok((s, y))
+}
+
+/// Checks `qkv` `[B, H, W, 3 * heads * d]` and returns `(B, H, W, 3 * heads * d)`.
+pub(crate) fn qkv_map_dims(
+    op: &'static str,
+    s: &[usize],
+    heads: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    if s.len() != 4 || heads == 0 || s[3] % (3 * heads) != 0 || s[3] == 0 {
+        return Err(Error::shape(
+            op,
+            format!("{s:?} is not [B, H, W, 3 * heads * d] with {heads} heads"),
+        ));
+    }
+    Ok((s[0], s[1], s[2], s[3]))
+}
+
+/// Window partition of a packed projection whose padding tokens are `pad`, attention per window,
+/// unpartition.
+///
+/// [`Backend::window_partition`] pads with zeros; the padding rows are then set to `pad` by adding
+/// the outer product `mask x pad` (mask = 1 on padding rows). Both terms are exact: a real row
+/// adds `0 * pad = 0`, a padding row is `0 + 1 * pad`.
+pub fn attention_qkv_windowed<B: Backend + ?Sized>(
+    be: &B,
+    qkv: &B::Tensor,
+    pad: &B::Tensor,
+    ws: usize,
+    heads: usize,
+    scale: f32,
+    rel: Option<RelPos<'_, B::Tensor>>,
+) -> Result<B::Tensor> {
+    let (b, h, w, c3) = qkv_map_dims("attention_qkv_windowed", be.dims(qkv), heads)?;
+    if ws == 0 || be.dims(pad).iter().product::<usize>() != c3 {
+        return Err(Error::shape(
+            "attention_qkv_windowed",
+            format!("window {ws}, pad row {:?} for rows of {c3}", be.dims(pad)),
+        ));
+    }
+    let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+    let mut p = be.window_partition(qkv, ws)?;
+    if h % ws != 0 || w % ws != 0 {
+        let n = b * nh * nw * ws * ws;
+        let mut mask = vec![0f32; n];
+        for (i, m) in mask.iter_mut().enumerate() {
+            let t = i % (ws * ws);
+            let win = (i / (ws * ws)) % (nh * nw);
+            let y = (win / nw) * ws + t / ws;
+            let x = (win % nw) * ws + t % ws;
+            if y >= h || x >= w {
+                *m = 1.0;
+            }
+        }
+        let mask = be.upload(&Tensor::from_vec(mask, &[1, n, 1])?)?;
+        let pad = be.reshape(pad, &[1, 1, c3])?;
+        let fill = be.matmul(&mask, &pad, false)?;
+        let fill = be.reshape(&fill, be.dims(&p))?;
+        p = be.add_scaled(&p, 1.0, &fill, 1.0)?;
+    }
+    let p = be.reshape(&p, &[b * nh * nw, ws * ws, c3])?;
+    let o = be.attention_qkv(&p, heads, scale, rel)?;
+    let o = be.reshape(&o, &[b * nh * nw, ws, ws, c3 / 3])?;
+    be.window_unpartition(&o, ws, (h, w))
+}
+
+/// Slice-major -> depth-major, attention over each token's slices, back to slice-major.
+pub fn attention_qkv_depth<B: Backend + ?Sized>(
+    be: &B,
+    qkv: &B::Tensor,
+    depth: usize,
+    heads: usize,
+    scale: f32,
+    rel: Option<RelPos<'_, B::Tensor>>,
+) -> Result<B::Tensor> {
+    let (n, h, w, c3) = qkv_map_dims("attention_qkv_depth", be.dims(qkv), heads)?;
+    if depth == 0 || n % depth != 0 {
+        return Err(Error::shape(
+            "attention_qkv_depth",
+            format!("a batch of {n} maps is not a whole number of {depth}-slice volumes"),
+        ));
+    }
+    let v = n / depth;
+    let x = be.reshape(qkv, &[v, depth, h * w, c3])?;
+    let x = be.permute(&x, &[0, 2, 1, 3])?;
+    let x = be.reshape(&x, &[v * h * w, depth, c3])?;
+    let o = be.attention_qkv(&x, heads, scale, rel)?;
+    let o = be.reshape(&o, &[v, h * w, depth, c3 / 3])?;
+    let o = be.permute(&o, &[0, 2, 1, 3])?;
+    be.reshape(&o, &[n, h, w, c3 / 3])
+}
