@@ -4,10 +4,27 @@
 // Entry points (same signature, T = float / __nv_bfloat16):
 //   attention_f32 / attention_bf16(const T* q, const T* k, const T* v, T* o,
 //       const T* rh, const T* rw, int B, int heads, int Lq, int Lk, int d, float scale,
-//       int qh, int qw, int kh, int kw, int has_rel, int ldi)
+//       int qh, int qw, int kh, int kw, int has_rel, int ldi,
+//       int map, int ma, int mb, int mc, int md, int b_off,
+//       const T* pad_q, const T* pad_k, const T* pad_v)
 //   ldi: row stride (elements) of q, k and v, heads*d for separate tensors or 3*heads*d when
-//   they are column slices of one packed qkv projection (no split copies); o is always
-//   [B, Lq, heads*d].
+//   they are column slices of one packed qkv projection (no split copies); o has row stride
+//   heads*d.
+//
+// Token rows (`map`): sequence b (= blockIdx.z + b_off) and position j (< Lq or < Lk) name
+//   row(b, j) of q/k/v (row stride ldi) and of o (row stride heads*d):
+//   map 0, plain:   row = b * L + j  (q/o with L = Lq, k/v with L = Lk): o is [B, Lq, heads*d].
+//   map 1, windows of a [N, H, W] token map (ma = ws, mb = H, mc = W, md = nw = ceil(W/ws),
+//          nh = ceil(H/ws), B = N * nh * nw, Lq = Lk = ws*ws): window b is image b / (nh*nw),
+//          window row wy = (b % (nh*nw)) / nw, column wx = (b % (nh*nw)) % nw; token j is
+//          (y, x) = (wy*ws + j/ws, wx*ws + j%ws) and row = (img*H + y)*W + x when y < H and
+//          x < W. Otherwise j is a padding token: its q/k/v are read from pad_q/pad_k/pad_v
+//          (one row each, column h*d + c for head h) and its output is not written. This is
+//          SAM's window partition + padding + unpartition folded into the indexing.
+//   map 2, depth (ma = P, the tokens per slice; B = V * P, Lq = Lk = D slices): sequence
+//          b = (v, p) = (b / P, b % P), row = (v*D + j) * P + p: token p of slice j of
+//          volume v in the slice-major layout (the SD-Trans transposes folded in).
+//   The launcher splits B over several launches (b_off) when it exceeds 65535.
 //
 // Math: q [B, Lq, heads*d], k/v [B, Lk, heads*d], o [B, Lq, heads*d]; head h uses columns
 //   h*d .. h*d+d-1. For each (b, h, query i):
@@ -20,7 +37,7 @@
 //   Lq >= 1, Lk >= 1. All softmax statistics and accumulators are f32.
 //
 // Launch geometry (both entry points):
-//   grid  = (ceil(Lq/64), heads, B)       (heads <= 65535, B <= 65535)
+//   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
 //   block = (128, 1, 1)
 //   dynamic shared memory (bytes), with R = has_rel ? (kh + kw) : 0 and
 //     Dp = 16 if d <= 16, 32 if d <= 32, 64 if d <= 64, 80 if d <= 80, else 128:
@@ -47,8 +64,8 @@
 //     each of the 4 warps owns 16 query rows; P is rounded to bf16 for the P*V product (as in
 //     FlashAttention-2); softmax uses __expf (fast ex2.approx; arguments are <= 0 after max
 //     subtraction, relative error ~1e-6, far below bf16 resolution). K and V tiles are
-//     fetched with cp.async (16-byte, zero-filled past Lk; synchronous scalar loads when q/k/v
-//     or ldi are not 16-byte aligned) into row-major [64][d+8] buffers: the V tile load
+//     fetched with cp.async (16-byte, zero-filled past Lk; synchronous scalar loads when q/k/v,
+//     the pad rows or ldi are not 16-byte aligned) into row-major [64][d+8] buffers: the V tile load
 //     overlaps Q*K^T + softmax, the next K tile load overlaps P*V. B fragments come from
 //     ldmatrix (.trans for V). With has_rel and kw % 64 == 0 the rh term is read once per
 //     row per key tile and the rw term as swizzled float2.
@@ -58,6 +75,55 @@
 #define ATT_BQ 64
 #define ATT_BK 64
 #define ATT_THREADS 128
+
+// Where the tokens of one sequence live (see "Token rows" above): token j is row
+// base + (j / cw) * rstride + j % cw when j / cw < hy and j % cw < hx, else padding.
+struct Rows {
+    long long base, rstride;
+    int cw, hy, hx;
+};
+
+__device__ __forceinline__ Rows make_rows(int map, int b, int L, int ma, int mb, int mc, int md) {
+    Rows r;
+    if (map == 1) {
+        const int ws = ma, H = mb, W = mc, nw = md, nh = (H + ws - 1) / ws, nwin = nh * nw;
+        const int img = b / nwin, w = b - img * nwin, wy = w / nw, wx = w - wy * nw;
+        r.base = ((long long)img * H + (long long)wy * ws) * W + (long long)wx * ws;
+        r.rstride = W;
+        r.cw = ws;
+        r.hy = min(ws, H - wy * ws);
+        r.hx = min(ws, W - wx * ws);
+    } else if (map == 2) {
+        const int P = ma, v = b / P, p = b - v * P;
+        r.base = (long long)v * L * P + p;
+        r.rstride = P;
+        r.cw = 1;
+        r.hy = L;
+        r.hx = 1;
+    } else {
+        r.base = (long long)b * L;
+        r.rstride = 0;
+        r.cw = L;
+        r.hy = 1;
+        r.hx = L;
+    }
+    return r;
+}
+
+// Row of token j (0 <= j < L), or -1 for a padding token.
+__device__ __forceinline__ long long row_of(const Rows& r, int j) {
+    const int y = j / r.cw, x = j - y * r.cw;
+    return (y < r.hy && x < r.hx) ? r.base + (long long)y * r.rstride + x : -1;
+}
+
+// Address of column 0 of token j's row: base (head offset included) + row * ri, or the pad
+// row (head offset included; null = zeros) for a padding token.
+template <typename T>
+__device__ __forceinline__ const T* token_ptr(const T* base, const T* pad, const Rows& r, int j,
+                                              long long ri) {
+    const long long row = row_of(r, j);
+    return row >= 0 ? base + row * ri : pad;
+}
 
 __device__ __forceinline__ unsigned dyn_smem_bytes() {
     unsigned r;
@@ -73,7 +139,9 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
                                           const T* __restrict__ v, T* __restrict__ o,
                                           const T* __restrict__ rh, const T* __restrict__ rw,
                                           int heads, int Lq, int Lk, int d, float scale, int qw,
-                                          int kh, int kw, int has_rel, int ldi) {
+                                          int kh, int kw, int has_rel, int ldi,
+                                          const Rows& rq, const Rows& rk, const T* pq,
+                                          const T* pk, const T* pv) {
     constexpr int QS = D + 1;       // row stride of Qs/Ks (odd: conflict-free column reads)
     constexpr int PS = ATT_BK + 1;  // row stride of Ps
     constexpr int NC = D / 16;      // output columns per thread
@@ -92,18 +160,24 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
     float* RW = RH + ATT_BQ * (has_rel ? kh : 0);
 
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_BQ;
+    const int h = blockIdx.y, q0 = blockIdx.x * ATT_BQ;
     const long long rs = (long long)heads * d;  // row stride of o
     const long long ri = ldi;                   // row stride of q/k/v (3*heads*d when packed)
-    const T* qb = q + (long long)b * Lq * ri + (long long)h * d;
-    const T* kb = k + (long long)b * Lk * ri + (long long)h * d;
-    const T* vb = v + (long long)b * Lk * ri + (long long)h * d;
-    T* ob = o + (long long)b * Lq * rs + (long long)h * d;
+    const long long hd = (long long)h * d;
+    const T* qh = q + hd;
+    const T* kh_ = k + hd;
+    const T* vh = v + hd;
+    const T* pqh = pq ? pq + hd : nullptr;
+    const T* pkh = pk ? pk + hd : nullptr;
+    const T* pvh = pv ? pv + hd : nullptr;
 
     for (int e = tid; e < ATT_BQ * D; e += ATT_THREADS) {
         const int i = e / D, c = e - i * D;
         float x = 0.f;
-        if (q0 + i < Lq && c < d) x = ld(qb + (long long)(q0 + i) * ri + c);
+        if (q0 + i < Lq && c < d) {
+            const T* p = token_ptr(qh, pqh, rq, q0 + i, ri);
+            if (p) x = ld(p + c);
+        }
         Qs[i * QS + c] = x;
     }
     __syncthreads();
@@ -143,9 +217,11 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
             const int j = e / D, c = e - j * D;
             float kx = 0.f, vx = 0.f;
             if (k0 + j < Lk && c < d) {
-                const long long off = (long long)(k0 + j) * ri + c;
-                kx = ld(kb + off);
-                vx = ld(vb + off);
+                const long long row = row_of(rk, k0 + j);
+                const T* kp = row >= 0 ? kh_ + row * ri : pkh;
+                const T* vp = row >= 0 ? vh + row * ri : pvh;
+                if (kp) kx = ld(kp + c);
+                if (vp) vx = ld(vp + c);
             }
             Ks[j * QS + c] = kx;
             Vs[j * D + c] = vx;
@@ -227,12 +303,14 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
 #pragma unroll
     for (int a = 0; a < 8; ++a) {
         const int qi = q0 + ty + 8 * a;
-        if (qi < Lq) {
+        const long long row = qi < Lq ? row_of(rq, qi) : -1;
+        if (row >= 0) {
             const float inv = l[a] > 0.f ? 1.f / l[a] : 0.f;
+            T* orow = o + row * rs + hd;
 #pragma unroll
             for (int c = 0; c < NC; ++c) {
                 const int col = tx + 16 * c;
-                if (col < d) st(ob + (long long)qi * rs + col, acc[a][c] * inv);
+                if (col < d) st(orow + col, acc[a][c] * inv);
             }
         }
     }
@@ -342,26 +420,30 @@ __device__ __forceinline__ float dot_row(const __nv_bfloat16* qrow, const __nv_b
     return s;
 }
 
-// One 64-key tile of K or V, rows k0 .. k0+63 of the [Lk, ri] matrix `src` (columns 0..D-1),
-// into dst[64][D+8] (row-major, row stride D+8 bf16 = a multiple of 16 bytes). Rows >= Lk
-// are zero-filled. vec: asynchronous 16-byte cp.async (the caller commits and waits);
-// otherwise synchronous scalar loads (visible after the caller's __syncthreads).
+// One 64-key tile of K or V, tokens k0 .. k0+63 (rows through `rk`: `src` is the head's column
+// 0 of the [rows, ri] matrix, `pad` the head's part of the pad row or null), columns 0..D-1,
+// into dst[64][D+8] (row-major, row stride D+8 bf16 = a multiple of 16 bytes). Tokens >= Lk
+// (and padding tokens without a pad row) are zero-filled. vec: asynchronous 16-byte cp.async
+// (the caller commits and waits); otherwise synchronous scalar loads (visible after the
+// caller's __syncthreads).
 template <int D>
 __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bfloat16* src,
-                                             int k0, int Lk, long long ri, bool vec, int tid) {
+                                             const __nv_bfloat16* pad, const Rows& rk, int k0,
+                                             int Lk, long long ri, bool vec, int tid) {
     constexpr int QST = D + 8, CH = D / 8;
     static_assert((ATT_BK * CH) % ATT_THREADS == 0, "tile chunks must divide evenly");
 #pragma unroll
     for (int it = 0; it < ATT_BK * CH / ATT_THREADS; ++it) {
         const int e = tid + it * ATT_THREADS;
         const int j = e / CH, c = (e - j * CH) * 8;  // column chunk fastest: coalesced
-        const bool valid = k0 + j < Lk;
+        const __nv_bfloat16* row = k0 + j < Lk ? token_ptr(src, pad, rk, k0 + j, ri) : nullptr;
+        const bool valid = row != nullptr;
         __nv_bfloat16* d = dst + j * QST + c;
         if (vec) {
-            cp_async16(smem_u32(d), valid ? src + (long long)(k0 + j) * ri + c : src, valid);
+            cp_async16(smem_u32(d), valid ? row + c : src, valid);
         } else {
             __align__(16) __nv_bfloat16 tmp[8];
-            load8(src + (long long)(k0 + j) * ri + c, valid, false, tmp);
+            load8(valid ? row + c : src, valid, false, tmp);
             *reinterpret_cast<uint4*>(d) = *reinterpret_cast<const uint4*>(tmp);
         }
     }
@@ -382,7 +464,9 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ rh,
                                         const __nv_bfloat16* __restrict__ rw, int heads, int Lq,
                                         int Lk, float scale, int qw, int kh, int kw,
-                                        int has_rel, int ldi) {
+                                        int has_rel, int ldi, const Rows& rq, const Rows& rk,
+                                        const __nv_bfloat16* pq, const __nv_bfloat16* pk,
+                                        const __nv_bfloat16* pv) {
     static_assert(D % 16 == 0 && (D / 8) % 2 == 0, "D must be a multiple of 16");
     constexpr int QST = D + 8;       // bf16 row stride of Qs/Ks/Vs (conflict-free ldmatrix)
     constexpr int KS = D / 16;       // k-steps over the head dim
@@ -411,25 +495,32 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int h = blockIdx.y, b = blockIdx.z, q0 = blockIdx.x * ATT_BQ;
+    const int h = blockIdx.y, q0 = blockIdx.x * ATT_BQ;
     const long long rs = (long long)heads * D;  // row stride of o
     const long long ri = ldi;                   // row stride of q/k/v
-    const __nv_bfloat16* qb = q + (long long)b * Lq * ri + (long long)h * D;
-    const __nv_bfloat16* kb = k + (long long)b * Lk * ri + (long long)h * D;
-    const __nv_bfloat16* vb = v + (long long)b * Lk * ri + (long long)h * D;
-    __nv_bfloat16* ob = o + (long long)b * Lq * rs + (long long)h * D;
-    // 16-byte vector loads need 16-byte aligned bases and row strides (multiples of 8 elements).
+    const long long hd = (long long)h * D;
+    const __nv_bfloat16* qb = q + hd;
+    const __nv_bfloat16* kb = k + hd;
+    const __nv_bfloat16* vb = v + hd;
+    const __nv_bfloat16* pqb = pq ? pq + hd : nullptr;
+    const __nv_bfloat16* pkb = pk ? pk + hd : nullptr;
+    const __nv_bfloat16* pvb = pv ? pv + hd : nullptr;
+    // 16-byte vector loads need 16-byte aligned bases and row strides (multiples of 8 elements;
+    // D is one, so every head's column 0 is aligned too).
     const bool vec = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) |
-                       reinterpret_cast<uintptr_t>(v)) & 15) == 0 && (ldi % 8) == 0;
+                       reinterpret_cast<uintptr_t>(v) | reinterpret_cast<uintptr_t>(pq) |
+                       reinterpret_cast<uintptr_t>(pk) | reinterpret_cast<uintptr_t>(pv)) & 15) == 0 &&
+                     (ldi % 8) == 0;
 
     // Prefetch K tile 0 while Q and the bias tables are prepared.
-    load_kv_tile<D>(Ks, kb, 0, Lk, ri, vec, tid);
+    load_kv_tile<D>(Ks, kb, pkb, rk, 0, Lk, ri, vec, tid);
     cp_async_commit();
 
     for (int e = tid; e < ATT_BQ * CH; e += ATT_THREADS) {
         const int i = e / CH, c = (e - i * CH) * 8;
         __align__(16) __nv_bfloat16 tmp[8];
-        load8(qb + (long long)(q0 + i) * ri + c, q0 + i < Lq, vec, tmp);
+        const __nv_bfloat16* row = q0 + i < Lq ? token_ptr(qb, pqb, rq, q0 + i, ri) : nullptr;
+        load8(row ? row + c : qb, row != nullptr, vec, tmp);
         *reinterpret_cast<uint4*>(Qs + i * QST + c) = *reinterpret_cast<const uint4*>(tmp);
     }
     __syncthreads();
@@ -488,7 +579,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         cp_async_wait_all();  // this thread's copies of K tile k0 have landed
         __syncthreads();      // ... everyone's: Ks complete; all warps done with the previous
                               // tile's P V (Vs free); first tile: RH/RW written
-        load_kv_tile<D>(Vs, vb, k0, Lk, ri, vec, tid);
+        load_kv_tile<D>(Vs, vb, pvb, rk, k0, Lk, ri, vec, tid);
         cp_async_commit();
 
         float s[NT][4];
@@ -581,7 +672,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         cp_async_wait_all();  // this thread's copies of V tile k0 have landed
         __syncthreads();      // ... everyone's: Vs complete; all warps done with Ks
         if (k0 + ATT_BK < Lk) {
-            load_kv_tile<D>(Ks, kb, k0 + ATT_BK, Lk, ri, vec, tid);
+            load_kv_tile<D>(Ks, kb, pkb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
             cp_async_commit();
         }
 
@@ -610,16 +701,20 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     }
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
     const int qi0 = q0 + r0, qi1 = q0 + r0 + 8;
+    const long long ro0 = qi0 < Lq ? row_of(rq, qi0) : -1;  // -1: past Lq or padding
+    const long long ro1 = qi1 < Lq ? row_of(rq, qi1) : -1;
+    __nv_bfloat16* ob0 = ro0 >= 0 ? o + ro0 * rs + hd : o;
+    __nv_bfloat16* ob1 = ro1 >= 0 ? o + ro1 * rs + hd : o;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
         const int col = 8 * dt + 2 * t;
-        if (qi0 < Lq) {
-            st(ob + (long long)qi0 * rs + col, oacc[dt][0] * inv0);
-            st(ob + (long long)qi0 * rs + col + 1, oacc[dt][1] * inv0);
+        if (ro0 >= 0) {
+            st(ob0 + col, oacc[dt][0] * inv0);
+            st(ob0 + col + 1, oacc[dt][1] * inv0);
         }
-        if (qi1 < Lq) {
-            st(ob + (long long)qi1 * rs + col, oacc[dt][2] * inv1);
-            st(ob + (long long)qi1 * rs + col + 1, oacc[dt][3] * inv1);
+        if (ro1 >= 0) {
+            st(ob1 + col, oacc[dt][2] * inv1);
+            st(ob1 + col + 1, oacc[dt][3] * inv1);
         }
     }
 }
@@ -628,32 +723,51 @@ template <typename T>
 __device__ __forceinline__ void attn_simt_dispatch(const T* q, const T* k, const T* v, T* o,
                                                    const T* rh, const T* rw, int heads, int Lq,
                                                    int Lk, int d, float scale, int qw, int kh,
-                                                   int kw, int has_rel, int ldi) {
-    if (d <= 16) attn_simt<T, 16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
-    else if (d <= 32) attn_simt<T, 32>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
-    else if (d <= 64) attn_simt<T, 64>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
-    else if (d <= 80) attn_simt<T, 80>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
-    else if (d <= 128) attn_simt<T, 128>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+                                                   int kw, int has_rel, int ldi, const Rows& rq,
+                                                   const Rows& rk, const T* pq, const T* pk,
+                                                   const T* pv) {
+#define ATT_SIMT(DP) \
+    attn_simt<T, DP>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi, rq, rk, pq, pk, pv)
+    if (d <= 16) ATT_SIMT(16);
+    else if (d <= 32) ATT_SIMT(32);
+    else if (d <= 64) ATT_SIMT(64);
+    else if (d <= 80) ATT_SIMT(80);
+    else if (d <= 128) ATT_SIMT(128);
     // d > 128: unsupported, nothing is written (the launcher rejects it).
+#undef ATT_SIMT
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_f32(const float* q, const float* k, const float* v, float* o, const float* rh,
                   const float* rw, int B, int heads, int Lq, int Lk, int d, float scale, int qh,
-                  int qw, int kh, int kw, int has_rel, int ldi) {
+                  int qw, int kh, int kw, int has_rel, int ldi, int map, int ma, int mb, int mc,
+                  int md, int b_off, const float* pad_q, const float* pad_k, const float* pad_v) {
     (void)B;
     (void)qh;
-    attn_simt_dispatch<float>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+    const int b = blockIdx.z + b_off;
+    const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
+    attn_simt_dispatch<float>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi,
+                              rq, rk, pad_q, pad_k, pad_v);
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
                    __nv_bfloat16* o, const __nv_bfloat16* rh, const __nv_bfloat16* rw, int B,
                    int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh, int kw,
-                   int has_rel, int ldi) {
+                   int has_rel, int ldi, int map, int ma, int mb, int mc, int md, int b_off,
+                   const __nv_bfloat16* pad_q, const __nv_bfloat16* pad_k,
+                   const __nv_bfloat16* pad_v) {
     (void)B;
     (void)qh;
-    if (d == 64) attn_tc<64>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi);
-    else if (d == 80) attn_tc<80>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi);
-    else attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi);
+    const int b = blockIdx.z + b_off;
+    const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
+    if (d == 64)
+        attn_tc<64>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
+                    pad_q, pad_k, pad_v);
+    else if (d == 80)
+        attn_tc<80>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
+                    pad_q, pad_k, pad_v);
+    else
+        attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw,
+                                          has_rel, ldi, rq, rk, pad_q, pad_k, pad_v);
 }

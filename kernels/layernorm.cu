@@ -1,10 +1,16 @@
-// layernorm.cu -- row-wise LayerNorm over the last dimension.
+// layernorm.cu -- row-wise LayerNorm over the last dimension, optionally after a residual add.
 //
 // layernorm_<t>(const T* x, const T* g, const T* b, T* y, int rows, int C, float eps)
 //   x, y: [rows, C]; g, b: [C]. Per row: mean = sum(x)/C, var = sum((x-mean)^2)/C (biased,
 //   two-pass), y = (x - mean) * rsqrtf(var + eps) * g + b. f32 math. In-place (y == x) is fine.
 //
-// Launch geometry: grid = (rows, 1, 1), block = (128, 1, 1), dynamic shared memory = 0.
+// add_layernorm_<t>(const T* a, const T* r, float beta, T* s, const T* g, const T* b, T* y,
+//                   int rows, int C, float eps)
+//   a, r, s, y: [rows, C]. s = a + beta * r (stored as T), then y = LayerNorm(s) exactly as
+//   layernorm_<t> computes it from the stored s: the residual stream's add and the next norm
+//   in one pass (s may alias a; y must not alias a, r or s).
+//
+// Launch geometry (both): grid = (rows, 1, 1), block = (128, 1, 1), dynamic shared memory = 0.
 //   (block MUST be 128: each thread caches up to 16 elements of its row in registers, which
 //   covers C <= 2048; larger C still works, the excess is re-read from global memory.)
 #include "common.cuh"
@@ -12,28 +18,57 @@
 #define LN_THREADS 128
 #define LN_CACHE 16  // elements per thread kept in registers: 128*16 = 2048
 
+// v rounded to T's precision (the value a store of v as T would read back).
+__device__ __forceinline__ float as_stored(const float*, float v) { return v; }
+__device__ __forceinline__ float as_stored(const __nv_bfloat16*, float v) {
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+// r == nullptr: plain LayerNorm of x. Otherwise the row is s = x + beta * r, written to s.
 template <typename T>
-__device__ __forceinline__ void layernorm_body(const T* __restrict__ x, const T* __restrict__ g,
+__device__ __forceinline__ void layernorm_body(const T* x, const T* r, float beta, T* s,
+                                               const T* __restrict__ g,
                                                const T* __restrict__ bb, T* y, int rows, int C,
                                                float eps) {
     __shared__ float red[32];
     const int row = blockIdx.x;
     if (row >= rows) return;  // whole block exits together (grid == rows)
     const int tid = threadIdx.x;
-    const T* xr = x + (long long)row * C;
-    T* yr = y + (long long)row * C;
+    const long long off = (long long)row * C;
+    const T* xr = x + off;
+    const T* rr = r ? r + off : nullptr;
+    T* sr = r ? s + off : nullptr;
+    // Elements past the register cache are re-read from the row's input, or from s, which this
+    // same thread wrote (no other thread touches that element).
+    const T* src = r ? (const T*)sr : xr;
+    T* yr = y + off;
     const int cached = LN_THREADS * LN_CACHE;
 
     float v[LN_CACHE];
-    float s = 0.f;
+    float sum = 0.f;
 #pragma unroll
     for (int k = 0; k < LN_CACHE; ++k) {
         const int c = tid + k * LN_THREADS;
-        v[k] = (c < C) ? ld(xr + c) : 0.f;
-        s += v[k];
+        float e = 0.f;
+        if (c < C) {
+            e = ld(xr + c);
+            if (rr) {
+                e = as_stored(xr, e + beta * ld(rr + c));
+                st(sr + c, e);
+            }
+        }
+        v[k] = e;
+        sum += e;
     }
-    for (int c = tid + cached; c < C; c += LN_THREADS) s += ld(xr + c);
-    const float mean = block_sum(s, red) / (float)C;
+    for (int c = tid + cached; c < C; c += LN_THREADS) {
+        float e = ld(xr + c);
+        if (rr) {
+            e = as_stored(xr, e + beta * ld(rr + c));
+            st(sr + c, e);
+        }
+        sum += e;
+    }
+    const float mean = block_sum(sum, red) / (float)C;
 
     float q = 0.f;
 #pragma unroll
@@ -43,7 +78,7 @@ __device__ __forceinline__ void layernorm_body(const T* __restrict__ x, const T*
         q += (c < C) ? d * d : 0.f;
     }
     for (int c = tid + cached; c < C; c += LN_THREADS) {
-        const float d = ld(xr + c) - mean;
+        const float d = ld(src + c) - mean;
         q += d * d;
     }
     const float var = block_sum(q, red) / (float)C;
@@ -55,16 +90,27 @@ __device__ __forceinline__ void layernorm_body(const T* __restrict__ x, const T*
         if (c < C) st(yr + c, (v[k] - mean) * rstd * ld(g + c) + ld(bb + c));
     }
     for (int c = tid + cached; c < C; c += LN_THREADS)
-        st(yr + c, (ld(xr + c) - mean) * rstd * ld(g + c) + ld(bb + c));
+        st(yr + c, (ld(src + c) - mean) * rstd * ld(g + c) + ld(bb + c));
 }
 
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_f32(const float* x, const float* g, const float* b, float* y, int rows, int C,
                   float eps) {
-    layernorm_body<float>(x, g, b, y, rows, C, eps);
+    layernorm_body<float>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
 }
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g, const __nv_bfloat16* b,
                    __nv_bfloat16* y, int rows, int C, float eps) {
-    layernorm_body<__nv_bfloat16>(x, g, b, y, rows, C, eps);
+    layernorm_body<__nv_bfloat16>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
+}
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    add_layernorm_f32(const float* a, const float* r, float beta, float* s, const float* g,
+                      const float* b, float* y, int rows, int C, float eps) {
+    layernorm_body<float>(a, r, beta, s, g, b, y, rows, C, eps);
+}
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    add_layernorm_bf16(const __nv_bfloat16* a, const __nv_bfloat16* r, float beta,
+                       __nv_bfloat16* s, const __nv_bfloat16* g, const __nv_bfloat16* b,
+                       __nv_bfloat16* y, int rows, int C, float eps) {
+    layernorm_body<__nv_bfloat16>(a, r, beta, s, g, b, y, rows, C, eps);
 }

@@ -1073,3 +1073,13 @@ fn resize_known_values_ramp() {
     let y = cpu.resize_bicubic(&ramp, (1, 8)).unwrap();
     exact("bicubic ramp x2", &y, &[1, 1, 1, 8], &want);
 }
+
+/// The fused-op cases of the device self-test run on the CPU too (CPU against itself): every
+/// case builds and runs, so a device session spends its minutes on the kernels, not on
+/// malformed cases.
+#[test]
+fn selftest_fused_cases_run_on_the_cpu() {
+    let checks = medsa::selftest::fused_ops(&Cpu::new(), medsa::selftest::Tolerance::F32);
+    assert_eq!(checks.len(), 4 + 3 * 2 + 5 + 4);
+    assert_eq!(medsa::selftest::report(&checks), 0);
+}

@@ -1,5 +1,5 @@
 //! GEMMs on cuBLASLt, in column-major terms: `D (m x n, ldc) = op(A) op(B)` (+ a bias of length
-//! m added to every column). Row-major callers swap operands: row-major `Y = X W^T` is
+//! m added to every column, + a residual C laid out as D, optionally through GELU). Row-major callers swap operands: row-major `Y = X W^T` is
 //! column-major `Y^T = W X^T`. Compute is f32 (no TF32) with f32 or bf16 storage; the
 //! heuristic's choice is cached per shape, so steady-state calls only build descriptors.
 
@@ -34,12 +34,36 @@ pub(crate) struct GemmSpec {
     pub bias: bool,
 }
 
+/// What a GEMM does besides the product: `D = gelu?(alpha * op(A) op(B) + C + bias)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Epilogue {
+    /// Bias of length m (column-major rows), added to every column.
+    pub bias: Option<u64>,
+    /// cuBLASLt's GELU epilogue (its tanh form, see `Cuda::linear`).
+    pub gelu: bool,
+    /// C, laid out as D (beta = 1): a residual stream added in the same pass.
+    pub residual: Option<u64>,
+    /// Scale of the product.
+    pub alpha: f32,
+}
+
+impl Default for Epilogue {
+    fn default() -> Self {
+        Epilogue {
+            bias: None,
+            gelu: false,
+            residual: None,
+            alpha: 1.0,
+        }
+    }
+}
+
 /// The cuBLASLt handle, its workspace and the algorithm cache.
 pub(crate) struct Blas {
     handle: ltsys::cublasLtHandle_t,
     workspace: (u64, usize),
     _pool: Arc<Pool>,
-    algos: Mutex<HashMap<(GemmSpec, bool), ltsys::cublasLtMatmulAlgo_t>>,
+    algos: Mutex<HashMap<(GemmSpec, bool, bool), ltsys::cublasLtMatmulAlgo_t>>,
 }
 
 fn blas_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -156,13 +180,50 @@ impl Cuda {
         d: u64,
         bias: Option<u64>,
     ) -> Result<()> {
+        let epi = Epilogue {
+            bias,
+            ..Epilogue::default()
+        };
+        match self.gemm_ex(s, a, b, d, epi)? {
+            true => Ok(()),
+            // Plain and bias-only GEMMs always have an algorithm; this is not reached.
+            false => Err(blas_err("matmul", format!("no algorithm for {s:?}"))),
+        }
+    }
+
+    /// Runs one GEMM with an epilogue: `d = gelu?(alpha * op(a) op(b) + residual + bias)`.
+    /// Returns `Ok(false)`, having done nothing, when cuBLASLt has no algorithm for a GELU
+    /// epilogue on this shape (the caller then applies the activation itself).
+    pub(crate) fn gemm_ex(
+        &self,
+        s: GemmSpec,
+        a: u64,
+        b: u64,
+        d: u64,
+        epi: Epilogue,
+    ) -> Result<bool> {
         self.timed(
-            || format!("gemm m{} n{} k{} batch{}", s.m, s.n, s.k, s.batch),
-            || self.gemm_inner(s, a, b, d, bias),
+            || {
+                format!(
+                    "gemm m{} n{} k{} batch{}{}{}",
+                    s.m,
+                    s.n,
+                    s.k,
+                    s.batch,
+                    if epi.gelu { " +gelu" } else { "" },
+                    if epi.residual.is_some() {
+                        " +residual"
+                    } else {
+                        ""
+                    }
+                )
+            },
+            || self.gemm_inner(s, a, b, d, epi),
         )
     }
 
-    fn gemm_inner(&self, s: GemmSpec, a: u64, b: u64, d: u64, bias: Option<u64>) -> Result<()> {
+    fn gemm_inner(&self, s: GemmSpec, a: u64, b: u64, d: u64, epi: Epilogue) -> Result<bool> {
+        let bias = epi.bias;
         let blas = &self.blas;
         let dt = match self.precision {
             Precision::F32 => ltsys::cudaDataType::CUDA_R_32F,
@@ -195,18 +256,25 @@ impl Cuda {
             A::CUBLASLT_MATMUL_DESC_TRANSB,
             &(s.transb as i32),
         )?;
+        use ltsys::cublasLtEpilogue_t as E;
+        let kind = match (bias.is_some(), epi.gelu) {
+            (false, false) => None,
+            (true, false) => Some(E::CUBLASLT_EPILOGUE_BIAS),
+            (false, true) => Some(E::CUBLASLT_EPILOGUE_GELU),
+            (true, true) => Some(E::CUBLASLT_EPILOGUE_GELU_BIAS),
+        };
+        if let Some(kind) = kind {
+            set_desc(descs.desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &kind)?;
+        }
         if let Some(bp) = bias {
-            set_desc(
-                descs.desc,
-                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
-            )?;
             set_desc(descs.desc, A::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bp)?;
             if s.batch > 1 {
                 set_desc(descs.desc, A::CUBLASLT_MATMUL_DESC_BIAS_BATCH_STRIDE, &0i64)?;
             }
         }
-        let key = (s, self.precision == Precision::Bf16);
+        // The residual enters as C (beta = 1), same layout as D; the algorithm choice does not
+        // depend on beta, only on the epilogue.
+        let key = (s, self.precision == Precision::Bf16, epi.gelu);
         let cached = blas.algos.lock().unwrap().get(&key).copied();
         let algo = match cached {
             Some(a) => a,
@@ -235,12 +303,17 @@ impl Cuda {
                 unsafe {
                     let _ = lt::destroy_matmul_pref(pref);
                 }
-                let h = r.map_err(|e| blas_err(&format!("no algorithm for {s:?}"), e))?;
+                let h = match r {
+                    Ok(h) => h,
+                    Err(_) if epi.gelu => return Ok(false),
+                    Err(e) => return Err(blas_err(&format!("no algorithm for {s:?}"), e)),
+                };
                 blas.algos.lock().unwrap().insert(key, h.algo);
                 h.algo
             }
         };
-        let (alpha, beta) = (1f32, 0f32);
+        let (alpha, beta) = (epi.alpha, if epi.residual.is_some() { 1f32 } else { 0f32 });
+        let c = epi.residual.unwrap_or(d);
         unsafe {
             lt::matmul(
                 blas.handle,
@@ -251,7 +324,7 @@ impl Cuda {
                 descs.layouts[0],
                 b as *const c_void,
                 descs.layouts[1],
-                d as *const c_void,
+                c as *const c_void,
                 descs.layouts[2],
                 d as *mut c_void,
                 descs.layouts[2],
@@ -261,6 +334,7 @@ impl Cuda {
                 self.stream.cu_stream() as ltsys::cudaStream_t,
             )
         }
-        .map_err(|e| blas_err(&format!("matmul {s:?}"), e))
+        .map_err(|e| blas_err(&format!("matmul {s:?}"), e))?;
+        Ok(true)
     }
 }

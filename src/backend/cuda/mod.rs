@@ -142,6 +142,8 @@ pub struct Cuda {
     precision: Precision,
     name: String,
     max_smem_optin: i32,
+    /// Fused ops and the model's fused path (`MEDSA_FUSE=0` turns both off, for A/B runs).
+    fuse: bool,
     /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -201,6 +203,7 @@ impl Cuda {
             blas,
             precision,
             max_smem_optin,
+            fuse: std::env::var("MEDSA_FUSE").map_or(true, |v| v != "0"),
             profile: std::env::var("MEDSA_PROFILE")
                 .ok()
                 .filter(|v| v == "1")
@@ -239,6 +242,11 @@ impl Cuda {
             .collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
+    }
+
+    /// Whether fused ops are on (`MEDSA_FUSE=0` at start-up turns them off).
+    pub fn fusion(&self) -> bool {
+        self.fuse
     }
 
     /// Storage precision.

@@ -3,7 +3,7 @@
 
 use super::gemm::GemmSpec;
 use super::{Arg, Cuda, CudaTensor, PermArgs, Precision};
-use crate::backend::{Act, AttentionGrads, Backend, RelPos};
+use crate::backend::{fused, Act, AttentionGrads, Backend, RelPos};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -68,12 +68,38 @@ impl Cuda {
         b: Option<&CudaTensor>,
         m: usize,
     ) -> Result<CudaTensor> {
+        let (y, _) = self.linear_ex(x, w, b, m, false, None, 1.0)?;
+        Ok(y)
+    }
+
+    /// `y = gelu?(r + alpha * x W^T + b)` in one GEMM (see [`super::gemm::Epilogue`]). Returns
+    /// whether the GELU was applied (cuBLASLt may have no GELU algorithm for a shape; the
+    /// product is then computed without it).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_ex(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        m: usize,
+        gelu: bool,
+        residual: Option<&CudaTensor>,
+        alpha: f32,
+    ) -> Result<(CudaTensor, bool)> {
         let (n, k) = (w.shape[0], w.shape[1]);
         let mut shape = x.shape.clone();
         *shape.last_mut().unwrap() = n;
+        if let Some(r) = residual {
+            if r.numel() != m * n {
+                return Err(shape_err(
+                    "linear_residual",
+                    format!("output {shape:?} vs residual {:?}", r.shape),
+                ));
+            }
+        }
         let y = self.empty(&shape)?;
         if m == 0 {
-            return Ok(y);
+            return Ok((y, gelu));
         }
         let spec = GemmSpec {
             transa: true,
@@ -90,8 +116,18 @@ impl Cuda {
             stride_c: 0,
             bias: b.is_some(),
         };
-        self.gemm(spec, w.ptr(), x.ptr(), y.ptr(), b.map(|b| b.ptr()))?;
-        Ok(y)
+        let epi = super::gemm::Epilogue {
+            bias: b.map(|b| b.ptr()),
+            gelu,
+            residual: residual.map(|r| r.ptr()),
+            alpha,
+        };
+        if self.gemm_ex(spec, w.ptr(), x.ptr(), y.ptr(), epi)? {
+            return Ok((y, gelu));
+        }
+        let epi = super::gemm::Epilogue { gelu: false, ..epi };
+        self.gemm_ex(spec, w.ptr(), x.ptr(), y.ptr(), epi)?;
+        Ok((y, false))
     }
 }
 
@@ -457,10 +493,18 @@ impl Backend for Cuda {
             ));
         }
         let m = x.numel() / k.max(1);
-        let y = self.linear_raw(x, w, b, m)?;
-        // cuBLASLt's GELU epilogue is the tanh approximation; SAM uses the exact erf GELU.
+        // cuBLASLt's GELU epilogue is the tanh form; SAM's GELU is the exact erf form. They
+        // differ by at most 4.8e-4 in absolute terms (at x = -2.7, where gelu is -0.0094;
+        // under 2e-6 for |x| < 0.25): an eighth of bf16's rounding step at 1.0, the scale of
+        // the MLP activations, though large relative to the small negative tail values
+        // themselves. bf16 storage takes the fused epilogue (one pass less over the MLP's
+        // widest activation, [tokens, 4 * dim]); f32 parity mode and MEDSA_FUSE=0 keep the
+        // exact kernel.
+        let epilogue_gelu = act == Act::Gelu && self.precision == Precision::Bf16 && self.fuse;
+        let (y, applied) = self.linear_ex(x, w, b, m, epilogue_gelu, None, 1.0)?;
         match act {
             Act::None => Ok(y),
+            Act::Gelu if applied => Ok(y),
             a => self.activate(&y, a),
         }
     }
@@ -574,7 +618,18 @@ impl Backend for Cuda {
             v: v.ptr(),
             ld: sq[2],
         };
-        self.attention_raw(io, (sq[0], sq[1], sk[1]), heads, sq[2] / heads, scale, rel)
+        let out = [sq[0], sq[1], sq[2]];
+        let seqs = (sq[0], sq[1], sk[1]);
+        self.attention_raw(
+            io,
+            seqs,
+            heads,
+            sq[2] / heads,
+            scale,
+            rel,
+            TokenMap::Plain,
+            &out,
+        )
     }
 
     fn attention_qkv(
@@ -605,7 +660,205 @@ impl Backend for Cuda {
             v: base + 2 * dim as u64 * es,
             ld: s[2],
         };
-        self.attention_raw(io, (s[0], s[1], s[1]), heads, dim / heads, scale, rel)
+        let out = [s[0], s[1], dim];
+        let seqs = (s[0], s[1], s[1]);
+        self.attention_raw(
+            io,
+            seqs,
+            heads,
+            dim / heads,
+            scale,
+            rel,
+            TokenMap::Plain,
+            &out,
+        )
+    }
+
+    fn fused(&self) -> bool {
+        self.fuse
+    }
+
+    fn linear_residual(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        b: Option<&CudaTensor>,
+        r: &CudaTensor,
+        alpha: f32,
+    ) -> Result<CudaTensor> {
+        if !self.fuse {
+            return fused::linear_residual(self, x, w, b, r, alpha);
+        }
+        let k = *x.shape.last().unwrap_or(&0);
+        let mut out = x.shape.clone();
+        if let Some(l) = out.last_mut() {
+            *l = w.shape.first().copied().unwrap_or(0);
+        }
+        if w.shape.len() != 2
+            || w.shape[1] != k
+            || b.is_some_and(|b| b.shape != [w.shape[0]])
+            || r.shape != out
+        {
+            return Err(shape_err(
+                "linear_residual",
+                format!(
+                    "x {:?}, w {:?}, b {:?}, residual {:?}",
+                    x.shape,
+                    w.shape,
+                    b.map(|b| b.shape.clone()),
+                    r.shape
+                ),
+            ));
+        }
+        // cuBLASLt adds the bias after scaling the product: pre-scale it.
+        let scaled;
+        let b = match b {
+            Some(b) if alpha != 1.0 => {
+                scaled = self.add_scaled(b, alpha, b, 0.0)?;
+                Some(&scaled)
+            }
+            b => b,
+        };
+        let m = x.numel() / k.max(1);
+        let (y, _) = self.linear_ex(x, w, b, m, false, Some(r), alpha)?;
+        Ok(y)
+    }
+
+    fn add_layer_norm(
+        &self,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        beta: f32,
+        g: &CudaTensor,
+        bias: &CudaTensor,
+        eps: f32,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        if !self.fuse {
+            return fused::add_layer_norm(self, a, b, beta, g, bias, eps);
+        }
+        let c = *a.shape.last().unwrap_or(&0);
+        if a.shape != b.shape || g.shape != [c] || bias.shape != [c] {
+            return Err(shape_err(
+                "add_layer_norm",
+                format!(
+                    "a {:?}, b {:?}, g {:?}, bias {:?}",
+                    a.shape, b.shape, g.shape, bias.shape
+                ),
+            ));
+        }
+        let s = self.empty(&a.shape)?;
+        let y = self.empty(&a.shape)?;
+        let rows = a.numel() / c.max(1);
+        if rows > 0 && c > 0 {
+            self.launch(
+                "add_layernorm",
+                (rows as u32, 1, 1),
+                (128, 1, 1),
+                0,
+                &[
+                    Arg::P(a.ptr()),
+                    Arg::P(b.ptr()),
+                    Arg::F(beta),
+                    Arg::P(s.ptr()),
+                    Arg::P(g.ptr()),
+                    Arg::P(bias.ptr()),
+                    Arg::P(y.ptr()),
+                    Arg::I(rows as i32),
+                    Arg::I(c as i32),
+                    Arg::F(eps),
+                ],
+            )?;
+        }
+        Ok((s, y))
+    }
+
+    fn attention_qkv_windowed(
+        &self,
+        qkv: &CudaTensor,
+        pad: &CudaTensor,
+        ws: usize,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, CudaTensor>>,
+    ) -> Result<CudaTensor> {
+        if !self.fuse {
+            return fused::attention_qkv_windowed(self, qkv, pad, ws, heads, scale, rel);
+        }
+        let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_windowed", &qkv.shape, heads)?;
+        if ws == 0 || pad.numel() != c3 {
+            return Err(shape_err(
+                "attention_qkv_windowed",
+                format!("window {ws}, pad row {:?} for rows of {c3}", pad.shape),
+            ));
+        }
+        let dim = c3 / 3;
+        let es = self.precision.size() as u64;
+        let off = |p: u64, i: u64| p + i * dim as u64 * es;
+        let io = AttnIo {
+            q: qkv.ptr(),
+            k: off(qkv.ptr(), 1),
+            v: off(qkv.ptr(), 2),
+            ld: c3,
+        };
+        let map = TokenMap::Windows {
+            ws,
+            h,
+            w,
+            pads: (pad.ptr(), off(pad.ptr(), 1), off(pad.ptr(), 2)),
+        };
+        let windows = n * h.div_ceil(ws) * w.div_ceil(ws);
+        let seqs = (windows, ws * ws, ws * ws);
+        self.attention_raw(
+            io,
+            seqs,
+            heads,
+            dim / heads,
+            scale,
+            rel,
+            map,
+            &[n, h, w, dim],
+        )
+    }
+
+    fn attention_qkv_depth(
+        &self,
+        qkv: &CudaTensor,
+        depth: usize,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, CudaTensor>>,
+    ) -> Result<CudaTensor> {
+        if !self.fuse {
+            return fused::attention_qkv_depth(self, qkv, depth, heads, scale, rel);
+        }
+        let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_depth", &qkv.shape, heads)?;
+        if depth == 0 || n % depth != 0 {
+            return Err(shape_err(
+                "attention_qkv_depth",
+                format!("a batch of {n} maps is not a whole number of {depth}-slice volumes"),
+            ));
+        }
+        let dim = c3 / 3;
+        let es = self.precision.size() as u64;
+        let io = AttnIo {
+            q: qkv.ptr(),
+            k: qkv.ptr() + dim as u64 * es,
+            v: qkv.ptr() + 2 * dim as u64 * es,
+            ld: c3,
+        };
+        let p = h * w;
+        let seqs = ((n / depth) * p, depth, depth);
+        let map = TokenMap::Depth { p };
+        self.attention_raw(
+            io,
+            seqs,
+            heads,
+            dim / heads,
+            scale,
+            rel,
+            map,
+            &[n, h, w, dim],
+        )
     }
 
     fn conv2d(
@@ -830,7 +1083,23 @@ impl Cuda {
     }
 }
 
-/// Device addresses of q, k, v (each `[B, L, heads*d]` rows with row stride `ld` elements).
+/// Token-row mapping of the attention kernel (`kernels/attention.cu`, "Token rows").
+#[derive(Clone, Copy, Debug)]
+enum TokenMap {
+    /// `[B, L]` sequences.
+    Plain,
+    /// `ws x ws` windows of `[N, h, w]` maps, padding tokens read from pad rows `(q, k, v)`.
+    Windows {
+        ws: usize,
+        h: usize,
+        w: usize,
+        pads: (u64, u64, u64),
+    },
+    /// Depth sequences of a slice-major `[V * D, P]` token layout (`p` tokens per slice).
+    Depth { p: usize },
+}
+
+/// Device addresses of q, k, v (token rows with row stride `ld` elements).
 struct AttnIo {
     q: u64,
     k: u64,
@@ -839,6 +1108,9 @@ struct AttnIo {
 }
 
 impl Cuda {
+    /// Launches `attention` over `b` sequences of `lq` queries and `lk` keys whose token rows
+    /// `map` places; the output (row stride `heads * d`) has shape `out`.
+    #[allow(clippy::too_many_arguments)]
     fn attention_raw(
         &self,
         io: AttnIo,
@@ -847,6 +1119,8 @@ impl Cuda {
         d: usize,
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
+        map: TokenMap,
+        out: &[usize],
     ) -> Result<CudaTensor> {
         if d > ATTN_MAX_D {
             return Err(shape_err(
@@ -873,10 +1147,15 @@ impl Cuda {
             }
             None => (0, 0, (0, 0), (0, 0)),
         };
-        let o = self.empty(&[b, lq, heads * d])?;
+        let o = self.empty(out)?;
         if b * lq == 0 {
             return Ok(o);
         }
+        let (code, ma, mb, mc, md, pads) = match map {
+            TokenMap::Plain => (0, 0, 0, 0, 0, (0, 0, 0)),
+            TokenMap::Windows { ws, h, w, pads } => (1, ws, h, w, w.div_ceil(ws), pads),
+            TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
+        };
         let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
         let detail = || {
             format!(
@@ -885,32 +1164,46 @@ impl Cuda {
             )
         };
         self.timed(detail, || {
-            self.launch(
-                "attention",
-                (lq.div_ceil(64) as u32, heads as u32, b as u32),
-                (128, 1, 1),
-                smem as u32,
-                &[
-                    Arg::P(io.q),
-                    Arg::P(io.k),
-                    Arg::P(io.v),
-                    Arg::P(o.ptr()),
-                    Arg::P(rh),
-                    Arg::P(rw),
-                    Arg::I(b as i32),
-                    Arg::I(heads as i32),
-                    Arg::I(lq as i32),
-                    Arg::I(lk as i32),
-                    Arg::I(d as i32),
-                    Arg::F(scale),
-                    Arg::I(qh as i32),
-                    Arg::I(qw as i32),
-                    Arg::I(kh as i32),
-                    Arg::I(kw as i32),
-                    Arg::I(rel.is_some() as i32),
-                    Arg::I(io.ld as i32),
-                ],
-            )
+            // grid.z is at most 65535: larger batches of sequences take several launches.
+            for b_off in (0..b).step_by(65535) {
+                let nb = (b - b_off).min(65535);
+                self.launch(
+                    "attention",
+                    (lq.div_ceil(64) as u32, heads as u32, nb as u32),
+                    (128, 1, 1),
+                    smem as u32,
+                    &[
+                        Arg::P(io.q),
+                        Arg::P(io.k),
+                        Arg::P(io.v),
+                        Arg::P(o.ptr()),
+                        Arg::P(rh),
+                        Arg::P(rw),
+                        Arg::I(b as i32),
+                        Arg::I(heads as i32),
+                        Arg::I(lq as i32),
+                        Arg::I(lk as i32),
+                        Arg::I(d as i32),
+                        Arg::F(scale),
+                        Arg::I(qh as i32),
+                        Arg::I(qw as i32),
+                        Arg::I(kh as i32),
+                        Arg::I(kw as i32),
+                        Arg::I(rel.is_some() as i32),
+                        Arg::I(io.ld as i32),
+                        Arg::I(code),
+                        Arg::I(ma as i32),
+                        Arg::I(mb as i32),
+                        Arg::I(mc as i32),
+                        Arg::I(md as i32),
+                        Arg::I(b_off as i32),
+                        Arg::P(pads.0),
+                        Arg::P(pads.1),
+                        Arg::P(pads.2),
+                    ],
+                )?;
+            }
+            Ok(())
         })?;
         Ok(o)
     }

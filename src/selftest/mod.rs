@@ -435,6 +435,7 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
             |b, x| b.resize_bicubic(&x[0], size)
         ));
     }
+    out.extend(fused_ops(be, tol));
     out.extend(backward_ops(be, tol));
     out
 }
@@ -499,6 +500,9 @@ macro_rules! both_n {
         )
     };
 }
+
+mod fused;
+pub use fused::fused_ops;
 
 /// Absolute-tolerance floor of the backward checks (fraction of the reference's rms): their
 /// outputs are differences of reductions done in another order on each backend (attention's

@@ -1,0 +1,131 @@
+//! The fused inference ops against the CPU reference, which runs them as the plain op
+//! sequences of `backend::fused` (part of [`super::ops`]). Shapes cover the kernels' index
+//! maps: windows with bottom/right padding on one or both axes and without, vit_b's 64x64 map
+//! in 14x14 windows (padded to 70x70), head dims on the tensor-core path (64, 80) and on the
+//! SIMT path (16), depth sequences shorter than a tile, and a residual LayerNorm wider than
+//! the kernel's register cache.
+
+use super::{pair, pair_n, Check, Tolerance};
+use crate::backend::cpu::Cpu;
+use crate::backend::{Backend, RelPos};
+use crate::medsa::depth_branch::depth_grid;
+use crate::sam::random::Rng;
+
+/// Every fused op on random inputs.
+pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
+    let cpu = Cpu::new();
+    let mut rng = Rng::new(0xf05e);
+    let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
+    let mut out = Vec::new();
+
+    for (m, k, n, alpha, bias) in [
+        (37, 50, 70, 1.0, true),
+        (37, 50, 70, 0.5, true),
+        (300, 192, 768, 1.0, false),
+        (1, 3, 1, 0.5, false),
+    ] {
+        let ins = [
+            r(&[m, k], 1.0),
+            r(&[n, k], 1.0 / (k as f32).sqrt()),
+            r(&[n], 0.5),
+            r(&[m, n], 1.0),
+        ];
+        out.push(both!(
+            be,
+            &cpu,
+            format!("linear_residual {m}x{k}->{n} alpha {alpha} bias {bias}"),
+            ins,
+            tol,
+            |b, x| b.linear_residual(&x[0], &x[1], bias.then_some(&x[2]), &x[3], alpha)
+        ));
+    }
+
+    for (shape, beta) in [
+        (vec![5, 7, 96], 1.0),
+        (vec![3, 2500], 0.5),
+        (vec![1, 1], 1.0),
+    ] {
+        let c = *shape.last().unwrap();
+        let ins = [r(&shape, 1.0), r(&shape, 1.0), r(&[c], 1.0), r(&[c], 0.5)];
+        out.extend(both_n!(
+            be,
+            &cpu,
+            format!("add_layer_norm {shape:?} beta {beta}"),
+            ["sum", "norm"],
+            ins,
+            tol,
+            |b, x| {
+                let (s, y) = b.add_layer_norm(&x[0], &x[1], beta, &x[2], &x[3], 1e-6)?;
+                Ok(vec![s, y])
+            }
+        ));
+    }
+
+    // (batch, H, W, window, heads, head dim)
+    for (n, h, w, ws, heads, d) in [
+        (2, 7, 5, 3, 2, 64),
+        (1, 14, 14, 14, 2, 64),
+        (1, 20, 13, 7, 2, 80),
+        (2, 9, 9, 4, 3, 16),
+        (1, 64, 64, 14, 1, 64),
+    ] {
+        let c3 = 3 * heads * d;
+        let ins = [
+            r(&[n, h, w, c3], 1.0),
+            r(&[c3], 1.0),
+            r(&[ws, ws, d], 0.2),
+            r(&[ws, ws, d], 0.2),
+        ];
+        let scale = (d as f32).powf(-0.5);
+        out.push(both!(
+            be,
+            &cpu,
+            format!("attention_qkv_windowed b{n} {h}x{w} ws{ws} h{heads} d{d}"),
+            ins,
+            tol,
+            |b, x| {
+                let rel = RelPos {
+                    rh: &x[2],
+                    rw: &x[3],
+                    q_grid: (ws, ws),
+                    k_grid: (ws, ws),
+                };
+                b.attention_qkv_windowed(&x[0], &x[1], ws, heads, scale, Some(rel))
+            }
+        ));
+    }
+
+    // (volumes, slices, h, w, heads, head dim)
+    for (v, depth, h, w, heads, d) in [
+        (2, 6, 3, 5, 2, 64),
+        (1, 4, 7, 7, 2, 80),
+        (3, 3, 2, 2, 2, 16),
+        (1, 96, 2, 3, 1, 64),
+    ] {
+        let c3 = 3 * heads * d;
+        let (dh, dw) = depth_grid(depth);
+        let ins = [
+            r(&[v * depth, h, w, c3], 1.0),
+            r(&[dh, dh, d], 0.2),
+            r(&[dw, dw, d], 0.2),
+        ];
+        let scale = (d as f32).powf(-0.5);
+        out.push(both!(
+            be,
+            &cpu,
+            format!("attention_qkv_depth v{v} d{depth} {h}x{w} h{heads} hd{d}"),
+            ins,
+            tol,
+            |b, x| {
+                let rel = RelPos {
+                    rh: &x[1],
+                    rw: &x[2],
+                    q_grid: (dh, dw),
+                    k_grid: (dh, dw),
+                };
+                b.attention_qkv_depth(&x[0], depth, heads, scale, Some(rel))
+            }
+        ));
+    }
+    out
+}
