@@ -13,8 +13,9 @@
 #   .device/build-root                   the repo path the tests were compiled in
 #
 # Steps: card, CUDA libraries (LD_LIBRARY_PATH), test binaries, `medsa-engine selftest`, medsa
-# benchmarks (bf16 B=1,8; f32 B=1), the PyTorch baseline (tools/reference/bench_gpu.py), the
-# training benchmark (issue 4: `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against
+# benchmarks (bf16 B=1,8; bf16 B=8 with MEDSA_FUSE=0, the op-by-op path, as the fused ops' A/B;
+# f32 B=1), the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark
+# (issue 4: `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against
 # tools/reference/bench_train.py, bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
 # and the tables. A failing step does not stop the others; the exit status is 1 if any step
 # failed, timed out or was skipped for lack of time (PyTorch running out of GPU memory in a
@@ -288,15 +289,17 @@ main() {
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
   local reserve=$((190 + TRAIN_S))
-  for spec in "bf16 1" "bf16 8" "f32 1"; do
-    read -r prec b <<<"$spec"
-    name="bench $prec B=$b"
-    log="$LOGS/bench-$prec-b$b.log"
+  # "unfused": MEDSA_FUSE=0, the op-by-op path (A/B of the fused ops, same binary, same card)
+  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "f32 1"; do
+    read -r prec b mode <<<"$spec"
+    name="bench $prec B=$b${mode:+ $mode}"
+    log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
     if [ ! -x "$BIN/medsa-engine" ]; then record "$name" FAIL - 0; continue; fi
-    run_step "$name" 120 "$reserve" "$log" "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
+    run_step "$name" 120 "$reserve" "$log" env MEDSA_FUSE="$([ "$mode" = unfused ] && echo 0 || echo 1)" \
+      "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
       --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
     rc=$?
-    reserve=$((reserve - 30))
+    reserve=$((reserve - 25))
     if [ "$rc" -eq 0 ]; then
       if ! json_line "$log" "$prec" "$b" >>"$OUT/bench.jsonl"; then
         record "$name: JSON" FAIL 1 0
@@ -384,9 +387,9 @@ gemm = (torch_res.get("gemm") or {}).get("flops_per_s")
 card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.path.join(logs, "card.txt")) else "?"
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
-def find_medsa(prec, b):
+def find_medsa(prec, b, fused=True):
     for r in medsa:
-        if r.get("precision") == prec and int(r.get("batch", -1)) == b:
+        if r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused:
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
     return None
@@ -401,6 +404,7 @@ def find_torch(mode, b):
     return None
 
 rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
+        ("medsa bf16 unfused (MEDSA_FUSE=0)", lambda b: find_medsa("bf16", b, False)),
         ("medsa f32", lambda b: find_medsa("f32", b)),
         ("torch fp32", lambda b: find_torch("fp32", b)),
         ("torch bf16 autocast", lambda b: find_torch("bf16_autocast", b)),
@@ -449,6 +453,8 @@ for ref in ("torch bf16 autocast", "torch bf16 autocast + SDPA"):
         a, t = ips.get(("medsa bf16", b)), ips.get((ref, b))
         parts.append(f"B={b}: " + (f"{a / t:.2f}×" if a and t else "—"))
     lines.append(f"medsa bf16 / {ref} images/s: " + ", ".join(parts) + "  ")
+a, u = ips.get(("medsa bf16", 8)), ips.get(("medsa bf16 unfused (MEDSA_FUSE=0)", 8))
+lines.append("medsa bf16 fused / unfused images/s, B=8: " + (f"{a / u:.3f}×" if a and u else "—") + "  ")
 lines.append("")
 
 # ---- training (issue 4) ----

@@ -1083,3 +1083,36 @@ fn selftest_fused_cases_run_on_the_cpu() {
     assert_eq!(checks.len(), 4 + 3 * 2 + 5 + 4);
     assert_eq!(medsa::selftest::report(&checks), 0);
 }
+
+/// The CPU's windowed attention (padding rows written by the partition) equals the generic
+/// sequence of `backend::fused` (zero padding, then an exact outer-product fill) bit for bit, on
+/// maps padded on one axis, on both, and not at all.
+#[test]
+fn windowed_attention_override_equals_the_plain_sequence() {
+    let be = Cpu::new();
+    let mut rng = Rng::new(31);
+    for (n, h, w, ws) in [(2, 7, 5, 3), (1, 6, 9, 3), (1, 8, 8, 4)] {
+        let (heads, d) = (2, 8);
+        let c3 = 3 * heads * d;
+        let qkv = rng.tensor(&[n, h, w, c3]);
+        let pad = rng.tensor(&[c3]);
+        let rh = rng.tensor(&[ws, ws, d]);
+        let rw = rng.tensor(&[ws, ws, d]);
+        let rel = || {
+            Some(RelPos {
+                rh: &rh,
+                rw: &rw,
+                q_grid: (ws, ws),
+                k_grid: (ws, ws),
+            })
+        };
+        let a = be
+            .attention_qkv_windowed(&qkv, &pad, ws, heads, 0.35, rel())
+            .unwrap();
+        let b =
+            medsa::backend::fused::attention_qkv_windowed(&be, &qkv, &pad, ws, heads, 0.35, rel())
+                .unwrap();
+        assert_eq!(a.shape(), &[n, h, w, heads * d]);
+        assert_eq!(a.data(), b.data(), "{n}x{h}x{w} ws {ws}");
+    }
+}

@@ -36,13 +36,17 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Clone, Debug)]
 pub struct Cpu {
-    _private: (),
+    /// Whether the model takes its fused path (`MEDSA_FUSE=0` at creation turns it off, for A/B
+    /// runs; both paths compute the same thing).
+    fuse: bool,
 }
 
 impl Cpu {
     /// A CPU backend on rayon's global thread pool.
     pub fn new() -> Self {
-        Cpu { _private: () }
+        Cpu {
+            fuse: std::env::var("MEDSA_FUSE").map_or(true, |v| v != "0"),
+        }
     }
 }
 
@@ -253,6 +257,42 @@ fn permute_data(x: &[f32], dims: &[usize], st: &[usize]) -> Vec<f32> {
     out
 }
 
+/// SAM's `window_partition` of `x` `[B, H, W, C]` into `[B * nh * nw, ws, ws, C]`; padding
+/// positions (bottom/right) are zeros, or the row `pad` `[C]` when given.
+fn partition_padded(x: &Tensor, ws: usize, pad: Option<&[f32]>) -> Result<Tensor> {
+    let s = x.shape();
+    if s.len() != 4 || ws == 0 || pad.is_some_and(|p| p.len() != s[3]) {
+        return Err(Error::shape(
+            "window_partition",
+            format!("{s:?} with window {ws}"),
+        ));
+    }
+    let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+    let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
+    let nwin = b * nh * nw;
+    let mut out = zeroed(nwin * ws * ws * c);
+    let src = x.data();
+    // One task per window row; what lies outside the image stays zero or gets the pad row.
+    for_chunks(&mut out, ws * c, |idx, dst| {
+        let (win, r) = (idx / ws, idx % ws);
+        let bi = win / (nh * nw);
+        let (wy, wx) = ((win / nw) % nh, win % nw);
+        let y = wy * ws + r;
+        let x0 = wx * ws;
+        let cols = if y < h { ws.min(w - x0) } else { 0 };
+        if cols > 0 {
+            let at = ((bi * h + y) * w + x0) * c;
+            dst[..cols * c].copy_from_slice(&src[at..at + cols * c]);
+        }
+        if let Some(p) = pad {
+            for t in cols..ws {
+                dst[t * c..(t + 1) * c].copy_from_slice(p);
+            }
+        }
+    });
+    make(out, &[nwin, ws, ws, c])
+}
+
 impl Backend for Cpu {
     type Tensor = Tensor;
 
@@ -390,33 +430,38 @@ impl Backend for Cpu {
     }
 
     fn window_partition(&self, x: &Tensor, ws: usize) -> Result<Tensor> {
-        let s = x.shape();
-        if s.len() != 4 || ws == 0 {
+        partition_padded(x, ws, None)
+    }
+
+    fn fused(&self) -> bool {
+        self.fuse
+    }
+
+    fn attention_qkv_windowed(
+        &self,
+        qkv: &Tensor,
+        pad: &Tensor,
+        ws: usize,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Tensor>>,
+    ) -> Result<Tensor> {
+        // The plain sequence of `backend::fused`, with the padding rows written by the partition
+        // itself instead of by an extra outer product and add over the whole tensor.
+        let (b, h, w, c3) =
+            crate::backend::fused::qkv_map_dims("attention_qkv_windowed", qkv.shape(), heads)?;
+        if ws == 0 || pad.numel() != c3 {
             return Err(Error::shape(
-                "window_partition",
-                format!("{s:?} with window {ws}"),
+                "attention_qkv_windowed",
+                format!("window {ws}, pad row {:?} for rows of {c3}", pad.shape()),
             ));
         }
-        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
-        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
-        let nwin = b * nh * nw;
-        let mut out = zeroed(nwin * ws * ws * c);
-        let src = x.data();
-        // One task per window row; rows below the image stay zero (padding).
-        for_chunks(&mut out, ws * c, |idx, dst| {
-            let (win, r) = (idx / ws, idx % ws);
-            let bi = win / (nh * nw);
-            let (wy, wx) = ((win / nw) % nh, win % nw);
-            let y = wy * ws + r;
-            if y >= h {
-                return;
-            }
-            let x0 = wx * ws;
-            let cols = ws.min(w - x0);
-            let at = ((bi * h + y) * w + x0) * c;
-            dst[..cols * c].copy_from_slice(&src[at..at + cols * c]);
-        });
-        make(out, &[nwin, ws, ws, c])
+        let p = partition_padded(qkv, ws, Some(pad.data()))?;
+        let nwin = b * h.div_ceil(ws) * w.div_ceil(ws);
+        let p = p.reshape(&[nwin, ws * ws, c3])?;
+        let o = self.attention_qkv(&p, heads, scale, rel)?;
+        let o = o.reshape(&[nwin, ws, ws, c3 / 3])?;
+        self.window_unpartition(&o, ws, (h, w))
     }
 
     fn window_unpartition(&self, x: &Tensor, ws: usize, hw: (usize, usize)) -> Result<Tensor> {
