@@ -115,6 +115,102 @@ fn cuda_ops(c: &mut Criterion) {
         })
     });
     grp.finish();
+
+    // Fused ops against the op sequences they replace (vit_b at 1024, batch 8). Each pair runs
+    // in the same process on the same inputs: compare the two lines of a pair, not across runs.
+    let mut rng = Rng::new(4);
+    let mut up = |s: &[usize], a: f32| be.upload(&rng.tensor(s, a)).unwrap();
+    let xmap = up(&[8, 64, 64, 768], 1.0);
+    let r = up(&[8 * 4096, 768], 1.0);
+    let w1 = up(&[3072, 768], 0.03);
+    let b1 = up(&[3072], 0.1);
+    let wp = up(&[768, 768], 0.03);
+    let bp = up(&[768], 0.1);
+    let pad = up(&[2304], 1.0);
+    let rh14 = up(&[14, 14, 64], 0.05);
+    let rw14 = up(&[14, 14, 64], 0.05);
+    let rel14 = || {
+        Some(RelPos {
+            rh: &rh14,
+            rw: &rw14,
+            q_grid: (14, 14),
+            k_grid: (14, 14),
+        })
+    };
+    let mut grp = c.benchmark_group("cuda bf16 fused vs plain");
+    grp.sample_size(20);
+    grp.bench_function(
+        "windowed attention 64x64 ws14: plain (partition, qkv on 4900 rows, unpartition)",
+        |bch| {
+            bch.iter(|| {
+                let p = be.window_partition(&xmap, 14).unwrap();
+                let q = be.linear(&p, &w, Some(&b), Act::None).unwrap();
+                let q = be.reshape(&q, &[8 * 25, 196, 2304]).unwrap();
+                let o = be.attention_qkv(&q, 12, 0.125, rel14()).unwrap();
+                let o = be.reshape(&o, &[8 * 25, 14, 14, 768]).unwrap();
+                be.window_unpartition(&o, 14, (64, 64)).unwrap();
+                be.synchronize().unwrap()
+            })
+        },
+    );
+    grp.bench_function(
+        "windowed attention 64x64 ws14: fused (qkv on 4096 rows, windows in the kernel)",
+        |bch| {
+            bch.iter(|| {
+                let q = be.linear(&xmap, &w, Some(&b), Act::None).unwrap();
+                be.attention_qkv_windowed(&q, &pad, 14, 12, 0.125, rel14())
+                    .unwrap();
+                be.synchronize().unwrap()
+            })
+        },
+    );
+    grp.bench_function(
+        "mlp lin1 32768x768 -> 3072 + GELU: plain (GEMM + bias, GELU kernel)",
+        |bch| {
+            bch.iter(|| {
+                let y = be.linear(&x, &w1, Some(&b1), Act::None).unwrap();
+                be.activate(&y, Act::Gelu).unwrap();
+                be.synchronize().unwrap()
+            })
+        },
+    );
+    grp.bench_function(
+        "mlp lin1 32768x768 -> 3072 + GELU: fused (GELU epilogue)",
+        |bch| {
+            bch.iter(|| {
+                be.linear(&x, &w1, Some(&b1), Act::Gelu).unwrap();
+                be.synchronize().unwrap()
+            })
+        },
+    );
+    grp.bench_function(
+        "proj 32768x768 + residual: plain (GEMM, add kernel)",
+        |bch| {
+            bch.iter(|| {
+                medsa::backend::fused::linear_residual(&be, &x, &wp, Some(&bp), &r, 1.0).unwrap();
+                be.synchronize().unwrap()
+            })
+        },
+    );
+    grp.bench_function("proj 32768x768 + residual: fused (C operand)", |bch| {
+        bch.iter(|| {
+            be.linear_residual(&x, &wp, Some(&bp), &r, 1.0).unwrap();
+            be.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("add + layer_norm 32768x768: plain (two kernels)", |bch| {
+        bch.iter(|| {
+            medsa::backend::fused::add_layer_norm(&be, &x, &r, 1.0, &g, &g, 1e-6).unwrap();
+            be.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("add + layer_norm 32768x768: fused (one kernel)", |bch| {
+        bch.iter(|| {
+            be.add_layer_norm(&x, &r, 1.0, &g, &g, 1e-6).unwrap();
+            be.synchronize().unwrap()
+        })
+    });
+    grp.finish();
 }
 
 #[cfg(not(feature = "cuda"))]

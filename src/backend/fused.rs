@@ -54,7 +54,7 @@ pub(crate) fn qkv_map_dims(
     s: &[usize],
     heads: usize,
 ) -> Result<(usize, usize, usize, usize)> {
-    if s.len() != 4 || heads == 0 || s[3] % (3 * heads) != 0 || s[3] == 0 {
+    if s.len() != 4 || heads == 0 || !s[3].is_multiple_of(3 * heads) || s[3] == 0 {
         return Err(Error::shape(
             op,
             format!("{s:?} is not [B, H, W, 3 * heads * d] with {heads} heads"),
