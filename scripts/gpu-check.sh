@@ -13,10 +13,11 @@
 #   .device/build-root                   the repo path the tests were compiled in
 #
 # Steps: card, CUDA libraries (LD_LIBRARY_PATH), test binaries, `medsa-engine selftest`, medsa
-# benchmarks (bf16 B=1,8; bf16 B=8 with MEDSA_FUSE=0, the op-by-op path, as the fused ops' A/B;
-# f32 B=1), the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark
-# (issue 4: `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against
-# tools/reference/bench_train.py, bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
+# benchmarks with MEDSA_FUSE=1, the fused encoder path (bf16 B=1,8; f32 B=1), and bf16 B=8 with
+# MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B;
+# the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
+# `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
+# bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
 # and the tables. A failing step does not stop the others; the exit status is 1 if any step
 # failed, timed out or was skipped for lack of time (PyTorch running out of GPU memory in a
 # training configuration is a result, recorded in the table, not a failure). Without a GPU it
@@ -289,7 +290,8 @@ main() {
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
   local reserve=$((190 + TRAIN_S))
-  # "unfused": MEDSA_FUSE=0, the op-by-op path (A/B of the fused ops, same binary, same card)
+  # MEDSA_FUSE=1: the fused encoder path; "unfused": MEDSA_FUSE=0, the op-by-op path (the A/B
+  # of the fused ops, same binary, same card)
   for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "f32 1"; do
     read -r prec b mode <<<"$spec"
     name="bench $prec B=$b${mode:+ $mode}"
@@ -425,7 +427,8 @@ if torch_res:
                  "autocast spans warm-up and timed runs  ")
 lines.append("")
 lines.append("vit_b image encoder, 1024×1024, random weights; median of 10 runs after 3 warm-up runs. "
-             f"GEMM fraction = {FLOPS_PER_IMAGE / 1e9:.0f} GFLOP × batch / median / GEMM rate.")
+             f"GEMM fraction = {FLOPS_PER_IMAGE / 1e9:.0f} GFLOP × batch / median / GEMM rate. "
+             "medsa rows run the fused encoder path (MEDSA_FUSE=1) unless marked unfused.")
 lines.append("")
 lines.append("| impl | batch | ms / batch (median) | images/s | peak MiB | fraction of bf16 GEMM rate |")
 lines.append("|---|---:|---:|---:|---:|---:|")

@@ -29,9 +29,17 @@ fn device(p: Precision) -> Option<Cuda> {
 }
 
 fn check(p: Precision, op_tol: Tolerance, model_tol: Tolerance) {
-    let Some(be) = device(p) else { return };
+    let Some(mut be) = device(p) else { return };
     let mut checks = selftest::ops(&be, op_tol);
-    checks.extend(selftest::model(&be, &common::fixtures_dir(), model_tol));
+    // The whole model on both encoder paths: op by op, and fused (MEDSA_FUSE=1).
+    for fuse in [false, true] {
+        be.set_fusion(fuse);
+        let mut m = selftest::model(&be, &common::fixtures_dir(), model_tol);
+        for c in &mut m {
+            c.name = format!("{} [{}]", c.name, if fuse { "fused" } else { "op by op" });
+        }
+        checks.extend(m);
+    }
     let failed = selftest::report(&checks);
     println!("peak device memory {} MiB", be.pool().peak() >> 20);
     assert_eq!(

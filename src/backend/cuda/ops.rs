@@ -497,8 +497,8 @@ impl Backend for Cuda {
         // differ by at most 4.8e-4 in absolute terms (at x = -2.7, where gelu is -0.0094;
         // under 2e-6 for |x| < 0.25): an eighth of bf16's rounding step at 1.0, the scale of
         // the MLP activations, though large relative to the small negative tail values
-        // themselves. bf16 storage takes the fused epilogue (one pass less over the MLP's
-        // widest activation, [tokens, 4 * dim]); f32 parity mode and MEDSA_FUSE=0 keep the
+        // themselves. The fused path in bf16 takes the epilogue (one pass less over the MLP's
+        // widest activation, [tokens, 4 * dim]); f32 parity mode and the op-by-op path keep the
         // exact kernel.
         let epilogue_gelu = act == Act::Gelu && self.precision == Precision::Bf16 && self.fuse;
         let (y, applied) = self.linear_ex(x, w, b, m, epilogue_gelu, None, 1.0)?;
@@ -686,9 +686,6 @@ impl Backend for Cuda {
         r: &CudaTensor,
         alpha: f32,
     ) -> Result<CudaTensor> {
-        if !self.fuse {
-            return fused::linear_residual(self, x, w, b, r, alpha);
-        }
         let k = *x.shape.last().unwrap_or(&0);
         let mut out = x.shape.clone();
         if let Some(l) = out.last_mut() {
@@ -733,9 +730,6 @@ impl Backend for Cuda {
         bias: &CudaTensor,
         eps: f32,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        if !self.fuse {
-            return fused::add_layer_norm(self, a, b, beta, g, bias, eps);
-        }
         let c = *a.shape.last().unwrap_or(&0);
         if a.shape != b.shape || g.shape != [c] || bias.shape != [c] {
             return Err(shape_err(
@@ -781,9 +775,6 @@ impl Backend for Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        if !self.fuse {
-            return fused::attention_qkv_windowed(self, qkv, pad, ws, heads, scale, rel);
-        }
         let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_windowed", &qkv.shape, heads)?;
         if ws == 0 || pad.numel() != c3 {
             return Err(shape_err(
@@ -828,9 +819,6 @@ impl Backend for Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        if !self.fuse {
-            return fused::attention_qkv_depth(self, qkv, depth, heads, scale, rel);
-        }
         let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_depth", &qkv.shape, heads)?;
         if depth == 0 || n % depth != 0 {
             return Err(shape_err(
