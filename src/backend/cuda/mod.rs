@@ -5,7 +5,9 @@
 //! fixed per backend instance. The CUDA libraries are loaded at run time: on a machine without a
 //! driver, [`Cuda::new`] returns a clear error instead of failing to start.
 
+mod attention;
 mod backward;
+mod fused;
 mod gemm;
 mod ops;
 mod pool;

@@ -3,7 +3,7 @@
 
 use super::gemm::GemmSpec;
 use super::{Arg, Cuda, CudaTensor, PermArgs, Precision};
-use crate::backend::{fused, Act, AttentionGrads, Backend, RelPos};
+use crate::backend::{Act, AttentionGrads, Backend, RelPos};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -18,9 +18,6 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     }
     s
 }
-
-/// Head dims the attention kernel is built for (`kernels/attention.cu`).
-const ATTN_MAX_D: usize = 128;
 
 impl Cuda {
     fn copy_block(
@@ -76,7 +73,7 @@ impl Cuda {
     /// whether the GELU was applied (cuBLASLt may have no GELU algorithm for a shape; the
     /// product is then computed without it).
     #[allow(clippy::too_many_arguments)]
-    fn linear_ex(
+    pub(super) fn linear_ex(
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
@@ -598,38 +595,7 @@ impl Backend for Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        let (sq, sk) = (&q.shape, &k.shape);
-        if sq.len() != 3
-            || sk.len() != 3
-            || sk != &v.shape
-            || sq[0] != sk[0]
-            || sq[2] != sk[2]
-            || heads == 0
-            || sq[2] % heads != 0
-        {
-            return Err(shape_err(
-                "attention",
-                format!("q {sq:?}, k {sk:?}, v {:?}, {heads} heads", v.shape),
-            ));
-        }
-        let io = AttnIo {
-            q: q.ptr(),
-            k: k.ptr(),
-            v: v.ptr(),
-            ld: sq[2],
-        };
-        let out = [sq[0], sq[1], sq[2]];
-        let seqs = (sq[0], sq[1], sk[1]);
-        self.attention_raw(
-            io,
-            seqs,
-            heads,
-            sq[2] / heads,
-            scale,
-            rel,
-            TokenMap::Plain,
-            &out,
-        )
+        self.attention_impl(q, k, v, heads, scale, rel)
     }
 
     fn attention_qkv(
@@ -639,39 +605,7 @@ impl Backend for Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        let s = &qkv.shape;
-        if s.len() != 3
-            || !s[2].is_multiple_of(3)
-            || heads == 0
-            || !(s[2] / 3).is_multiple_of(heads)
-        {
-            return Err(shape_err(
-                "attention_qkv",
-                format!("{s:?} with {heads} heads"),
-            ));
-        }
-        let dim = s[2] / 3;
-        let es = self.precision.size() as u64;
-        let base = qkv.ptr();
-        // q, k and v are column slices of the packed rows: read in place with row stride 3*dim.
-        let io = AttnIo {
-            q: base,
-            k: base + dim as u64 * es,
-            v: base + 2 * dim as u64 * es,
-            ld: s[2],
-        };
-        let out = [s[0], s[1], dim];
-        let seqs = (s[0], s[1], s[1]);
-        self.attention_raw(
-            io,
-            seqs,
-            heads,
-            dim / heads,
-            scale,
-            rel,
-            TokenMap::Plain,
-            &out,
-        )
+        self.attention_qkv_impl(qkv, heads, scale, rel)
     }
 
     fn fused(&self) -> bool {
@@ -686,39 +620,7 @@ impl Backend for Cuda {
         r: &CudaTensor,
         alpha: f32,
     ) -> Result<CudaTensor> {
-        let k = *x.shape.last().unwrap_or(&0);
-        let mut out = x.shape.clone();
-        if let Some(l) = out.last_mut() {
-            *l = w.shape.first().copied().unwrap_or(0);
-        }
-        if w.shape.len() != 2
-            || w.shape[1] != k
-            || b.is_some_and(|b| b.shape != [w.shape[0]])
-            || r.shape != out
-        {
-            return Err(shape_err(
-                "linear_residual",
-                format!(
-                    "x {:?}, w {:?}, b {:?}, residual {:?}",
-                    x.shape,
-                    w.shape,
-                    b.map(|b| b.shape.clone()),
-                    r.shape
-                ),
-            ));
-        }
-        // cuBLASLt adds the bias after scaling the product: pre-scale it.
-        let scaled;
-        let b = match b {
-            Some(b) if alpha != 1.0 => {
-                scaled = self.add_scaled(b, alpha, b, 0.0)?;
-                Some(&scaled)
-            }
-            b => b,
-        };
-        let m = x.numel() / k.max(1);
-        let (y, _) = self.linear_ex(x, w, b, m, false, Some(r), alpha)?;
-        Ok(y)
+        self.linear_residual_impl(x, w, b, r, alpha)
     }
 
     fn add_layer_norm(
@@ -730,40 +632,7 @@ impl Backend for Cuda {
         bias: &CudaTensor,
         eps: f32,
     ) -> Result<(CudaTensor, CudaTensor)> {
-        let c = *a.shape.last().unwrap_or(&0);
-        if a.shape != b.shape || g.shape != [c] || bias.shape != [c] {
-            return Err(shape_err(
-                "add_layer_norm",
-                format!(
-                    "a {:?}, b {:?}, g {:?}, bias {:?}",
-                    a.shape, b.shape, g.shape, bias.shape
-                ),
-            ));
-        }
-        let s = self.empty(&a.shape)?;
-        let y = self.empty(&a.shape)?;
-        let rows = a.numel() / c.max(1);
-        if rows > 0 && c > 0 {
-            self.launch(
-                "add_layernorm",
-                (rows as u32, 1, 1),
-                (128, 1, 1),
-                0,
-                &[
-                    Arg::P(a.ptr()),
-                    Arg::P(b.ptr()),
-                    Arg::F(beta),
-                    Arg::P(s.ptr()),
-                    Arg::P(g.ptr()),
-                    Arg::P(bias.ptr()),
-                    Arg::P(y.ptr()),
-                    Arg::I(rows as i32),
-                    Arg::I(c as i32),
-                    Arg::F(eps),
-                ],
-            )?;
-        }
-        Ok((s, y))
+        self.add_layer_norm_impl(a, b, beta, g, bias, eps)
     }
 
     fn attention_qkv_windowed(
@@ -775,40 +644,7 @@ impl Backend for Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_windowed", &qkv.shape, heads)?;
-        if ws == 0 || pad.numel() != c3 {
-            return Err(shape_err(
-                "attention_qkv_windowed",
-                format!("window {ws}, pad row {:?} for rows of {c3}", pad.shape),
-            ));
-        }
-        let dim = c3 / 3;
-        let es = self.precision.size() as u64;
-        let off = |p: u64, i: u64| p + i * dim as u64 * es;
-        let io = AttnIo {
-            q: qkv.ptr(),
-            k: off(qkv.ptr(), 1),
-            v: off(qkv.ptr(), 2),
-            ld: c3,
-        };
-        let map = TokenMap::Windows {
-            ws,
-            h,
-            w,
-            pads: (pad.ptr(), off(pad.ptr(), 1), off(pad.ptr(), 2)),
-        };
-        let windows = n * h.div_ceil(ws) * w.div_ceil(ws);
-        let seqs = (windows, ws * ws, ws * ws);
-        self.attention_raw(
-            io,
-            seqs,
-            heads,
-            dim / heads,
-            scale,
-            rel,
-            map,
-            &[n, h, w, dim],
-        )
+        self.attention_qkv_windowed_impl(qkv, pad, ws, heads, scale, rel)
     }
 
     fn attention_qkv_depth(
@@ -819,34 +655,7 @@ impl Backend for Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_depth", &qkv.shape, heads)?;
-        if depth == 0 || n % depth != 0 {
-            return Err(shape_err(
-                "attention_qkv_depth",
-                format!("a batch of {n} maps is not a whole number of {depth}-slice volumes"),
-            ));
-        }
-        let dim = c3 / 3;
-        let es = self.precision.size() as u64;
-        let io = AttnIo {
-            q: qkv.ptr(),
-            k: qkv.ptr() + dim as u64 * es,
-            v: qkv.ptr() + 2 * dim as u64 * es,
-            ld: c3,
-        };
-        let p = h * w;
-        let seqs = ((n / depth) * p, depth, depth);
-        let map = TokenMap::Depth { p };
-        self.attention_raw(
-            io,
-            seqs,
-            heads,
-            dim / heads,
-            scale,
-            rel,
-            map,
-            &[n, h, w, dim],
-        )
+        self.attention_qkv_depth_impl(qkv, depth, heads, scale, rel)
     }
 
     fn conv2d(
@@ -1069,150 +878,4 @@ impl Cuda {
         }
         Ok(y)
     }
-}
-
-/// Token-row mapping of the attention kernel (`kernels/attention.cu`, "Token rows").
-#[derive(Clone, Copy, Debug)]
-enum TokenMap {
-    /// `[B, L]` sequences.
-    Plain,
-    /// `ws x ws` windows of `[N, h, w]` maps, padding tokens read from pad rows `(q, k, v)`.
-    Windows {
-        ws: usize,
-        h: usize,
-        w: usize,
-        pads: (u64, u64, u64),
-    },
-    /// Depth sequences of a slice-major `[V * D, P]` token layout (`p` tokens per slice).
-    Depth { p: usize },
-}
-
-/// Device addresses of q, k, v (token rows with row stride `ld` elements).
-struct AttnIo {
-    q: u64,
-    k: u64,
-    v: u64,
-    ld: usize,
-}
-
-impl Cuda {
-    /// Launches `attention` over `b` sequences of `lq` queries and `lk` keys whose token rows
-    /// `map` places; the output (row stride `heads * d`) has shape `out`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_raw(
-        &self,
-        io: AttnIo,
-        (b, lq, lk): (usize, usize, usize),
-        heads: usize,
-        d: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, CudaTensor>>,
-        map: TokenMap,
-        out: &[usize],
-    ) -> Result<CudaTensor> {
-        if d > ATTN_MAX_D {
-            return Err(shape_err(
-                "attention",
-                format!("head dim {d} > {ATTN_MAX_D}"),
-            ));
-        }
-        let (rh, rw, (qh, qw), (kh, kw)) = match &rel {
-            Some(r) => {
-                if r.q_grid.0 * r.q_grid.1 != lq
-                    || r.k_grid.0 * r.k_grid.1 != lk
-                    || r.rh.shape != [r.q_grid.0, r.k_grid.0, d]
-                    || r.rw.shape != [r.q_grid.1, r.k_grid.1, d]
-                {
-                    return Err(shape_err(
-                        "attention",
-                        format!(
-                            "rel-pos {:?}/{:?} for grids {:?}/{:?}",
-                            r.rh.shape, r.rw.shape, r.q_grid, r.k_grid
-                        ),
-                    ));
-                }
-                (r.rh.ptr(), r.rw.ptr(), r.q_grid, r.k_grid)
-            }
-            None => (0, 0, (0, 0), (0, 0)),
-        };
-        let o = self.empty(out)?;
-        if b * lq == 0 {
-            return Ok(o);
-        }
-        let (code, ma, mb, mc, md, pads) = match map {
-            TokenMap::Plain => (0, 0, 0, 0, 0, (0, 0, 0)),
-            TokenMap::Windows { ws, h, w, pads } => (1, ws, h, w, w.div_ceil(ws), pads),
-            TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
-        };
-        let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
-        let detail = || {
-            format!(
-                "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{}",
-                rel.is_some() as u8
-            )
-        };
-        self.timed(detail, || {
-            // grid.z is at most 65535: larger batches of sequences take several launches.
-            for b_off in (0..b).step_by(65535) {
-                let nb = (b - b_off).min(65535);
-                self.launch(
-                    "attention",
-                    (lq.div_ceil(64) as u32, heads as u32, nb as u32),
-                    (128, 1, 1),
-                    smem as u32,
-                    &[
-                        Arg::P(io.q),
-                        Arg::P(io.k),
-                        Arg::P(io.v),
-                        Arg::P(o.ptr()),
-                        Arg::P(rh),
-                        Arg::P(rw),
-                        Arg::I(b as i32),
-                        Arg::I(heads as i32),
-                        Arg::I(lq as i32),
-                        Arg::I(lk as i32),
-                        Arg::I(d as i32),
-                        Arg::F(scale),
-                        Arg::I(qh as i32),
-                        Arg::I(qw as i32),
-                        Arg::I(kh as i32),
-                        Arg::I(kw as i32),
-                        Arg::I(rel.is_some() as i32),
-                        Arg::I(io.ld as i32),
-                        Arg::I(code),
-                        Arg::I(ma as i32),
-                        Arg::I(mb as i32),
-                        Arg::I(mc as i32),
-                        Arg::I(md as i32),
-                        Arg::I(b_off as i32),
-                        Arg::P(pads.0),
-                        Arg::P(pads.1),
-                        Arg::P(pads.2),
-                    ],
-                )?;
-            }
-            Ok(())
-        })?;
-        Ok(o)
-    }
-}
-
-/// Dynamic shared memory of `attention`, the formula of `kernels/attention.cu`'s header: the
-/// bf16 tensor-core path (d = 64 or 80) stages bf16 Q/K/V tiles; the SIMT path stages f32 tiles
-/// padded to the compile-time head dim; both keep `64 x (kh + kw)` rel-pos terms in f32.
-fn attention_smem(precision: Precision, d: usize, rel: bool, kh: usize, kw: usize) -> usize {
-    let r = if rel { kh + kw } else { 0 };
-    if precision == Precision::Bf16 && (d == 64 || d == 80) {
-        // Bias rows padded by one element each (bank-conflict-free reads).
-        let rp = if rel { r + 2 } else { 0 };
-        return 2 * (2 * 64 * (d + 8) + d * 72) + 4 * 64 * rp;
-    }
-    let dp = match d {
-        0..=16 => 16,
-        17..=32 => 32,
-        33..=64 => 64,
-        65..=80 => 80,
-        _ => 128,
-    };
-    4 * (64 * (dp + 1) * 2 + 64 * dp + 64 * 65 + 64 * r)
 }
