@@ -10,6 +10,7 @@ pub mod backend;
 pub mod batch;
 pub mod data;
 pub mod error;
+pub mod host_pool;
 pub mod tensor;
 pub mod train;
 

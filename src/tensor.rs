@@ -2,17 +2,28 @@
 //!
 //! `Tensor` is the currency between files, the CPU reference backend and the host side of other
 //! backends. Storage is reference counted so that reshapes and clones are free; every op that
-//! changes values allocates a new buffer (the CPU backend may reuse buffers internally).
+//! changes values allocates a new buffer, and large buffers go back to the host pool
+//! ([`crate::host_pool`]) when their last tensor drops, for the CPU backend to reuse.
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+/// A tensor's values; returned to the host pool when dropped.
+#[derive(Clone, PartialEq, Default)]
+struct Buf(Vec<f32>);
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        crate::host_pool::give(std::mem::take(&mut self.0));
+    }
+}
+
 /// A contiguous, row-major f32 tensor in host memory.
 #[derive(Clone, PartialEq)]
 pub struct Tensor {
     shape: Vec<usize>,
-    data: Arc<Vec<f32>>,
+    data: Arc<Buf>,
 }
 
 impl std::fmt::Debug for Tensor {
@@ -33,7 +44,7 @@ impl Tensor {
         }
         Ok(Tensor {
             shape: shape.to_vec(),
-            data: Arc::new(data),
+            data: Arc::new(Buf(data)),
         })
     }
 
@@ -42,7 +53,7 @@ impl Tensor {
         let n = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            data: Arc::new(vec![0.0; n]),
+            data: Arc::new(Buf(vec![0.0; n])),
         }
     }
 
@@ -51,7 +62,7 @@ impl Tensor {
         let n = shape.iter().product();
         Tensor {
             shape: shape.to_vec(),
-            data: Arc::new(vec![v; n]),
+            data: Arc::new(Buf(vec![v; n])),
         }
     }
 
@@ -74,22 +85,25 @@ impl Tensor {
 
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.data.0.len()
     }
 
     /// The values, row-major.
     pub fn data(&self) -> &[f32] {
-        &self.data
+        &self.data.0
     }
 
     /// Mutable access to the values (copies the buffer if it is shared).
     pub fn data_mut(&mut self) -> &mut [f32] {
-        Arc::make_mut(&mut self.data).as_mut_slice()
+        Arc::make_mut(&mut self.data).0.as_mut_slice()
     }
 
     /// Consumes the tensor and returns its values (copies if shared).
     pub fn into_vec(self) -> Vec<f32> {
-        Arc::try_unwrap(self.data).unwrap_or_else(|a| (*a).clone())
+        match Arc::try_unwrap(self.data) {
+            Ok(mut b) => std::mem::take(&mut b.0),
+            Err(a) => a.0.clone(),
+        }
     }
 
     /// Same data, new shape (no copy); fails when the element counts differ.

@@ -109,8 +109,13 @@ fn advise_huge(v: &mut Vec<f32>) {
     let _ = v;
 }
 
-/// A zero-filled buffer of `n` floats (huge-page backed when large).
+/// A zero-filled buffer of `n` floats: a pooled one (`crate::host_pool`) or a fresh one,
+/// huge-page backed when large.
 pub(crate) fn zeroed(n: usize) -> Vec<f32> {
+    if let Some(mut v) = crate::host_pool::take(n) {
+        v.resize(n, 0.0);
+        return v;
+    }
     // calloc leaves fresh large blocks untouched (the kernel's pages are already zero), so the
     // advice still applies to every page's first fault.
     let mut v = vec![0.0f32; n];
@@ -121,6 +126,9 @@ pub(crate) fn zeroed(n: usize) -> Vec<f32> {
 /// An empty buffer with room for `n` floats (huge-page backed when large), for producers that
 /// write every element through the raw pointer before `set_len`.
 pub(crate) fn with_capacity(n: usize) -> Vec<f32> {
+    if let Some(v) = crate::host_pool::take(n) {
+        return v;
+    }
     let mut v = Vec::with_capacity(n);
     advise_huge(&mut v);
     v
