@@ -2,6 +2,7 @@
 
 pub mod config;
 mod encoder_fused;
+mod encoder_train;
 pub mod image_encoder;
 pub mod mask_decoder;
 pub mod model;
