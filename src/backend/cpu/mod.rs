@@ -15,6 +15,7 @@
 //! * `backward`: the gradients of all of the above that training needs.
 
 mod attention;
+mod attention_backward;
 mod backward;
 mod conv;
 mod elementwise;
