@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod data;
+mod loader;
 pub mod loss;
 pub mod optim;
 pub mod sampler;
