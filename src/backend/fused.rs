@@ -49,7 +49,7 @@ pub fn add_layer_norm<B: Backend + ?Sized>(
 }
 
 /// Checks `qkv` `[B, H, W, 3 * heads * d]` and returns `(B, H, W, 3 * heads * d)`.
-pub(crate) fn qkv_map_dims(
+fn qkv_map_dims(
     op: &'static str,
     s: &[usize],
     heads: usize,
@@ -61,6 +61,44 @@ pub(crate) fn qkv_map_dims(
         ));
     }
     Ok((s[0], s[1], s[2], s[3]))
+}
+
+/// The shape checks of [`Backend::attention_qkv_windowed`] (every backend's): returns
+/// `(B, H, W, 3 * heads * d)` for `qkv` `s`, a pad row of `pad_len` elements and window `ws`.
+pub(crate) fn windowed_dims(
+    s: &[usize],
+    pad_len: usize,
+    ws: usize,
+    heads: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let d = qkv_map_dims("attention_qkv_windowed", s, heads)?;
+    if ws == 0 || pad_len != d.3 {
+        return Err(Error::shape(
+            "attention_qkv_windowed",
+            format!("window {ws}, pad row of {pad_len} for rows of {}", d.3),
+        ));
+    }
+    Ok(d)
+}
+
+/// The shape checks of [`Backend::attention_qkv_depth`] (every backend's): returns
+/// `(V * depth, h, w, 3 * heads * d)` for `qkv` `s`.
+pub(crate) fn depth_dims(
+    s: &[usize],
+    depth: usize,
+    heads: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let d = qkv_map_dims("attention_qkv_depth", s, heads)?;
+    if depth == 0 || !d.0.is_multiple_of(depth) {
+        return Err(Error::shape(
+            "attention_qkv_depth",
+            format!(
+                "a batch of {} maps is not a whole number of {depth}-slice volumes",
+                d.0
+            ),
+        ));
+    }
+    Ok(d)
 }
 
 /// Window partition of a packed projection whose padding tokens are `pad`, attention per window,
@@ -78,13 +116,8 @@ pub fn attention_qkv_windowed<B: Backend + ?Sized>(
     scale: f32,
     rel: Option<RelPos<'_, B::Tensor>>,
 ) -> Result<B::Tensor> {
-    let (b, h, w, c3) = qkv_map_dims("attention_qkv_windowed", be.dims(qkv), heads)?;
-    if ws == 0 || be.dims(pad).iter().product::<usize>() != c3 {
-        return Err(Error::shape(
-            "attention_qkv_windowed",
-            format!("window {ws}, pad row {:?} for rows of {c3}", be.dims(pad)),
-        ));
-    }
+    let pad_len = be.dims(pad).iter().product();
+    let (b, h, w, c3) = windowed_dims(be.dims(qkv), pad_len, ws, heads)?;
     let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
     let mut p = be.window_partition(qkv, ws)?;
     if h % ws != 0 || w % ws != 0 {
@@ -120,13 +153,7 @@ pub fn attention_qkv_depth<B: Backend + ?Sized>(
     scale: f32,
     rel: Option<RelPos<'_, B::Tensor>>,
 ) -> Result<B::Tensor> {
-    let (n, h, w, c3) = qkv_map_dims("attention_qkv_depth", be.dims(qkv), heads)?;
-    if depth == 0 || n % depth != 0 {
-        return Err(Error::shape(
-            "attention_qkv_depth",
-            format!("a batch of {n} maps is not a whole number of {depth}-slice volumes"),
-        ));
-    }
+    let (n, h, w, c3) = depth_dims(be.dims(qkv), depth, heads)?;
     let v = n / depth;
     let x = be.reshape(qkv, &[v, depth, h * w, c3])?;
     let x = be.permute(&x, &[0, 2, 1, 3])?;

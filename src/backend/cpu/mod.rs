@@ -458,13 +458,7 @@ impl Backend for Cpu {
         // The plain sequence of `backend::fused`, with the padding rows written by the partition
         // itself instead of by an extra outer product and add over the whole tensor.
         let (b, h, w, c3) =
-            crate::backend::fused::qkv_map_dims("attention_qkv_windowed", qkv.shape(), heads)?;
-        if ws == 0 || pad.numel() != c3 {
-            return Err(Error::shape(
-                "attention_qkv_windowed",
-                format!("window {ws}, pad row {:?} for rows of {c3}", pad.shape()),
-            ));
-        }
+            crate::backend::fused::windowed_dims(qkv.shape(), pad.numel(), ws, heads)?;
         let p = partition_padded(qkv, ws, Some(pad.data()))?;
         let nwin = b * h.div_ceil(ws) * w.div_ceil(ws);
         let p = p.reshape(&[nwin, ws * ws, c3])?;

@@ -78,15 +78,7 @@ impl Cuda {
             ));
         }
         let dim = s[2] / 3;
-        let es = self.precision.size() as u64;
-        let base = qkv.ptr();
-        // q, k and v are column slices of the packed rows: read in place with row stride 3*dim.
-        let io = AttnIo {
-            q: base,
-            k: base + dim as u64 * es,
-            v: base + 2 * dim as u64 * es,
-            ld: s[2],
-        };
+        let io = AttnIo::packed(qkv.ptr(), s[2], self.precision);
         let out = [s[0], s[1], dim];
         let seqs = (s[0], s[1], s[1]);
         self.attention_raw(
@@ -111,27 +103,14 @@ impl Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_windowed", &qkv.shape, heads)?;
-        if ws == 0 || pad.numel() != c3 {
-            return Err(shape_err(
-                "attention_qkv_windowed",
-                format!("window {ws}, pad row {:?} for rows of {c3}", pad.shape),
-            ));
-        }
+        let (n, h, w, c3) = fused::windowed_dims(&qkv.shape, pad.numel(), ws, heads)?;
         let dim = c3 / 3;
-        let es = self.precision.size() as u64;
-        let off = |p: u64, i: u64| p + i * dim as u64 * es;
-        let io = AttnIo {
-            q: qkv.ptr(),
-            k: off(qkv.ptr(), 1),
-            v: off(qkv.ptr(), 2),
-            ld: c3,
-        };
+        let io = AttnIo::packed(qkv.ptr(), c3, self.precision);
         let map = TokenMap::Windows {
             ws,
             h,
             w,
-            pads: (pad.ptr(), off(pad.ptr(), 1), off(pad.ptr(), 2)),
+            pads: AttnIo::packed(pad.ptr(), c3, self.precision).qkv(),
         };
         let windows = n * h.div_ceil(ws) * w.div_ceil(ws);
         let seqs = (windows, ws * ws, ws * ws);
@@ -156,21 +135,9 @@ impl Cuda {
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        let (n, h, w, c3) = fused::qkv_map_dims("attention_qkv_depth", &qkv.shape, heads)?;
-        if depth == 0 || n % depth != 0 {
-            return Err(shape_err(
-                "attention_qkv_depth",
-                format!("a batch of {n} maps is not a whole number of {depth}-slice volumes"),
-            ));
-        }
+        let (n, h, w, c3) = fused::depth_dims(&qkv.shape, depth, heads)?;
         let dim = c3 / 3;
-        let es = self.precision.size() as u64;
-        let io = AttnIo {
-            q: qkv.ptr(),
-            k: qkv.ptr() + dim as u64 * es,
-            v: qkv.ptr() + 2 * dim as u64 * es,
-            ld: c3,
-        };
+        let io = AttnIo::packed(qkv.ptr(), c3, self.precision);
         let p = h * w;
         let seqs = ((n / depth) * p, depth, depth);
         let map = TokenMap::Depth { p };
@@ -209,6 +176,25 @@ struct AttnIo {
     k: u64,
     v: u64,
     ld: usize,
+}
+
+impl AttnIo {
+    /// q, k and v as the column thirds of packed `[.., 3 * dim]` rows starting at `base` (a qkv
+    /// projection, or one pad row), read in place with row stride `3 * dim`.
+    fn packed(base: u64, c3: usize, precision: Precision) -> Self {
+        let third = (c3 / 3 * precision.size()) as u64;
+        AttnIo {
+            q: base,
+            k: base + third,
+            v: base + 2 * third,
+            ld: c3,
+        }
+    }
+
+    /// The three addresses.
+    fn qkv(&self) -> (u64, u64, u64) {
+        (self.q, self.k, self.v)
+    }
 }
 
 impl Cuda {
