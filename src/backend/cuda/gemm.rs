@@ -63,7 +63,9 @@ pub(crate) struct Blas {
     handle: ltsys::cublasLtHandle_t,
     workspace: (u64, usize),
     _pool: Arc<Pool>,
-    algos: Mutex<HashMap<(GemmSpec, bool, bool), ltsys::cublasLtMatmulAlgo_t>>,
+    /// The heuristic's choice per (problem, bf16, GELU epilogue); `None` when it has none for a
+    /// GELU epilogue, so the caller's fallback does not ask again on every call.
+    algos: Mutex<HashMap<(GemmSpec, bool, bool), Option<ltsys::cublasLtMatmulAlgo_t>>>,
 }
 
 fn blas_err(what: &str, e: impl std::fmt::Debug) -> Error {
@@ -225,6 +227,10 @@ impl Cuda {
     fn gemm_inner(&self, s: GemmSpec, a: u64, b: u64, d: u64, epi: Epilogue) -> Result<bool> {
         let bias = epi.bias;
         let blas = &self.blas;
+        let key = (s, self.precision == Precision::Bf16, epi.gelu);
+        if matches!(blas.algos.lock().unwrap().get(&key), Some(None)) {
+            return Ok(false);
+        }
         let dt = match self.precision {
             Precision::F32 => ltsys::cudaDataType::CUDA_R_32F,
             Precision::Bf16 => ltsys::cudaDataType::CUDA_R_16BF,
@@ -273,11 +279,11 @@ impl Cuda {
             }
         }
         // The residual enters as C (beta = 1), same layout as D; the algorithm choice does not
-        // depend on beta, only on the epilogue.
-        let key = (s, self.precision == Precision::Bf16, epi.gelu);
+        // depend on beta, only on the epilogue (part of the cache key).
         let cached = blas.algos.lock().unwrap().get(&key).copied();
         let algo = match cached {
-            Some(a) => a,
+            Some(Some(a)) => a,
+            Some(None) => return Ok(false),
             None => {
                 let pref = lt::create_matmul_pref().map_err(|e| blas_err("preference", e))?;
                 let ws = WORKSPACE as u64;
@@ -305,10 +311,13 @@ impl Cuda {
                 }
                 let h = match r {
                     Ok(h) => h,
-                    Err(_) if epi.gelu => return Ok(false),
+                    Err(_) if epi.gelu => {
+                        blas.algos.lock().unwrap().insert(key, None);
+                        return Ok(false);
+                    }
                     Err(e) => return Err(blas_err(&format!("no algorithm for {s:?}"), e)),
                 };
-                blas.algos.lock().unwrap().insert(key, h.algo);
+                blas.algos.lock().unwrap().insert(key, Some(h.algo));
                 h.algo
             }
         };
