@@ -1353,24 +1353,7 @@ fn bench<B: Backend>(
         be.synchronize()?;
         runs.push(t.elapsed().as_secs_f64());
     }
-    let prof = dev.take_profile();
-    if !prof.is_empty() {
-        let total: f64 = prof
-            .iter()
-            .filter(|p| !p.0.starts_with("detail:"))
-            .map(|p| p.2)
-            .sum();
-        let n = repeats.max(1) as f64;
-        eprintln!("profile (MEDSA_PROFILE=1, synchronised per op), per run:");
-        for (name, calls, t) in prof.iter().take(40) {
-            eprintln!(
-                "  {:>8.3} ms {:>5.1}% {:>6} calls  {name}",
-                t * 1e3 / n,
-                100.0 * t / total,
-                *calls as f64 / n
-            );
-        }
-    }
+    print_profile(&dev.take_profile(), repeats, "run");
     let mut sorted = runs.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -1387,6 +1370,29 @@ fn bench<B: Backend>(
         runs.iter().map(|r| (r * 1e4).round() / 1e4).collect::<Vec<_>>()
     );
     Ok(())
+}
+
+/// Prints a `MEDSA_PROFILE=1` table (kernel, calls, seconds over `repeats` runs) per `unit`,
+/// largest first; nothing when profiling is off.
+fn print_profile(prof: &[(String, u64, f64)], repeats: usize, unit: &str) {
+    if prof.is_empty() {
+        return;
+    }
+    let total: f64 = prof
+        .iter()
+        .filter(|p| !p.0.starts_with("detail:"))
+        .map(|p| p.2)
+        .sum();
+    let n = repeats.max(1) as f64;
+    eprintln!("profile (MEDSA_PROFILE=1, synchronised per op), per {unit}:");
+    for (name, calls, t) in prof.iter().take(40) {
+        eprintln!(
+            "  {:>8.3} ms {:>5.1}% {:>6} calls  {name}",
+            t * 1e3 / n,
+            100.0 * t / total,
+            *calls as f64 / n
+        );
+    }
 }
 
 /// Peak resident set size of this process (VmHWM of /proc/self/status), in bytes.
@@ -1527,24 +1533,7 @@ fn bench_train<B: Backend>(
         opts.push(o);
         losses.push(l);
     }
-    let prof = dev.take_profile();
-    if !prof.is_empty() {
-        let total: f64 = prof
-            .iter()
-            .filter(|p| !p.0.starts_with("detail:"))
-            .map(|p| p.2)
-            .sum();
-        let n = repeats.max(1) as f64;
-        eprintln!("profile (MEDSA_PROFILE=1, synchronised per op), per step:");
-        for (name, calls, t) in prof.iter().take(40) {
-            eprintln!(
-                "  {:>8.3} ms {:>5.1}% {:>6} calls  {name}",
-                t * 1e3 / n,
-                100.0 * t / total,
-                *calls as f64 / n
-            );
-        }
-    }
+    print_profile(&dev.take_profile(), repeats, "step");
     if let Some(l) = losses.iter().find(|l| !l.is_finite()) {
         bail!("bench --train: non-finite loss {l}");
     }
