@@ -32,12 +32,7 @@ fn ops(c: &mut Criterion) {
     let rw = rng.tensor(&[64, 64, 64], 0.05);
     g.bench_function("attention global 4096 tok 12x64 relpos", |bch| {
         bch.iter(|| {
-            let rel = RelPos {
-                rh: &rh,
-                rw: &rw,
-                q_grid: (64, 64),
-                k_grid: (64, 64),
-            };
+            let rel = RelPos::within(&rh, &rw, (64, 64));
             be.attention(&q, &k, &v, 12, 0.125, Some(rel)).unwrap()
         })
     });
@@ -98,12 +93,7 @@ fn cuda_ops(c: &mut Criterion) {
     });
     grp.bench_function("attention_qkv global b8 4096 tok 12x64 relpos", |bch| {
         bch.iter(|| {
-            let rel = RelPos {
-                rh: &rh,
-                rw: &rw,
-                q_grid: (64, 64),
-                k_grid: (64, 64),
-            };
+            let rel = RelPos::within(&rh, &rw, (64, 64));
             be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
             be.synchronize().unwrap()
         })
@@ -129,14 +119,7 @@ fn cuda_ops(c: &mut Criterion) {
     let pad = up(&[2304], 1.0);
     let rh14 = up(&[14, 14, 64], 0.05);
     let rw14 = up(&[14, 14, 64], 0.05);
-    let rel14 = || {
-        Some(RelPos {
-            rh: &rh14,
-            rw: &rw14,
-            q_grid: (14, 14),
-            k_grid: (14, 14),
-        })
-    };
+    let rel14 = || Some(RelPos::within(&rh14, &rw14, (14, 14)));
     let mut grp = c.benchmark_group("cuda bf16 fused vs plain");
     grp.sample_size(20);
     grp.bench_function(

@@ -1098,14 +1098,7 @@ fn windowed_attention_override_equals_the_plain_sequence() {
         let pad = rng.tensor(&[c3]);
         let rh = rng.tensor(&[ws, ws, d]);
         let rw = rng.tensor(&[ws, ws, d]);
-        let rel = || {
-            Some(RelPos {
-                rh: &rh,
-                rw: &rw,
-                q_grid: (ws, ws),
-                k_grid: (ws, ws),
-            })
-        };
+        let rel = || Some(RelPos::within(&rh, &rw, (ws, ws)));
         let a = be
             .attention_qkv_windowed(&qkv, &pad, ws, heads, 0.35, rel())
             .unwrap();

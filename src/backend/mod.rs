@@ -49,6 +49,18 @@ pub struct RelPos<'a, T> {
     pub k_grid: (usize, usize),
 }
 
+impl<'a, T> RelPos<'a, T> {
+    /// The bias of self-attention within one `grid` (queries and keys on the same grid).
+    pub fn within(rh: &'a T, rw: &'a T, grid: (usize, usize)) -> Self {
+        RelPos {
+            rh,
+            rw,
+            q_grid: grid,
+            k_grid: grid,
+        }
+    }
+}
+
 /// Gradients of [`Backend::attention`] with respect to its inputs.
 pub struct AttentionGrads<T> {
     /// `[B, Lq, heads * d]`.

@@ -61,12 +61,7 @@ impl<B: Backend> EncoderAttention<B> {
         let xs = be.reshape(x, &[n, gh * gw, dim])?;
         let qkv = self.qkv.forward(be, &xs, Act::None)?;
         let (rh, rw) = self.rel_tables(be, gh, gw)?;
-        let rel = RelPos {
-            rh: &rh,
-            rw: &rw,
-            q_grid: (gh, gw),
-            k_grid: (gh, gw),
-        };
+        let rel = RelPos::within(&rh, &rw, (gh, gw));
         let o = be.attention_qkv(&qkv, self.heads, self.scale(dim), Some(rel))?;
         let y = self.proj.forward(be, &o, Act::None)?;
         let y = be.reshape(&y, &[n, gh, gw, dim])?;

@@ -84,12 +84,7 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
             ins,
             tol,
             |b, x| {
-                let rel = RelPos {
-                    rh: &x[2],
-                    rw: &x[3],
-                    q_grid: (ws, ws),
-                    k_grid: (ws, ws),
-                };
+                let rel = RelPos::within(&x[2], &x[3], (ws, ws));
                 b.attention_qkv_windowed(&x[0], &x[1], ws, heads, scale, Some(rel))
             }
         ));
@@ -117,12 +112,7 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
             ins,
             tol,
             |b, x| {
-                let rel = RelPos {
-                    rh: &x[1],
-                    rw: &x[2],
-                    q_grid: (dh, dw),
-                    k_grid: (dh, dw),
-                };
+                let rel = RelPos::within(&x[1], &x[2], (dh, dw));
                 b.attention_qkv_depth(&x[0], depth, heads, scale, Some(rel))
             }
         ));
