@@ -71,75 +71,12 @@
 //     row per key tile and the rw term as swizzled float2.
 //   * attention_bf16, other d: the SIMT path above (bf16 loads, f32 math).
 #include "common.cuh"
+#include "mma.cuh"
+#include "token_rows.cuh"
 
 #define ATT_BQ 64
 #define ATT_BK 64
 #define ATT_THREADS 128
-
-// Where the tokens of one sequence live (see "Token rows" above): token j is row
-// base + (j / cw) * rstride + j % cw when j / cw < hy and j % cw < hx, else padding.
-struct Rows {
-    long long base, rstride;
-    int map, cw, hy, hx;
-    float inv_cw;  // 1 / cw
-};
-
-__device__ __forceinline__ Rows make_rows(int map, int b, int L, int ma, int mb, int mc, int md) {
-    Rows r;
-    r.map = map;
-    if (map == 1) {
-        const int ws = ma, H = mb, W = mc, nw = md, nh = (H + ws - 1) / ws, nwin = nh * nw;
-        const int img = b / nwin, w = b - img * nwin, wy = w / nw, wx = w - wy * nw;
-        r.base = ((long long)img * H + (long long)wy * ws) * W + (long long)wx * ws;
-        r.rstride = W;
-        r.cw = ws;
-        r.hy = min(ws, H - wy * ws);
-        r.hx = min(ws, W - wx * ws);
-        r.inv_cw = 1.0f / (float)ws;
-    } else if (map == 2) {
-        const int P = ma, v = b / P, p = b - v * P;
-        r.base = (long long)v * L * P + p;
-        r.rstride = P;
-        r.cw = 1;
-        r.hy = L;
-        r.hx = 1;
-        r.inv_cw = 1.f;
-    } else {
-        r.base = (long long)b * L;
-        r.rstride = 0;
-        r.cw = L;
-        r.hy = 1;
-        r.hx = L;
-        r.inv_cw = 0.f;
-    }
-    return r;
-}
-
-// Row of token j (0 <= j < L), or -1 for a padding token. The branches are uniform over the
-// block (one Rows per sequence); the plain and depth maps need no division, and windows divide
-// by a float reciprocal: (j + 0.5) / cw is at least 0.5/cw from an integer, far more than the
-// float error for j < 2^20.
-__device__ __forceinline__ long long row_of(const Rows& r, int j) {
-    if (r.map == 0) return r.base + j;                        // plain: j < L
-    if (r.map == 2) return r.base + (long long)j * r.rstride;  // depth: j < L
-    const int y = __float2int_rd(((float)j + 0.5f) * r.inv_cw), x = j - y * r.cw;
-    return (y < r.hy && x < r.hx) ? r.base + (long long)y * r.rstride + x : -1;
-}
-
-// Address of column 0 of token j's row: base (head offset included) + row * ri, or the pad
-// row (head offset included; null = zeros) for a padding token.
-template <typename T>
-__device__ __forceinline__ const T* token_ptr(const T* base, const T* pad, const Rows& r, int j,
-                                              long long ri) {
-    const long long row = row_of(r, j);
-    return row >= 0 ? base + row * ri : pad;
-}
-
-__device__ __forceinline__ unsigned dyn_smem_bytes() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-    return r;
-}
 
 // ----------------------------------------------------------------------------------------
 // SIMT path (f32 FMAs), any d <= D (D = compile-time padded head dim, multiple of 16).
@@ -328,64 +265,8 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
 
 // ----------------------------------------------------------------------------------------
 // bf16 tensor-core path, d == D exactly (D = 64 or 80).
-// mma.sync.m16n8k16 fragment layout (g = lane/4, t = lane%4):
-//   A (16x16 row-major): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
-//   B (16x8, k x n):     b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
-//   C (16x8 f32):        c0 = (g, 2t), c1 = (g, 2t+1), c2 = (g+8, 2t), c3 = (g+8, 2t+1)
+// (fragment layouts and the mma / ldmatrix / cp.async wrappers: mma.cuh)
 // ----------------------------------------------------------------------------------------
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
-                                         uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
-    return *reinterpret_cast<uint32_t*>(&p);
-}
-
-__device__ __forceinline__ uint32_t lds32(const __nv_bfloat16* p) {
-    return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// Shared-memory address (32-bit, .shared window) of a generic pointer into shared memory.
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// 16-byte asynchronous global -> shared copy (sm_80+), bypassing L1. valid == false copies
-// nothing from src (src-size 0) and zero-fills the 16 destination bytes; src must still be
-// a valid address (callers pass the tile base). dst and src must be 16-byte aligned.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
-// ldmatrix: four 8x8 bf16 matrices; lanes 8m..8m+7 give the 16-byte row addresses of
-// matrix m, r[m] receives this lane's fragment of matrix m:
-//   plain: (row lane/4, cols 2(lane%4), +1)   .trans: (rows 2(lane%4), +1; col lane/4)
-__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
 
 // Copy 8 consecutive bf16 (row `row` of a [L, rs] matrix, columns c..c+7) into dst[0..7];
 // zero when !valid. vec: 16-byte loads allowed (base pointer 16-byte aligned).

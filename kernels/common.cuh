@@ -7,6 +7,8 @@
 //   thread of the block must call it; every thread gets the total.
 // * PermArgs: the by-value argument of permute_<t> (see elementwise.cu).
 // * GRID_STRIDE(i, n): 64-bit grid-stride loop over [0, n).
+// * dyn_smem_bytes: the dynamic shared memory this launch was given (kernels that need a minimum
+//   check it and trap, so a launcher's mistake is a launch error, not a silent overrun).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -54,3 +56,9 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
 #define GRID_STRIDE(i, n)                                                        \
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ unsigned dyn_smem_bytes() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}

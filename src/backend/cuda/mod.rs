@@ -6,11 +6,14 @@
 //! driver, [`Cuda::new`] returns a clear error instead of failing to start.
 
 mod attention;
+mod attention_backward;
 mod backward;
+mod conv;
 mod fused;
 mod gemm;
 mod ops;
 mod pool;
+mod windows;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

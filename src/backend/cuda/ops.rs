@@ -58,7 +58,7 @@ impl Cuda {
     }
 
     /// `y = x W^T (+ b)` for x `[m, k]`, w `[n, k]`: column-major `y^T (n x m) = W (n x k) x^T`.
-    fn linear_raw(
+    pub(super) fn linear_raw(
         &self,
         x: &CudaTensor,
         w: &CudaTensor,
@@ -327,81 +327,16 @@ impl Backend for Cuda {
     }
 
     fn window_partition(&self, x: &CudaTensor, ws: usize) -> Result<CudaTensor> {
-        let s = &x.shape;
-        if s.len() != 4 || ws == 0 {
-            return Err(shape_err(
-                "window_partition",
-                format!("{s:?} with window {ws}"),
-            ));
-        }
-        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
-        let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
-        let y = self.empty(&[b * nh * nw, ws, ws, c])?;
-        let args = [
-            Arg::P(x.ptr()),
-            Arg::P(y.ptr()),
-            Arg::I(b as i32),
-            Arg::I(h as i32),
-            Arg::I(w as i32),
-            Arg::I(c as i32),
-            Arg::I(ws as i32),
-            Arg::I(nh as i32),
-            Arg::I(nw as i32),
-        ];
-        if y.numel() > 0 {
-            self.launch(
-                "window_partition",
-                Self::grid1d(y.numel()),
-                (256, 1, 1),
-                0,
-                &args,
-            )?;
-        }
-        Ok(y)
+        self.window_partition_impl(x, ws)
     }
 
     fn window_unpartition(
         &self,
         x: &CudaTensor,
         ws: usize,
-        (h, w): (usize, usize),
+        hw: (usize, usize),
     ) -> Result<CudaTensor> {
-        let s = &x.shape;
-        let (nh, nw) = (h.div_ceil(ws.max(1)), w.div_ceil(ws.max(1)));
-        if s.len() != 4
-            || ws == 0
-            || s[1] != ws
-            || s[2] != ws
-            || !s[0].is_multiple_of((nh * nw).max(1))
-        {
-            return Err(shape_err(
-                "window_unpartition",
-                format!("{s:?} to {h}x{w} with window {ws}"),
-            ));
-        }
-        let (b, c) = (s[0] / (nh * nw), s[3]);
-        let y = self.empty(&[b, h, w, c])?;
-        let args = [
-            Arg::P(x.ptr()),
-            Arg::P(y.ptr()),
-            Arg::I(b as i32),
-            Arg::I(h as i32),
-            Arg::I(w as i32),
-            Arg::I(c as i32),
-            Arg::I(ws as i32),
-            Arg::I(nh as i32),
-            Arg::I(nw as i32),
-        ];
-        if y.numel() > 0 {
-            self.launch(
-                "window_unpartition",
-                Self::grid1d(y.numel()),
-                (256, 1, 1),
-                0,
-                &args,
-            )?;
-        }
-        Ok(y)
+        self.window_unpartition_impl(x, ws, hw)
     }
 
     fn add_scaled(
@@ -666,51 +601,7 @@ impl Backend for Cuda {
         stride: usize,
         pad: usize,
     ) -> Result<CudaTensor> {
-        let (s, ws) = (&x.shape, &w.shape);
-        if s.len() != 4
-            || ws.len() != 4
-            || ws[1] != s[3]
-            || stride == 0
-            || s[1] + 2 * pad < ws[2]
-            || s[2] + 2 * pad < ws[3]
-        {
-            return Err(shape_err(
-                "conv2d",
-                format!("x {s:?}, w {ws:?}, stride {stride}, pad {pad}"),
-            ));
-        }
-        let (bn, h, wd, c) = (s[0], s[1], s[2], s[3]);
-        let (co, kh, kw) = (ws[0], ws[2], ws[3]);
-        let (ho, wo) = (
-            (h + 2 * pad - kh) / stride + 1,
-            (wd + 2 * pad - kw) / stride + 1,
-        );
-        let cols = self.empty(&[bn * ho * wo, c * kh * kw])?;
-        if cols.numel() > 0 {
-            self.launch(
-                "im2col",
-                Self::grid1d(cols.numel()),
-                (256, 1, 1),
-                0,
-                &[
-                    Arg::P(x.ptr()),
-                    Arg::P(cols.ptr()),
-                    Arg::I(bn as i32),
-                    Arg::I(h as i32),
-                    Arg::I(wd as i32),
-                    Arg::I(c as i32),
-                    Arg::I(kh as i32),
-                    Arg::I(kw as i32),
-                    Arg::I(stride as i32),
-                    Arg::I(pad as i32),
-                    Arg::I(ho as i32),
-                    Arg::I(wo as i32),
-                ],
-            )?;
-        }
-        let w2 = self.reshape(w, &[co, c * kh * kw])?;
-        let y = self.linear_raw(&cols, &w2, b, bn * ho * wo)?;
-        self.reshape(&y, &[bn, ho, wo, co])
+        self.conv2d_impl(x, w, b, stride, pad)
     }
 
     fn conv_transpose2x2(
@@ -719,62 +610,7 @@ impl Backend for Cuda {
         w: &CudaTensor,
         b: &CudaTensor,
     ) -> Result<CudaTensor> {
-        let (s, ws) = (&x.shape, &w.shape);
-        if s.len() != 4
-            || ws.len() != 4
-            || ws[0] != s[3]
-            || ws[2] != 2
-            || ws[3] != 2
-            || b.shape != [ws[1]]
-        {
-            return Err(shape_err(
-                "conv_transpose2x2",
-                format!("x {s:?}, w {ws:?}, b {:?}", b.shape),
-            ));
-        }
-        let (bn, h, wd, ci) = (s[0], s[1], s[2], s[3]);
-        let co = ws[1];
-        let m = bn * h * wd;
-        // tmp [m, co*4] = x [m, ci] @ W [ci, co*4]: column-major tmp^T = W^T x^T with W^T read
-        // transposed from its row-major [ci, co*4] storage.
-        let tmp = self.empty(&[m, co * 4])?;
-        if m > 0 {
-            let spec = GemmSpec {
-                transa: false,
-                transb: false,
-                m: (co * 4) as u64,
-                n: m as u64,
-                k: ci as u64,
-                lda: (co * 4) as i64,
-                ldb: ci as i64,
-                ldc: (co * 4) as i64,
-                batch: 1,
-                stride_a: 0,
-                stride_b: 0,
-                stride_c: 0,
-                bias: false,
-            };
-            self.gemm(spec, w.ptr(), x.ptr(), tmp.ptr(), None)?;
-        }
-        let y = self.empty(&[bn, 2 * h, 2 * wd, co])?;
-        if y.numel() > 0 {
-            self.launch(
-                "scatter2x2",
-                Self::grid1d(y.numel()),
-                (256, 1, 1),
-                0,
-                &[
-                    Arg::P(tmp.ptr()),
-                    Arg::P(b.ptr()),
-                    Arg::P(y.ptr()),
-                    Arg::I(bn as i32),
-                    Arg::I(h as i32),
-                    Arg::I(wd as i32),
-                    Arg::I(co as i32),
-                ],
-            )?;
-        }
-        Ok(y)
+        self.conv_transpose2x2_impl(x, w, b)
     }
 
     fn resize_bilinear(&self, x: &CudaTensor, size: (usize, usize)) -> Result<CudaTensor> {
@@ -843,39 +679,5 @@ impl Backend for Cuda {
         bias: bool,
     ) -> Result<(Option<CudaTensor>, CudaTensor, Option<CudaTensor>)> {
         self.conv2d_backward_impl(x, w, dy, stride, pad, need_dx, bias)
-    }
-}
-
-impl Cuda {
-    fn resize(
-        &self,
-        x: &CudaTensor,
-        (h, w): (usize, usize),
-        kernel: &'static str,
-    ) -> Result<CudaTensor> {
-        let s = &x.shape;
-        if s.len() != 4 || s[2] == 0 || s[3] == 0 || h == 0 || w == 0 {
-            return Err(shape_err(kernel, format!("{s:?} -> {h}x{w}")));
-        }
-        let y = self.empty(&[s[0], s[1], h, w])?;
-        let bc = s[0] * s[1];
-        if bc > 0 {
-            self.launch(
-                kernel,
-                Self::grid1d(y.numel()),
-                (256, 1, 1),
-                0,
-                &[
-                    Arg::P(x.ptr()),
-                    Arg::P(y.ptr()),
-                    Arg::I(bc as i32),
-                    Arg::I(s[2] as i32),
-                    Arg::I(s[3] as i32),
-                    Arg::I(h as i32),
-                    Arg::I(w as i32),
-                ],
-            )?;
-        }
-        Ok(y)
     }
 }
