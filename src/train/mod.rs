@@ -2,12 +2,15 @@
 //! schedules and gradient clipping, and prompt sampling from masks. The backward passes of the
 //! network itself and the `train` command build on these.
 
+mod cases;
 pub mod checkpoint;
 pub mod data;
+mod evaluate;
 mod loader;
 pub mod loss;
 pub mod optim;
 pub mod sampler;
 pub mod sha256;
+mod state;
 pub mod step;
 pub mod trainer;
