@@ -1,0 +1,230 @@
+//! One NIfTI volume case: per-slice prompts from 3D points, boxes or a label volume, chunked
+//! encoding along the third axis (with the depth branch), and the label, probability and
+//! overview outputs on the input's own grid.
+
+use crate::backend::Backend;
+use crate::data::nifti;
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::pipeline::{self, RgbImage};
+use crate::sam::{DepthSpec, Trace};
+use crate::tensor::Tensor;
+
+use super::cases::Case;
+use super::files::{sibling, write_overview};
+use super::job::Job;
+use super::prompts::{check_inside, label_prompt, object_prompts, Obj2d};
+use super::report::Outcome;
+
+impl<B: Backend> Job<'_, B> {
+    pub(super) fn run_volume(&self, case: &Case) -> Result<Outcome> {
+        let be = self.be;
+        let vol = nifti::read_nifti(&case.image)?;
+        let [nx, ny, nz] = vol.dims;
+        let mut data = vol.data;
+        self.opts.intensity.apply(&mut data);
+        // Per-slice objects: (points (x, y, label), 2D box).
+        type SliceObjs = Vec<Obj2d>;
+        let mut per_slice: Vec<SliceObjs> = vec![Vec::new(); nz];
+        for (k, o) in self.objects_of(case).iter().enumerate() {
+            let mut slices: std::collections::BTreeMap<usize, Obj2d> = Default::default();
+            for p in &o.points {
+                check_inside(&case.name, &format!("object {k} point"), p[0], p[1], nx, ny)?;
+                let z = p[2].round();
+                if !(z >= 0.0 && z < nz as f32) {
+                    return Err(Error::Input(format!(
+                        "{}: object {k} point z = {} is outside 0..{}",
+                        case.name,
+                        p[2],
+                        nz - 1
+                    )));
+                }
+                if p[3] != 0.0 && p[3] != 1.0 {
+                    return Err(Error::Input(format!(
+                        "{}: object {k}: point label {} is not 0 or 1",
+                        case.name, p[3]
+                    )));
+                }
+                slices
+                    .entry(z as usize)
+                    .or_default()
+                    .0
+                    .push([p[0], p[1], p[3]]);
+            }
+            if let Some(b) = o.bbox {
+                check_inside(
+                    &case.name,
+                    &format!("object {k} box corner"),
+                    b[0],
+                    b[1],
+                    nx,
+                    ny,
+                )?;
+                check_inside(
+                    &case.name,
+                    &format!("object {k} box corner"),
+                    b[3],
+                    b[4],
+                    nx,
+                    ny,
+                )?;
+                let (z0, z1) = (b[2].round(), b[5].round());
+                if b[3] < b[0] || b[4] < b[1] || z1 < z0 || z0 < 0.0 || z1 >= nz as f32 {
+                    return Err(Error::Input(format!(
+                        "{}: object {k}: box {b:?} needs x0 <= x1, y0 <= y1 and 0 <= z0 <= z1 < {nz}",
+                        case.name
+                    )));
+                }
+                for z in z0 as usize..=z1 as usize {
+                    slices.entry(z).or_default().1 = Some([b[0], b[1], b[3], b[4]]);
+                }
+            }
+            for (z, obj) in slices {
+                per_slice[z].push(obj);
+            }
+        }
+        if let Some(fl) = self.label_rule_of(case) {
+            let lab = nifti::read_nifti(&fl.path)?;
+            if lab.dims != vol.dims {
+                return Err(Error::Input(format!(
+                    "{}: label {} has dims {:?}, the volume {:?}",
+                    case.name,
+                    fl.path.display(),
+                    lab.dims,
+                    vol.dims
+                )));
+            }
+            for (z, slot) in per_slice.iter_mut().enumerate() {
+                let plane: Vec<u32> = lab.data[z * nx * ny..(z + 1) * nx * ny]
+                    .iter()
+                    .map(|v| v.round().max(0.0) as u32)
+                    .collect();
+                if let Some((b, c)) = label_prompt(&plane, ny, nx, fl.id) {
+                    slot.push((
+                        if fl.click {
+                            vec![[c[0], c[1], 1.0]]
+                        } else {
+                            vec![]
+                        },
+                        Some(b),
+                    ));
+                }
+            }
+        }
+        if per_slice.iter().all(|s| s.is_empty()) {
+            return Err(Error::Input(format!(
+                "{}: no prompt on any slice",
+                case.name
+            )));
+        }
+        let gt = match self.gt_of(case) {
+            Some(p) => {
+                let g = nifti::read_nifti(&p)?;
+                if g.dims != vol.dims {
+                    return Err(Error::Input(format!(
+                        "{}: ground truth {} has dims {:?}, the volume {:?}",
+                        case.name,
+                        p.display(),
+                        g.dims,
+                        vol.dims
+                    )));
+                }
+                Some(
+                    g.data
+                        .iter()
+                        .map(|&v| {
+                            self.opts
+                                .label_id
+                                .map_or(v > 0.5, |id| v.round() == id as f32)
+                        })
+                        .collect::<Vec<bool>>(),
+                )
+            }
+            None => None,
+        };
+        let mut labels = vec![0u8; nx * ny * nz];
+        let mut prob = vec![
+            0f32;
+            if self.opts.probabilities {
+                nx * ny * nz
+            } else {
+                0
+            }
+        ];
+        let has_depth = self.model.config.has_depth_branch();
+        let mut encoded = 0;
+        for k0 in (0..nz).step_by(self.opts.chunk) {
+            let d = self.opts.chunk.min(nz - k0);
+            if per_slice[k0..k0 + d].iter().all(|s| s.is_empty()) {
+                continue;
+            }
+            let mut preps = Vec::with_capacity(d);
+            let mut batch = Vec::with_capacity(d * 3 * self.size * self.size);
+            for z in k0..k0 + d {
+                let plane = &data[z * nx * ny..(z + 1) * nx * ny];
+                let img = RgbImage {
+                    height: ny,
+                    width: nx,
+                    data: plane.iter().flat_map(|&v| [v * 255.0; 3]).collect(),
+                };
+                let prep = pipeline::prepare(&img, self.size, self.opts.volume_preset)?;
+                batch.extend_from_slice(prep.tensor.data());
+                preps.push(prep);
+            }
+            let x = be.upload(&Tensor::from_vec(batch, &[d, 3, self.size, self.size])?)?;
+            let depth = (has_depth && d > 1).then_some(DepthSpec {
+                d,
+                mode: self.opts.depth_mode,
+            });
+            let emb = self.model.encode(be, &x, depth, &mut Trace::off())?;
+            encoded += d;
+            for (b, z) in (k0..k0 + d).enumerate() {
+                if per_slice[z].is_empty() {
+                    continue;
+                }
+                let prompts = object_prompts(&per_slice[z], &preps[b])?;
+                let (lab, pr) = self.decode(&emb, b, &preps[b], &prompts)?;
+                labels[z * nx * ny..(z + 1) * nx * ny].copy_from_slice(&lab);
+                if self.opts.probabilities {
+                    prob[z * nx * ny..(z + 1) * nx * ny].copy_from_slice(&pr);
+                }
+            }
+        }
+        nifti::write_labels(&case.output, &vol.header, &labels)?;
+        if self.opts.probabilities {
+            let ext = if case.output.to_string_lossy().ends_with(".gz") {
+                ".nii.gz"
+            } else {
+                ".nii"
+            };
+            nifti::write_f32(&sibling(&case.output, "_prob", ext), &vol.header, &prob)?;
+        }
+        if self.opts.overview {
+            let slices: Vec<usize> = (0..nz).filter(|&z| !per_slice[z].is_empty()).collect();
+            write_overview(
+                &sibling(&case.output, "_overview", ".png"),
+                &data,
+                &labels,
+                [nx, ny, nz],
+                &slices,
+            )?;
+        }
+        let scores = match gt {
+            Some(g) => {
+                let sp = vol.header.spacing();
+                let pred: Vec<bool> = labels.iter().map(|&v| v > 0).collect();
+                Some(metrics::scores(
+                    &pred,
+                    &g,
+                    &[nz, ny, nx],
+                    &[sp[2], sp[1], sp[0]],
+                )?)
+            }
+            None => None,
+        };
+        Ok(Outcome::Done {
+            images: encoded,
+            scores,
+        })
+    }
+}
