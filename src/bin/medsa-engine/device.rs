@@ -1,0 +1,132 @@
+//! Where the model runs and which model: the backend chosen by `--device`/`--precision` (`Dev`,
+//! `open_device`, the `on_device!` dispatch macro) and a checkpoint with an optional adapter on
+//! top, loaded onto it (`ModelSource`).
+
+use std::path::PathBuf;
+
+#[cfg(feature = "cuda")]
+use anyhow::Context;
+use anyhow::{anyhow, bail, Result};
+
+use medsa::backend::cpu::Cpu;
+use medsa::backend::Backend;
+use medsa::sam::Sam;
+
+use crate::cli::SegmentArgs;
+
+/// The backend chosen on the command line.
+#[allow(clippy::large_enum_variant)] // one value per process
+pub(super) enum Dev {
+    Cpu(Cpu),
+    #[cfg(feature = "cuda")]
+    Cuda(medsa::backend::cuda::Cuda),
+}
+
+/// Runs a generic body on whichever backend `Dev` holds.
+macro_rules! on_device {
+    ($dev:expr, $be:ident => $body:expr) => {
+        match $dev {
+            $crate::device::Dev::Cpu($be) => $body,
+            #[cfg(feature = "cuda")]
+            $crate::device::Dev::Cuda($be) => $body,
+        }
+    };
+}
+pub(super) use on_device;
+
+impl Dev {
+    pub(super) fn peak_bytes(&self) -> Option<usize> {
+        match self {
+            Dev::Cpu(_) => None,
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => Some(c.pool().peak()),
+        }
+    }
+
+    pub(super) fn take_profile(&self) -> Vec<(String, u64, f64)> {
+        match self {
+            Dev::Cpu(_) => Vec::new(),
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => c.take_profile(),
+        }
+    }
+
+    pub(super) fn reset_peak(&self) {
+        #[cfg(feature = "cuda")]
+        if let Dev::Cuda(c) = self {
+            c.pool().reset_peak();
+        }
+    }
+}
+
+pub(super) fn open_device(device: &str, precision: &str) -> Result<Dev> {
+    match device {
+        "cpu" => {
+            if precision != "f32" {
+                bail!("--precision {precision}: the CPU backend computes in f32");
+            }
+            Ok(Dev::Cpu(Cpu::new()))
+        }
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let ordinal: usize = match d.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse()
+                    .map_err(|_| anyhow!("--device {d}: expected cuda or cuda:N"))?,
+                None => 0,
+            };
+            #[cfg(feature = "cuda")]
+            {
+                let p: medsa::backend::cuda::Precision = precision.parse()?;
+                Ok(Dev::Cuda(
+                    medsa::backend::cuda::Cuda::new(ordinal, p)
+                        .with_context(|| format!("--device {d}"))?,
+                ))
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                let _ = ordinal;
+                bail!("--device {d}: this medsa-engine was built without the `cuda` feature; use --device cpu")
+            }
+        }
+        d => bail!("--device {d}: expected cpu or cuda[:N]"),
+    }
+}
+
+/// A checkpoint, optionally with an adapter checkpoint on top.
+pub(super) struct ModelSource {
+    pub(super) checkpoint: PathBuf,
+    pub(super) adapter: Option<PathBuf>,
+    pub(super) allow_base_mismatch: bool,
+}
+
+impl ModelSource {
+    pub(super) fn of(a: &SegmentArgs) -> Self {
+        ModelSource {
+            checkpoint: a.checkpoint.clone(),
+            adapter: a.adapter.clone(),
+            allow_base_mismatch: a.allow_base_mismatch,
+        }
+    }
+
+    pub(super) fn load<B: Backend>(&self, be: &B) -> Result<Sam<B>> {
+        match &self.adapter {
+            None => Ok(Sam::load(be, &self.checkpoint)?),
+            Some(a) => {
+                let (mut ws, meta) = medsa::train::checkpoint::apply_adapter(
+                    &self.checkpoint,
+                    a,
+                    self.allow_base_mismatch,
+                )?;
+                eprintln!(
+                    "adapter {}: trained as {} for {} steps (preset {}, size {})",
+                    a.display(),
+                    meta.trainable,
+                    meta.step,
+                    medsa::train::checkpoint::preset_name(meta.preset),
+                    meta.model_size
+                );
+                Ok(Sam::from_store(be, &mut ws)?)
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `medsa-engine`: run SAM / Med-SA checkpoints from the command line.
+//!
+//! This file parses the command line and dispatches each subcommand to the module that holds it.
+
+mod bench;
+mod checkpoints;
+mod checks;
+mod cli;
+mod device;
+mod forward;
+mod segment;
+mod train;
+
+use anyhow::Result;
+use clap::Parser;
+
+use crate::bench::{bench, bench_train};
+use crate::checkpoints::{convert, info, init_cmd, merge_cmd};
+use crate::checks::{eval, selftest};
+use crate::cli::{Cli, Cmd};
+use crate::device::{on_device, open_device, ModelSource};
+use crate::forward::forward;
+use crate::segment::segment_cmd;
+use crate::train::train_cmd;
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Info { checkpoint } => info(&checkpoint),
+        Cmd::Convert {
+            input,
+            output,
+            dtype,
+        } => convert(&input, &output, dtype),
+        Cmd::Forward {
+            checkpoint,
+            adapter,
+            allow_base_mismatch,
+            inputs,
+            out,
+            multimask,
+            depth,
+            depth_mode,
+            input_size,
+            original_size,
+            device,
+            precision,
+        } => {
+            let dev = open_device(&device, &precision)?;
+            on_device!(&dev, be => forward(
+                be,
+                &ModelSource { checkpoint: checkpoint.clone(), adapter: adapter.clone(), allow_base_mismatch },
+                &inputs,
+                &out,
+                multimask,
+                depth,
+                depth_mode,
+                input_size,
+                original_size,
+            ))
+        }
+        Cmd::Segment(a) => {
+            let dev = open_device(&a.device, &a.precision)?;
+            on_device!(&dev, be => segment_cmd(be, &a))
+        }
+        Cmd::Eval {
+            pred,
+            gt,
+            spacing,
+            out,
+        } => eval(&pred, &gt, &spacing, out.as_deref()),
+        Cmd::Selftest {
+            device,
+            precision,
+            fixtures,
+        } => selftest(&device, &precision, &fixtures),
+        Cmd::Train(a) => {
+            let dev = open_device(&a.device, &a.precision)?;
+            on_device!(&dev, be => train_cmd(be, &a))
+        }
+        Cmd::Init(a) => init_cmd(&a),
+        Cmd::Merge {
+            checkpoint,
+            adapter,
+            out,
+            allow_base_mismatch,
+        } => merge_cmd(&checkpoint, &adapter, &out, allow_base_mismatch),
+        Cmd::Bench {
+            variant,
+            size,
+            batch,
+            repeats,
+            warmup,
+            adapters,
+            device,
+            precision,
+            train,
+            recompute,
+        } => {
+            let dev = open_device(&device, &precision)?;
+            if train {
+                on_device!(&dev, be => bench_train(be, &dev, &variant, size, batch, repeats, warmup, recompute))
+            } else {
+                on_device!(&dev, be => bench(be, &dev, &variant, size, batch, repeats, warmup, adapters))
+            }
+        }
+    }
+}
