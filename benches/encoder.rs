@@ -194,6 +194,38 @@ fn cuda_ops(c: &mut Criterion) {
         })
     });
     grp.finish();
+
+    // The attention kernel variants (MEDSA_ATTN_Q128): 64 vs 128 query rows per block, on
+    // vit_b's global and windowed attentions at batch 8. Compare the lines of a pair.
+    let mut be = be;
+    let qkv_map = be.reshape(&qkv, &[8, 64, 64, 2304]).unwrap();
+    let mut grp = c.benchmark_group("cuda bf16 attention 64 vs 128 queries per block");
+    grp.sample_size(20);
+    for q128 in [false, true] {
+        be.set_attention_q128(q128);
+        let rows = if q128 { 128 } else { 64 };
+        grp.bench_function(
+            format!("attention_qkv global b8 4096 tok 12x64 relpos: {rows} queries"),
+            |bch| {
+                bch.iter(|| {
+                    let rel = RelPos::within(&rh, &rw, (64, 64));
+                    be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
+                    be.synchronize().unwrap()
+                })
+            },
+        );
+        grp.bench_function(
+            format!("attention_qkv_windowed b8 64x64 ws14 12x64 relpos: {rows} queries"),
+            |bch| {
+                bch.iter(|| {
+                    be.attention_qkv_windowed(&qkv_map, &pad, 14, 12, 0.125, rel14())
+                        .unwrap();
+                    be.synchronize().unwrap()
+                })
+            },
+        );
+    }
+    grp.finish();
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -7,6 +7,7 @@
 //       int qh, int qw, int kh, int kw, int has_rel, int ldi,
 //       int map, int ma, int mb, int mc, int md, int b_off,
 //       const T* pad_q, const T* pad_k, const T* pad_v)
+//   attention_q128_bf16(same arguments as attention_bf16): the 128-query variant, d == 64 only.
 //   ldi: row stride (elements) of q, k and v, heads*d for separate tensors or 3*heads*d when
 //   they are column slices of one packed qkv projection (no split copies); o has row stride
 //   heads*d.
@@ -36,8 +37,9 @@
 //   Requires 1 <= d <= 128 (the kernel does nothing for d > 128: the launcher must reject it),
 //   Lq >= 1, Lk >= 1. All softmax statistics and accumulators are f32.
 //
-// Launch geometry (both entry points):
+// Launch geometry (attention_f32, attention_bf16; attention_q128_bf16 differs where noted):
 //   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
+//           attention_q128_bf16: (ceil(Lq/128), heads, nb)
 //   block = (128, 1, 1)
 //   dynamic shared memory (bytes), with R = has_rel ? (kh + kw) : 0 and
 //     Dp = 16 if d <= 16, 32 if d <= 32, 64 if d <= 64, 80 if d <= 80, else 128:
@@ -52,9 +54,16 @@
 //       (the kernel itself uses 2*3*64*(d+8) + (has_rel ? 4*64*(kh+1 + kw + (kw%64 ? 1 : 0))
 //        : 0) <= SMEM_TC for d = 64, 80, and traps only if given less than that.)
 //     (SMEM_SIMT >= SMEM_TC always, so passing SMEM_SIMT is also correct, only slower.)
+//   * attention_q128_bf16 (d == 64):
+//       SMEM_TC2 = 2 * (128 + 2*64) * 72 + (has_rel ? 4 * 128*(kh + kw + 2) : 0)
+//       e.g. kh=kw=64: 36864 + 66560 = 103424 (two blocks per SM on sm_90, one on sm_80; more
+//       than sm_86/sm_89 allow, where the launcher keeps attention_bf16);  kh=kw=14: 52224
+//       (the kernel uses 2*256*72 + (has_rel ? 4*128*(kh+1 + kw + (kw%64 ? 1 : 0)) : 0)).
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
-//   Both entry points are compiled with __launch_bounds__(128, 3) (<= 168 registers, no spills).
+//   attention_f32 and attention_bf16 are compiled with __launch_bounds__(128, 3) (<= 168
+//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 241-249 used,
+//   no spills).
 //
 // Paths:
 //   * attention_f32: SIMT f32 FMAs from shared memory for every d ("exact": f32 all through,
@@ -70,6 +79,12 @@
 //     ldmatrix (.trans for V). With has_rel and kw % 64 == 0 the rh term is read once per
 //     row per key tile and the rw term as swizzled float2.
 //   * attention_bf16, other d: the SIMT path above (bf16 loads, f32 math).
+//   * attention_q128_bf16: the tensor-core path with 128 query rows per block, each warp owning
+//     two 16-row m-tiles (rows 16w.. and 64+16w..): every K and V fragment loaded from shared
+//     memory feeds two mmas instead of one, and each K/V tile staged in shared memory serves
+//     twice the queries (half the ldmatrix traffic and block barriers per FLOP), at the cost of
+//     ~250 registers (two blocks per SM instead of three). Same math and rounding as
+//     attention_bf16: its outputs are bit-identical.
 #include "common.cuh"
 #include "mma.cuh"
 #include "token_rows.cuh"
@@ -78,190 +93,7 @@
 #define ATT_BK 64
 #define ATT_THREADS 128
 
-// ----------------------------------------------------------------------------------------
-// SIMT path (f32 FMAs), any d <= D (D = compile-time padded head dim, multiple of 16).
-// ----------------------------------------------------------------------------------------
-template <typename T, int D>
-__device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __restrict__ k,
-                                          const T* __restrict__ v, T* __restrict__ o,
-                                          const T* __restrict__ rh, const T* __restrict__ rw,
-                                          int heads, int Lq, int Lk, int d, float scale, int qw,
-                                          int kh, int kw, int has_rel, int ldi,
-                                          const Rows& rq, const Rows& rk, const T* pq,
-                                          const T* pk, const T* pv) {
-    constexpr int QS = D + 1;       // row stride of Qs/Ks (odd: conflict-free column reads)
-    constexpr int PS = ATT_BK + 1;  // row stride of Ps
-    constexpr int NC = D / 16;      // output columns per thread
-    extern __shared__ float4 smem_f4[];
-    float* smem = reinterpret_cast<float*>(smem_f4);
-    const int R = has_rel ? (kh + kw) : 0;
-    {
-        const unsigned need = 4u * (unsigned)(ATT_BQ * QS * 2 + ATT_BK * D + ATT_BQ * PS + ATT_BQ * R);
-        if (dyn_smem_bytes() < need) __trap();
-    }
-    float* Qs = smem;
-    float* Ks = Qs + ATT_BQ * QS;
-    float* Vs = Ks + ATT_BK * QS;
-    float* Ps = Vs + ATT_BK * D;
-    float* RH = Ps + ATT_BQ * PS;
-    float* RW = RH + ATT_BQ * (has_rel ? kh : 0);
-
-    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-    const int h = blockIdx.y, q0 = blockIdx.x * ATT_BQ;
-    const long long rs = (long long)heads * d;  // row stride of o
-    const long long ri = ldi;                   // row stride of q/k/v (3*heads*d when packed)
-    const long long hd = (long long)h * d;
-    const T* qh = q + hd;
-    const T* kh_ = k + hd;
-    const T* vh = v + hd;
-    const T* pqh = pq ? pq + hd : nullptr;
-    const T* pkh = pk ? pk + hd : nullptr;
-    const T* pvh = pv ? pv + hd : nullptr;
-
-    for (int e = tid; e < ATT_BQ * D; e += ATT_THREADS) {
-        const int i = e / D, c = e - i * D;
-        float x = 0.f;
-        if (q0 + i < Lq && c < d) {
-            const T* p = token_ptr(qh, pqh, rq, q0 + i, ri);
-            if (p) x = ld(p + c);
-        }
-        Qs[i * QS + c] = x;
-    }
-    __syncthreads();
-    if (has_rel) {
-        for (int e = tid; e < ATT_BQ * kh; e += ATT_THREADS) {
-            const int i = e / kh, ky = e - i * kh, qi = q0 + i;
-            float s = 0.f;
-            if (qi < Lq) {
-                const T* r = rh + ((long long)(qi / qw) * kh + ky) * d;
-                for (int c = 0; c < d; ++c) s += Qs[i * QS + c] * ld(r + c);
-            }
-            RH[e] = s;
-        }
-        for (int e = tid; e < ATT_BQ * kw; e += ATT_THREADS) {
-            const int i = e / kw, kx = e - i * kw, qi = q0 + i;
-            float s = 0.f;
-            if (qi < Lq) {
-                const T* r = rw + ((long long)(qi % qw) * kw + kx) * d;
-                for (int c = 0; c < d; ++c) s += Qs[i * QS + c] * ld(r + c);
-            }
-            RW[e] = s;
-        }
-    }
-
-    float m[8], l[8], acc[8][NC];
-#pragma unroll
-    for (int a = 0; a < 8; ++a) {
-        m[a] = -INFINITY;
-        l[a] = 0.f;
-#pragma unroll
-        for (int c = 0; c < NC; ++c) acc[a][c] = 0.f;
-    }
-
-    for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
-        __syncthreads();  // previous tile's Ks/Vs/Ps readers done (and RH/RW written)
-        for (int e = tid; e < ATT_BK * D; e += ATT_THREADS) {
-            const int j = e / D, c = e - j * D;
-            float kx = 0.f, vx = 0.f;
-            if (k0 + j < Lk && c < d) {
-                const long long row = row_of(rk, k0 + j);
-                const T* kp = row >= 0 ? kh_ + row * ri : pkh;
-                const T* vp = row >= 0 ? vh + row * ri : pvh;
-                if (kp) kx = ld(kp + c);
-                if (vp) vx = ld(vp + c);
-            }
-            Ks[j * QS + c] = kx;
-            Vs[j * D + c] = vx;
-        }
-        __syncthreads();
-
-        float s[8][4];
-#pragma unroll
-        for (int a = 0; a < 8; ++a)
-#pragma unroll
-            for (int bb = 0; bb < 4; ++bb) s[a][bb] = 0.f;
-#pragma unroll 4
-        for (int c = 0; c < d; ++c) {
-            float qv[8], kv[4];
-#pragma unroll
-            for (int a = 0; a < 8; ++a) qv[a] = Qs[(ty + 8 * a) * QS + c];
-#pragma unroll
-            for (int bb = 0; bb < 4; ++bb) kv[bb] = Ks[(tx + 16 * bb) * QS + c];
-#pragma unroll
-            for (int a = 0; a < 8; ++a)
-#pragma unroll
-                for (int bb = 0; bb < 4; ++bb) s[a][bb] = fmaf(qv[a], kv[bb], s[a][bb]);
-        }
-
-#pragma unroll
-        for (int bb = 0; bb < 4; ++bb) {
-            const int j = k0 + tx + 16 * bb;
-            const bool valid = j < Lk;
-            int ky = 0, kx = 0;
-            if (has_rel && valid) { ky = j / kw; kx = j - ky * kw; }
-#pragma unroll
-            for (int a = 0; a < 8; ++a) {
-                const int i = ty + 8 * a;
-                float x = s[a][bb] * scale;
-                if (has_rel && valid) x += RH[i * kh + ky] + RW[i * kw + kx];
-                s[a][bb] = valid ? x : -INFINITY;
-            }
-        }
-
-#pragma unroll
-        for (int a = 0; a < 8; ++a) {
-            float mx = fmaxf(fmaxf(s[a][0], s[a][1]), fmaxf(s[a][2], s[a][3]));
-#pragma unroll
-            for (int off = 8; off > 0; off >>= 1)
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));  // 16-lane row group
-            const float mnew = fmaxf(m[a], mx);  // finite: every tile has a valid key
-            const float alpha = expf(m[a] - mnew);  // m = -inf on the first tile -> 0
-            float ps = 0.f;
-#pragma unroll
-            for (int bb = 0; bb < 4; ++bb) {
-                const float p = expf(s[a][bb] - mnew);  // masked: exp(-inf) = 0
-                Ps[(ty + 8 * a) * PS + tx + 16 * bb] = p;
-                ps += p;
-            }
-#pragma unroll
-            for (int off = 8; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
-            l[a] = l[a] * alpha + ps;
-            m[a] = mnew;
-#pragma unroll
-            for (int c = 0; c < NC; ++c) acc[a][c] *= alpha;
-        }
-        __syncthreads();
-
-        const int kn = min(ATT_BK, Lk - k0);
-#pragma unroll 2
-        for (int j = 0; j < kn; ++j) {
-            float pv[8], vv[NC];
-#pragma unroll
-            for (int a = 0; a < 8; ++a) pv[a] = Ps[(ty + 8 * a) * PS + j];
-#pragma unroll
-            for (int c = 0; c < NC; ++c) vv[c] = Vs[j * D + tx + 16 * c];
-#pragma unroll
-            for (int a = 0; a < 8; ++a)
-#pragma unroll
-                for (int c = 0; c < NC; ++c) acc[a][c] = fmaf(pv[a], vv[c], acc[a][c]);
-        }
-    }
-
-#pragma unroll
-    for (int a = 0; a < 8; ++a) {
-        const int qi = q0 + ty + 8 * a;
-        const long long row = qi < Lq ? row_of(rq, qi) : -1;
-        if (row >= 0) {
-            const float inv = l[a] > 0.f ? 1.f / l[a] : 0.f;
-            T* orow = o + row * rs + hd;
-#pragma unroll
-            for (int c = 0; c < NC; ++c) {
-                const int col = tx + 16 * c;
-                if (col < d) st(orow + col, acc[a][c] * inv);
-            }
-        }
-    }
-}
+#include "attention_simt.cuh"
 
 // ----------------------------------------------------------------------------------------
 // bf16 tensor-core path, d == D exactly (D = 64 or 80).
@@ -340,14 +172,17 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bflo
     }
 }
 
-// Shared memory (bf16 elements, QST = D + 8): Qs [64][QST], Ks [64][QST], Vs [64][QST]
-// (V row-major: key rows), then f32 RH [64][kh+1] and RW [64][RWS] when has_rel
-// (RWS = kw when kw % 64 == 0, else kw + 1). Total <= SMEM_TC of the header.
+// MT = query m-tiles per warp: the block owns BQ = 64*MT query rows; warp w owns rows
+// 64*mt + 16*w + 0..15 (mt < MT), so every K/V fragment read from shared memory feeds MT mmas.
+// Shared memory (bf16 elements, QST = D + 8): Qs [BQ][QST], Ks [64][QST], Vs [64][QST]
+// (V row-major: key rows), then f32 RH [BQ][kh+1] and RW [BQ][RWS] when has_rel
+// (RWS = kw when kw % 64 == 0, else kw + 1). Total <= SMEM_TC (MT = 1) or SMEM_TC2 (MT = 2)
+// of the header.
 // Pipeline per key tile t (FlashAttention-2 style, one K and one V buffer):
 //   wait(K_t), sync | issue V_t async | S = Q K_t^T, softmax | wait(V_t), sync |
 //   issue K_{t+1} async | O += P V_t
 // so the V load overlaps QK^T + softmax and the next K load overlaps P V.
-template <int D>
+template <int D, int MT>
 __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ k,
                                         const __nv_bfloat16* __restrict__ v,
@@ -364,6 +199,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     constexpr int NT = ATT_BK / 8;   // score n-tiles per key tile
     constexpr int DT = D / 8;        // output n-tiles (even)
     constexpr int CH = D / 8;        // 8-element chunks per row
+    constexpr int BQ = ATT_BQ * MT;  // query rows per block
     extern __shared__ float4 smem_f4[];
     // fast: kw % 64 == 0 (global attention). Every 64-key tile then has one ky (k0 % 64 == 0)
     // and kx = (k0 % kw) + 0..63, so RH is read once per row per tile and RW is read as
@@ -375,18 +211,19 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const int RHS = kh + 1, RWS = fast ? kw : kw + 1;
     const int R = has_rel ? (RHS + RWS) : 0;  // <= kh + kw + 2
     {
-        const unsigned need = 2u * (unsigned)(3 * ATT_BQ * QST) + 4u * (unsigned)(ATT_BQ * R);
+        const unsigned need = 2u * (unsigned)((BQ + 2 * ATT_BK) * QST) + 4u * (unsigned)(BQ * R);
         if (dyn_smem_bytes() < need) __trap();
     }
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_f4);
-    __nv_bfloat16* Ks = Qs + ATT_BQ * QST;
+    __nv_bfloat16* Ks = Qs + BQ * QST;
     __nv_bfloat16* Vs = Ks + ATT_BK * QST;
-    float* RH = reinterpret_cast<float*>(Vs + ATT_BK * QST);  // byte offset 384*QST: 16-aligned
-    float* RW = RH + ATT_BQ * (has_rel ? RHS : 0);              // + 256*RHS bytes: 16-aligned
+    // byte offset 2*(BQ+128)*QST, then + 4*BQ*RHS: both multiples of 16 (QST = D + 8, D % 16 == 0)
+    float* RH = reinterpret_cast<float*>(Vs + ATT_BK * QST);
+    float* RW = RH + BQ * (has_rel ? RHS : 0);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int h = blockIdx.y, q0 = blockIdx.x * ATT_BQ;
+    const int h = blockIdx.y, q0 = blockIdx.x * BQ;
     const long long rs = (long long)heads * D;  // row stride of o
     const long long ri = ldi;                   // row stride of q/k/v
     const long long hd = (long long)h * D;
@@ -407,7 +244,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     load_kv_tile<D>(Ks, kb, pkb, rk, 0, Lk, ri, vec, tid);
     cp_async_commit();
 
-    for (int e = tid; e < ATT_BQ * CH; e += ATT_THREADS) {
+    for (int e = tid; e < BQ * CH; e += ATT_THREADS) {
         const int i = e / CH, c = (e - i * CH) * 8;
         __align__(16) __nv_bfloat16 tmp[8];
         const __nv_bfloat16* row = q0 + i < Lq ? token_ptr(qb, pqb, rq, q0 + i, ri) : nullptr;
@@ -417,7 +254,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     __syncthreads();
     if (has_rel) {
         const bool vec_rel = ((reinterpret_cast<uintptr_t>(rh) | reinterpret_cast<uintptr_t>(rw)) & 15) == 0;
-        for (int e = tid; e < ATT_BQ * kh; e += ATT_THREADS) {
+        for (int e = tid; e < BQ * kh; e += ATT_THREADS) {
             const int i = e / kh, ky = e - i * kh, qi = q0 + i;
             float s = 0.f;
             if (qi < Lq) {
@@ -425,7 +262,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             }
             RH[i * RHS + ky] = s;
         }
-        for (int e = tid; e < ATT_BQ * kw; e += ATT_THREADS) {
+        for (int e = tid; e < BQ * kw; e += ATT_THREADS) {
             const int i = e / kw, kx = e - i * kw, qi = q0 + i;
             float s = 0.f;
             if (qi < Lq) {
@@ -437,15 +274,19 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         }
     }
 
-    // Q fragments of this warp's 16 rows, kept in registers for the whole kernel.
-    const int r0 = warp * 16 + g;  // tile-local rows r0 and r0 + 8
-    uint32_t qa[KS][4];
+    // Q fragments of this warp's 16*MT rows, kept in registers for the whole kernel.
+    const int r00 = warp * 16 + g;  // m-tile mt: tile-local rows 64*mt + r00 and + 8
+    uint32_t qa[MT][KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        qa[kk][0] = lds32(Qs + r0 * QST + 16 * kk + 2 * t);
-        qa[kk][1] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 2 * t);
-        qa[kk][2] = lds32(Qs + r0 * QST + 16 * kk + 8 + 2 * t);
-        qa[kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
+    for (int mt = 0; mt < MT; ++mt) {
+        const int r0 = 64 * mt + r00;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            qa[mt][kk][0] = lds32(Qs + r0 * QST + 16 * kk + 2 * t);
+            qa[mt][kk][1] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 2 * t);
+            qa[mt][kk][2] = lds32(Qs + r0 * QST + 16 * kk + 8 + 2 * t);
+            qa[mt][kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
+        }
     }
 
     // Per-lane ldmatrix row addresses (bytes, .shared window).
@@ -459,12 +300,18 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const uint32_t v_lane = smem_u32(Vs + (lane & 15) * QST + 8 * (lane >> 4));
 
     const float inv_kw = has_rel ? 1.0f / (float)kw : 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0, r0+8 (partial l)
-    float oacc[DT][4];
+    // Per m-tile: running max and (per-lane partial) sum of rows r0 and r0 + 8, and O.
+    float m0[MT], m1[MT], l0[MT], l1[MT];
+    float oacc[MT][DT][4];
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
+    for (int mt = 0; mt < MT; ++mt) {
+        m0[mt] = m1[mt] = -INFINITY;
+        l0[mt] = l1[mt] = 0.f;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) oacc[dt][e] = 0.f;
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) oacc[mt][dt][e] = 0.f;
+    }
 
     for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
         cp_async_wait_all();  // this thread's copies of K tile k0 have landed
@@ -473,91 +320,101 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         load_kv_tile<D>(Vs, vb, pvb, rk, k0, Lk, ri, vec, tid);
         cp_async_commit();
 
-        float s[NT][4];
+        float s[MT][NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
 #pragma unroll
             for (int p = 0; p < NT / 2; ++p) {
                 uint32_t kf[4];
                 ldsm_x4(kf, k_lane + (uint32_t)((16 * p * QST + 16 * kk) * 2));
-                mma_bf16(s[2 * p], qa[kk], kf[0], kf[1]);
-                mma_bf16(s[2 * p + 1], qa[kk], kf[2], kf[3]);
-            }
-        }
-
-        // scale, bias, mask; row maxima
-        float mx0 = -INFINITY, mx1 = -INFINITY;
-        if (fast) {
-            const int ky = k0 / kw, kxb = k0 - ky * kw;  // kxb % 64 == 0
-            const float rh0 = RH[r0 * RHS + ky], rh1 = RH[(r0 + 8) * RHS + ky];
-            const float* rw0 = RW + r0 * kw + kxb + 2 * t;  // row r0; row r0 + 8 at + 8*kw
-            const int sw = r0 & 3;                         // == (r0 + 8) & 3
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                // kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1)
-                const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
-                const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
-                const int j = k0 + 8 * nt + 2 * t;
-                const bool v0 = j < Lk, v1 = j + 1 < Lk;
-                s[nt][0] = v0 ? s[nt][0] * scale + (rh0 + w0.x) : -INFINITY;
-                s[nt][1] = v1 ? s[nt][1] * scale + (rh0 + w0.y) : -INFINITY;
-                s[nt][2] = v0 ? s[nt][2] * scale + (rh1 + w1.x) : -INFINITY;
-                s[nt][3] = v1 ? s[nt][3] * scale + (rh1 + w1.y) : -INFINITY;
-                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-            }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int j = k0 + 8 * nt + 2 * t + e;
-                    const bool valid = j < Lk;
-                    float x0 = s[nt][e] * scale, x1 = s[nt][2 + e] * scale;
-                    if (has_rel && valid) {
-                        // j / kw without an integer division: (j + 0.5) / kw is at least
-                        // 0.5/kw away from an integer, far more than the float error for
-                        // j < 2^20.
-                        const int ky = __float2int_rd(((float)j + 0.5f) * inv_kw), kx = j - ky * kw;
-                        x0 += RH[r0 * RHS + ky] + RW[r0 * RWS + kx];
-                        x1 += RH[(r0 + 8) * RHS + ky] + RW[(r0 + 8) * RWS + kx];
-                    }
-                    s[nt][e] = valid ? x0 : -INFINITY;
-                    s[nt][2 + e] = valid ? x1 : -INFINITY;
-                    mx0 = fmaxf(mx0, s[nt][e]);
-                    mx1 = fmaxf(mx1, s[nt][2 + e]);
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(s[mt][2 * p], qa[mt][kk], kf[0], kf[1]);
+                    mma_bf16(s[mt][2 * p + 1], qa[mt][kk], kf[2], kf[3]);
                 }
             }
         }
+
+        // scale, bias, mask, online softmax: per m-tile (rows r0 and r0 + 8)
 #pragma unroll
-        for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes sharing g hold one row
-            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-        }
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);  // finite (valid key k0)
-        const float al0 = __expf(m0 - mn0), al1 = __expf(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        float ps0 = 0.f, ps1 = 0.f;
+        for (int mt = 0; mt < MT; ++mt) {
+            const int r0 = 64 * mt + r00;
+            float mx0 = -INFINITY, mx1 = -INFINITY;
+            if (fast) {
+                const int ky = k0 / kw, kxb = k0 - ky * kw;  // kxb % 64 == 0
+                const float rh0 = RH[r0 * RHS + ky], rh1 = RH[(r0 + 8) * RHS + ky];
+                const float* rw0 = RW + r0 * kw + kxb + 2 * t;  // row r0; row r0 + 8 at + 8*kw
+                const int sw = r0 & 3;                         // == (r0 + 8) & 3
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = __expf(s[nt][0] - mn0);
-            s[nt][1] = __expf(s[nt][1] - mn0);
-            s[nt][2] = __expf(s[nt][2] - mn1);
-            s[nt][3] = __expf(s[nt][3] - mn1);
-            ps0 += s[nt][0] + s[nt][1];
-            ps1 += s[nt][2] + s[nt][3];
-        }
-        l0 = l0 * al0 + ps0;
-        l1 = l1 * al1 + ps1;
+                for (int nt = 0; nt < NT; ++nt) {
+                    // kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1)
+                    const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
+                    const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
+                    const int j = k0 + 8 * nt + 2 * t;
+                    const bool v0 = j < Lk, v1 = j + 1 < Lk;
+                    s[mt][nt][0] = v0 ? s[mt][nt][0] * scale + (rh0 + w0.x) : -INFINITY;
+                    s[mt][nt][1] = v1 ? s[mt][nt][1] * scale + (rh0 + w0.y) : -INFINITY;
+                    s[mt][nt][2] = v0 ? s[mt][nt][2] * scale + (rh1 + w1.x) : -INFINITY;
+                    s[mt][nt][3] = v1 ? s[mt][nt][3] * scale + (rh1 + w1.y) : -INFINITY;
+                    mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                    mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                }
+            } else {
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            oacc[dt][0] *= al0;
-            oacc[dt][1] *= al0;
-            oacc[dt][2] *= al1;
-            oacc[dt][3] *= al1;
+                for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int j = k0 + 8 * nt + 2 * t + e;
+                        const bool valid = j < Lk;
+                        float x0 = s[mt][nt][e] * scale, x1 = s[mt][nt][2 + e] * scale;
+                        if (has_rel && valid) {
+                            // j / kw without an integer division: (j + 0.5) / kw is at least
+                            // 0.5/kw away from an integer, far more than the float error for
+                            // j < 2^20.
+                            const int ky = __float2int_rd(((float)j + 0.5f) * inv_kw), kx = j - ky * kw;
+                            x0 += RH[r0 * RHS + ky] + RW[r0 * RWS + kx];
+                            x1 += RH[(r0 + 8) * RHS + ky] + RW[(r0 + 8) * RWS + kx];
+                        }
+                        s[mt][nt][e] = valid ? x0 : -INFINITY;
+                        s[mt][nt][2 + e] = valid ? x1 : -INFINITY;
+                        mx0 = fmaxf(mx0, s[mt][nt][e]);
+                        mx1 = fmaxf(mx1, s[mt][nt][2 + e]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int off = 1; off <= 2; off <<= 1) {  // the 4 lanes sharing g hold one row
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            const float mn0 = fmaxf(m0[mt], mx0), mn1 = fmaxf(m1[mt], mx1);  // finite (valid key k0)
+            const float al0 = __expf(m0[mt] - mn0), al1 = __expf(m1[mt] - mn1);
+            m0[mt] = mn0;
+            m1[mt] = mn1;
+            float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                s[mt][nt][0] = __expf(s[mt][nt][0] - mn0);
+                s[mt][nt][1] = __expf(s[mt][nt][1] - mn0);
+                s[mt][nt][2] = __expf(s[mt][nt][2] - mn1);
+                s[mt][nt][3] = __expf(s[mt][nt][3] - mn1);
+                ps0 += s[mt][nt][0] + s[mt][nt][1];
+                ps1 += s[mt][nt][2] + s[mt][nt][3];
+            }
+            l0[mt] = l0[mt] * al0 + ps0;
+            l1[mt] = l1[mt] * al1 + ps1;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                oacc[mt][dt][0] *= al0;
+                oacc[mt][dt][1] *= al0;
+                oacc[mt][dt][2] *= al1;
+                oacc[mt][dt][3] *= al1;
+            }
         }
 
         cp_async_wait_all();  // this thread's copies of V tile k0 have landed
@@ -570,62 +427,54 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         // O += P V  (P from the score fragments, 16 keys per k-step)
 #pragma unroll
         for (int kk = 0; kk < ATT_BK / 16; ++kk) {
-            uint32_t pa[4];
-            pa[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack_bf16(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack_bf16(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack_bf16(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack_bf16(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int p = 0; p < DT / 2; ++p) {
                 uint32_t vf[4];
                 ldsm_x4_trans(vf, v_lane + (uint32_t)((16 * kk * QST + 16 * p) * 2));
-                mma_bf16(oacc[2 * p], pa, vf[0], vf[1]);
-                mma_bf16(oacc[2 * p + 1], pa, vf[2], vf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma_bf16(oacc[mt][2 * p], pa[mt], vf[0], vf[1]);
+                    mma_bf16(oacc[mt][2 * p + 1], pa[mt], vf[2], vf[3]);
+                }
             }
         }
     }
 
 #pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    const int qi0 = q0 + r0, qi1 = q0 + r0 + 8;
-    const long long ro0 = qi0 < Lq ? row_of(rq, qi0) : -1;  // -1: past Lq or padding
-    const long long ro1 = qi1 < Lq ? row_of(rq, qi1) : -1;
-    __nv_bfloat16* ob0 = ro0 >= 0 ? o + ro0 * rs + hd : o;
-    __nv_bfloat16* ob1 = ro1 >= 0 ? o + ro1 * rs + hd : o;
+    for (int mt = 0; mt < MT; ++mt) {
+        const int r0 = 64 * mt + r00;
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-        const int col = 8 * dt + 2 * t;
-        if (ro0 >= 0) {
-            st(ob0 + col, oacc[dt][0] * inv0);
-            st(ob0 + col + 1, oacc[dt][1] * inv0);
+        for (int off = 1; off <= 2; off <<= 1) {
+            l0[mt] += __shfl_xor_sync(0xffffffffu, l0[mt], off);
+            l1[mt] += __shfl_xor_sync(0xffffffffu, l1[mt], off);
         }
-        if (ro1 >= 0) {
-            st(ob1 + col, oacc[dt][2] * inv1);
-            st(ob1 + col + 1, oacc[dt][3] * inv1);
+        const float inv0 = l0[mt] > 0.f ? 1.f / l0[mt] : 0.f, inv1 = l1[mt] > 0.f ? 1.f / l1[mt] : 0.f;
+        const int qi0 = q0 + r0, qi1 = q0 + r0 + 8;
+        const long long ro0 = qi0 < Lq ? row_of(rq, qi0) : -1;  // -1: past Lq or padding
+        const long long ro1 = qi1 < Lq ? row_of(rq, qi1) : -1;
+        __nv_bfloat16* ob0 = ro0 >= 0 ? o + ro0 * rs + hd : o;
+        __nv_bfloat16* ob1 = ro1 >= 0 ? o + ro1 * rs + hd : o;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            const int col = 8 * dt + 2 * t;
+            if (ro0 >= 0) {
+                st(ob0 + col, oacc[mt][dt][0] * inv0);
+                st(ob0 + col + 1, oacc[mt][dt][1] * inv0);
+            }
+            if (ro1 >= 0) {
+                st(ob1 + col, oacc[mt][dt][2] * inv1);
+                st(ob1 + col + 1, oacc[mt][dt][3] * inv1);
+            }
         }
     }
-}
-
-template <typename T>
-__device__ __forceinline__ void attn_simt_dispatch(const T* q, const T* k, const T* v, T* o,
-                                                   const T* rh, const T* rw, int heads, int Lq,
-                                                   int Lk, int d, float scale, int qw, int kh,
-                                                   int kw, int has_rel, int ldi, const Rows& rq,
-                                                   const Rows& rk, const T* pq, const T* pk,
-                                                   const T* pv) {
-#define ATT_SIMT(DP) \
-    attn_simt<T, DP>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw, has_rel, ldi, rq, rk, pq, pk, pv)
-    if (d <= 16) ATT_SIMT(16);
-    else if (d <= 32) ATT_SIMT(32);
-    else if (d <= 64) ATT_SIMT(64);
-    else if (d <= 80) ATT_SIMT(80);
-    else if (d <= 128) ATT_SIMT(128);
-    // d > 128: unsupported, nothing is written (the launcher rejects it).
-#undef ATT_SIMT
 }
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
@@ -653,12 +502,32 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     const int b = blockIdx.z + b_off;
     const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
     if (d == 64)
-        attn_tc<64>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                    pad_q, pad_k, pad_v);
+        attn_tc<64, 1>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
+                       pad_q, pad_k, pad_v);
     else if (d == 80)
-        attn_tc<80>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                    pad_q, pad_k, pad_v);
+        attn_tc<80, 1>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
+                       pad_q, pad_k, pad_v);
     else
         attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw,
                                           has_rel, ldi, rq, rk, pad_q, pad_k, pad_v);
+}
+
+// The 128-query variant (MT = 2) for d == 64 (vit_b, vit_l): same arguments as attention_bf16,
+// grid.x = ceil(Lq/128); any other d writes nothing (the launcher only picks it for d = 64).
+// Not built for d = 80: at MT = 2 its 40 Q-fragment and 80 accumulator registers per lane
+// spill on sm_80.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_q128_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
+                        __nv_bfloat16* o, const __nv_bfloat16* rh, const __nv_bfloat16* rw, int B,
+                        int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh,
+                        int kw, int has_rel, int ldi, int map, int ma, int mb, int mc, int md,
+                        int b_off, const __nv_bfloat16* pad_q, const __nv_bfloat16* pad_k,
+                        const __nv_bfloat16* pad_v) {
+    (void)B;
+    (void)qh;
+    if (d != 64) return;
+    const int b = blockIdx.z + b_off;
+    const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
+    attn_tc<64, 2>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
+                   pad_q, pad_k, pad_v);
 }

@@ -14,7 +14,8 @@
 #
 # Steps: card, CUDA libraries (LD_LIBRARY_PATH), test binaries, `medsa-engine selftest`, medsa
 # benchmarks with MEDSA_FUSE=1, the fused encoder path (bf16 B=1,8; f32 B=1), and bf16 B=8 with
-# MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B;
+# MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B,
+# and bf16 B=8 with MEDSA_ATTN_Q128=1 (the 128-query attention kernel, opt-in until measured);
 # the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
 # `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
 # bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
@@ -289,15 +290,17 @@ main() {
 
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
-  local reserve=$((190 + TRAIN_S))
+  local reserve=$((215 + TRAIN_S))
   # MEDSA_FUSE=1: the fused encoder path; "unfused": MEDSA_FUSE=0, the op-by-op path (the A/B
-  # of the fused ops, same binary, same card)
-  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "f32 1"; do
+  # of the fused ops, same binary, same card); "q128": fused path with MEDSA_ATTN_Q128=1 (the
+  # A/B of the attention kernel variants)
+  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "f32 1"; do
     read -r prec b mode <<<"$spec"
     name="bench $prec B=$b${mode:+ $mode}"
     log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
     if [ ! -x "$BIN/medsa-engine" ]; then record "$name" FAIL - 0; continue; fi
     run_step "$name" 120 "$reserve" "$log" env MEDSA_FUSE="$([ "$mode" = unfused ] && echo 0 || echo 1)" \
+      MEDSA_ATTN_Q128="$([ "$mode" = q128 ] && echo 1 || echo 0)" \
       "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
       --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
     rc=$?
@@ -389,9 +392,10 @@ gemm = (torch_res.get("gemm") or {}).get("flops_per_s")
 card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.path.join(logs, "card.txt")) else "?"
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
-def find_medsa(prec, b, fused=True):
+def find_medsa(prec, b, fused=True, q128=False):
     for r in medsa:
-        if r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused:
+        if (r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused
+                and r.get("attn_q128", False) == q128):
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
     return None
@@ -407,6 +411,7 @@ def find_torch(mode, b):
 
 rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
         ("medsa bf16 unfused (MEDSA_FUSE=0)", lambda b: find_medsa("bf16", b, False)),
+        ("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", lambda b: find_medsa("bf16", b, True, True)),
         ("medsa f32", lambda b: find_medsa("f32", b)),
         ("torch fp32", lambda b: find_torch("fp32", b)),
         ("torch bf16 autocast", lambda b: find_torch("bf16_autocast", b)),
@@ -458,6 +463,8 @@ for ref in ("torch bf16 autocast", "torch bf16 autocast + SDPA"):
     lines.append(f"medsa bf16 / {ref} images/s: " + ", ".join(parts) + "  ")
 a, u = ips.get(("medsa bf16", 8)), ips.get(("medsa bf16 unfused (MEDSA_FUSE=0)", 8))
 lines.append("medsa bf16 fused / unfused images/s, B=8: " + (f"{a / u:.3f}×" if a and u else "—") + "  ")
+q = ips.get(("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", 8))
+lines.append("medsa bf16 128-query / 64-query attention images/s, B=8: " + (f"{q / a:.3f}×" if a and q else "—") + "  ")
 lines.append("")
 
 # ---- training (issue 4) ----

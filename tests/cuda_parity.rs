@@ -6,7 +6,11 @@
 mod common;
 
 use medsa::backend::cuda::{driver_present, Cuda, Precision};
+use medsa::backend::{Backend, RelPos};
+use medsa::medsa::depth_branch::depth_grid;
+use medsa::sam::random::Rng;
 use medsa::selftest::{self, Tolerance};
+use medsa::tensor::Tensor;
 
 /// Writes straight to stderr: libtest captures `println!`, and a skip must be visible in CI logs.
 fn skip(why: &str) {
@@ -65,4 +69,146 @@ fn missing_device_is_an_error_not_a_panic() {
         Ok(_) => panic!("cuda:999 opened"),
         Err(e) => assert!(e.to_string().contains("cuda:999"), "{e}"),
     }
+}
+
+/// Runs `f` on the 64-query kernel and on the 128-query variant (`MEDSA_ATTN_Q128`) and
+/// requires bit-identical outputs: the variant changes which warp computes a row, not a single
+/// operation of that row's arithmetic.
+fn same_on_both_kernels(
+    be: &mut Cuda,
+    name: &str,
+    f: impl Fn(&Cuda) -> medsa::Result<<Cuda as Backend>::Tensor>,
+) -> Option<String> {
+    let mut outs: Vec<Tensor> = Vec::new();
+    for q128 in [false, true] {
+        be.set_attention_q128(q128);
+        let y = f(be).and_then(|y| be.download(&y));
+        match y {
+            Ok(y) => outs.push(y),
+            Err(e) => return Some(format!("{name} (q128 {q128}): {e}")),
+        }
+    }
+    be.set_attention_q128(false);
+    let (a, b) = (outs[0].data(), outs[1].data());
+    let diff = a
+        .iter()
+        .zip(b)
+        .position(|(x, y)| x.to_bits() != y.to_bits());
+    match diff {
+        None if a.len() == b.len() => {
+            println!("ok    {name}: {} values bit-identical", a.len());
+            None
+        }
+        None => Some(format!("{name}: lengths {} vs {}", a.len(), b.len())),
+        Some(i) => Some(format!(
+            "{name}: first difference at {i}: {} (64-query) vs {} (128-query)",
+            a[i], b[i]
+        )),
+    }
+}
+
+#[test]
+fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
+    let Some(mut be) = device(Precision::Bf16) else {
+        return;
+    };
+    let mut rng = Rng::new(128);
+    let d = 64;
+    let mut failures = Vec::new();
+    // (batch, Lq, Lk, heads, rel grids): partial last query tiles (Lq = 196, 37, 200), Lq < 128,
+    // Lq != Lk, and the global 64 x 64 grid (whole-tile rel-pos path).
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<((usize, usize), (usize, usize))>,
+    );
+    let cases: &[Case] = &[
+        (3, 196, 196, 2, Some(((14, 14), (14, 14)))),
+        (2, 37, 53, 3, None),
+        (2, 200, 7, 2, None),
+        (1, 4096, 4096, 2, Some(((64, 64), (64, 64)))),
+        (2, 35, 35, 2, Some(((5, 7), (5, 7)))),
+    ];
+    for &(bsz, lq, lk, h, grid) in cases {
+        let host = [
+            rng.tensor(&[bsz, lq, h * d], 1.0),
+            rng.tensor(&[bsz, lk, h * d], 1.0),
+            rng.tensor(&[bsz, lk, h * d], 1.0),
+        ];
+        let tables = grid.map(|((qh, qw), (kh, kw))| {
+            (rng.tensor(&[qh, kh, d], 0.2), rng.tensor(&[qw, kw, d], 0.2))
+        });
+        let x: Vec<_> = host.iter().map(|t| be.upload(t).unwrap()).collect();
+        let rel_dev = tables
+            .as_ref()
+            .map(|(a, b)| (be.upload(a).unwrap(), be.upload(b).unwrap()));
+        let name = format!("attention b{bsz} {lq}x{lk} h{h} rel {}", grid.is_some());
+        let scale = (d as f32).powf(-0.5);
+        failures.extend(same_on_both_kernels(&mut be, &name, |b| {
+            let rel = match (&rel_dev, grid) {
+                (Some((rh, rw)), Some((qg, kg))) => Some(RelPos {
+                    rh,
+                    rw,
+                    q_grid: qg,
+                    k_grid: kg,
+                }),
+                _ => None,
+            };
+            b.attention(&x[0], &x[1], &x[2], h, scale, rel)
+        }));
+    }
+    // Windows of a 20 x 23 map (padded on both axes, pad rows read from `pad`) and the depth
+    // map (SD-Trans, 5 slices): the token-row maps of the fused path.
+    let h = 2;
+    let scale = (d as f32).powf(-0.5);
+    let qkv = be
+        .upload(&rng.tensor(&[2, 20, 23, 3 * h * d], 1.0))
+        .unwrap();
+    let pad = be.upload(&rng.tensor(&[3 * h * d], 1.0)).unwrap();
+    let (rh, rw) = (
+        be.upload(&rng.tensor(&[7, 7, d], 0.2)).unwrap(),
+        be.upload(&rng.tensor(&[7, 7, d], 0.2)).unwrap(),
+    );
+    failures.extend(same_on_both_kernels(
+        &mut be,
+        "attention_qkv_windowed 2x20x23 ws 7",
+        |b| {
+            let rel = RelPos::within(&rh, &rw, (7, 7));
+            b.attention_qkv_windowed(&qkv, &pad, 7, h, scale, Some(rel))
+        },
+    ));
+    let depth = 6;
+    let (gh, gw) = depth_grid(depth);
+    let vol = be
+        .upload(&rng.tensor(&[2 * depth, 6, 7, 3 * h * d], 1.0))
+        .unwrap();
+    let (dh, dw) = (
+        be.upload(&rng.tensor(&[gh, gh, d], 0.2)).unwrap(),
+        be.upload(&rng.tensor(&[gw, gw, d], 0.2)).unwrap(),
+    );
+    failures.extend(same_on_both_kernels(
+        &mut be,
+        "attention_qkv_depth 2 volumes x 6 slices of 6x7",
+        |b| {
+            let rel = RelPos::within(&dh, &dw, (gh, gw));
+            b.attention_qkv_depth(&vol, depth, h, scale, Some(rel))
+        },
+    ));
+    // And against the CPU reference: the variant through the op self-tests (random inputs,
+    // bf16 tolerance) and the whole model on the fixtures, fused path.
+    be.set_attention_q128(true);
+    let mut checks = selftest::ops(&be, Tolerance::BF16);
+    be.set_fusion(true);
+    checks.extend(selftest::model(
+        &be,
+        &common::fixtures_dir(),
+        Tolerance::BF16_MODEL,
+    ));
+    let failed = selftest::report(&checks);
+    assert!(
+        failures.is_empty() && failed == 0,
+        "128-query attention: {failures:#?}, {failed} CPU parity checks failed"
+    );
 }

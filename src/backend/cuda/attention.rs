@@ -247,6 +247,17 @@ impl Cuda {
             TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
         };
         let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
+        // The 128-query variant when chosen, built (bf16, d = 64) and given enough shared memory.
+        let smem_q128 = attention_smem_q128(rel.is_some(), kh, kw);
+        let (kernel, rows, smem) = if self.attn_q128
+            && self.precision == Precision::Bf16
+            && d == 64
+            && smem_q128 as i64 <= self.max_smem_optin as i64
+        {
+            ("attention_q128", 128, smem_q128)
+        } else {
+            ("attention", 64, smem)
+        };
         let detail = || {
             format!(
                 "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{}",
@@ -258,8 +269,8 @@ impl Cuda {
             for b_off in (0..b).step_by(65535) {
                 let nb = (b - b_off).min(65535);
                 self.launch(
-                    "attention",
-                    (lq.div_ceil(64) as u32, heads as u32, nb as u32),
+                    kernel,
+                    (lq.div_ceil(rows) as u32, heads as u32, nb as u32),
                     (128, 1, 1),
                     smem as u32,
                     &[
@@ -317,4 +328,11 @@ fn attention_smem(precision: Precision, d: usize, rel: bool, kh: usize, kw: usiz
         _ => 128,
     };
     4 * (64 * (dp + 1) * 2 + 64 * dp + 64 * 65 + 64 * r)
+}
+
+/// Dynamic shared memory of `attention_q128` (d = 64; `SMEM_TC2` of `kernels/attention.cu`'s
+/// header): bf16 Q [128][72], K and V [64][72], and `128 x (kh + kw + 2)` f32 rel-pos terms.
+fn attention_smem_q128(rel: bool, kh: usize, kw: usize) -> usize {
+    let rp = if rel { kh + kw + 2 } else { 0 };
+    2 * (128 + 2 * 64) * 72 + 4 * 128 * rp
 }

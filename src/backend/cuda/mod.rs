@@ -151,6 +151,9 @@ pub struct Cuda {
     /// until a device run has verified and measured it, see docs/PERF.md). The fused ops
     /// themselves always run their kernels when called.
     fuse: bool,
+    /// bf16 attention with head dim 64 on the 128-query kernel variant (`MEDSA_ATTN_Q128=1`; off
+    /// by default until a device run has verified and measured it, see docs/PERF.md).
+    attn_q128: bool,
     /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -211,6 +214,7 @@ impl Cuda {
             precision,
             max_smem_optin,
             fuse: std::env::var("MEDSA_FUSE").is_ok_and(|v| v == "1"),
+            attn_q128: std::env::var("MEDSA_ATTN_Q128").is_ok_and(|v| v == "1"),
             profile: std::env::var("MEDSA_PROFILE")
                 .ok()
                 .filter(|v| v == "1")
@@ -260,6 +264,19 @@ impl Cuda {
     /// check both.
     pub fn set_fusion(&mut self, on: bool) {
         self.fuse = on;
+    }
+
+    /// Whether bf16 attention with head dim 64 runs the 128-query kernel variant
+    /// (`MEDSA_ATTN_Q128=1` at start-up; it needs ~101 KB of shared memory with the rel-pos
+    /// terms of a 64x64 grid, so cards that allow less fall back to the 64-query kernel).
+    pub fn attention_q128(&self) -> bool {
+        self.attn_q128
+    }
+
+    /// Chooses the attention kernel variant regardless of `MEDSA_ATTN_Q128`: for tests and
+    /// benches that compare both.
+    pub fn set_attention_q128(&mut self, on: bool) {
+        self.attn_q128 = on;
     }
 
     /// Storage precision.

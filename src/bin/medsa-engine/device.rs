@@ -43,6 +43,17 @@ impl Dev {
         }
     }
 
+    /// Whether attention runs the 128-query kernel variant (`MEDSA_ATTN_Q128=1`, CUDA bf16).
+    pub(super) fn attention_q128(&self) -> bool {
+        match self {
+            Dev::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => {
+                c.attention_q128() && c.precision() == medsa::backend::cuda::Precision::Bf16
+            }
+        }
+    }
+
     pub(super) fn take_profile(&self) -> Vec<(String, u64, f64)> {
         match self {
             Dev::Cpu(_) => Vec::new(),
