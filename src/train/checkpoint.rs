@@ -45,7 +45,7 @@
 //! padded to 6 x 6, more than half padding) low-res logits of rms 1.7 move by up to 0.24; vit_b/l/h
 //! at 1024 pad 64 to 70 (the last window row and column). When the grid is a multiple of the
 //! window (896 or 448 pixels for SAM's window of 14) the start is exact, as are decoder adapters
-//! and depth adapters everywhere (tests/train_data.rs checks all three).
+//! and depth adapters everywhere (tests/train_data/ checks all three).
 //!
 //! The optimiser state for resuming: [`save_state`], [`load_state`], [`TrainState`].
 
