@@ -40,9 +40,18 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         ));
     }
 
+    // CUDA takes a warp-per-row kernel when C is a multiple of its 16-byte vector (8 in bf16,
+    // 4 in f32) and at most 2048: rows not a multiple of 4 (its rows per block), C = 1000 (a
+    // partly used last vector round), 1284 (a warp row in f32 only), 2048 (all registers); and
+    // the block kernel for 2500, 12 in bf16 and 1.
     for (shape, beta) in [
         (vec![5, 7, 96], 1.0),
+        (vec![9, 768], 1.0),
+        (vec![3, 1000], 0.5),
+        (vec![2, 1284], 1.0),
+        (vec![2, 2048], 1.0),
         (vec![3, 2500], 0.5),
+        (vec![6, 12], 1.0),
         (vec![1, 1], 1.0),
     ] {
         let c = *shape.last().unwrap();

@@ -79,9 +79,21 @@ impl Cuda {
         let y = self.empty(&a.shape)?;
         let rows = a.numel() / c.max(1);
         if rows > 0 && c > 0 {
+            // One warp per row with 16-byte vectors when the row fits its registers and every
+            // buffer is aligned (the pool's blocks are); the block-per-row kernel otherwise.
+            let vec = 16 / self.precision.size();
+            let aligned = [a.ptr(), b.ptr(), s.ptr(), g.ptr(), bias.ptr(), y.ptr()]
+                .iter()
+                .all(|p| p % 16 == 0);
+            let warp = aligned && c % vec == 0 && c <= 2048;
+            let (kernel, grid) = if warp {
+                ("add_layernorm_warp", rows.div_ceil(4))
+            } else {
+                ("add_layernorm", rows)
+            };
             self.launch(
-                "add_layernorm",
-                (rows as u32, 1, 1),
+                kernel,
+                (grid as u32, 1, 1),
                 (128, 1, 1),
                 0,
                 &[
