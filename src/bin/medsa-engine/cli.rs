@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use medsa::medsa::depth_branch::DepthMode;
 use medsa::pipeline::Preset;
 
 #[derive(Parser)]
@@ -447,6 +448,14 @@ pub(super) struct SegmentArgs {
     /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
     #[arg(long, default_value = "f32")]
     pub(super) precision: String,
+}
+
+/// The library's depth-attention mode for a `--depth-mode` value.
+pub(super) fn depth_mode_of(m: DepthModeArg) -> DepthMode {
+    match m {
+        DepthModeArg::PerToken => DepthMode::PerToken,
+        DepthModeArg::Compat => DepthMode::Compat,
+    }
 }
 
 pub(super) fn preset_of(p: PresetArg) -> Preset {

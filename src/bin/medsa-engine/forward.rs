@@ -8,13 +8,12 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 
 use medsa::backend::Backend;
-use medsa::medsa::depth_branch::DepthMode;
 use medsa::sam::model::postprocess_masks;
 use medsa::sam::{DepthSpec, MaskOutput, Prompts, Trace};
 use medsa::weights::{save_safetensors, SafetensorsFile};
 use medsa::Tensor;
 
-use crate::cli::DepthModeArg;
+use crate::cli::{depth_mode_of, DepthModeArg};
 use crate::device::ModelSource;
 
 fn parse_pair(s: &str, what: &str) -> Result<(usize, usize)> {
@@ -95,10 +94,7 @@ pub(super) fn forward<B: Backend>(
     };
     let depth = (d > 0).then_some(DepthSpec {
         d,
-        mode: match depth_mode {
-            DepthModeArg::PerToken => DepthMode::PerToken,
-            DepthModeArg::Compat => DepthMode::Compat,
-        },
+        mode: depth_mode_of(depth_mode),
     });
     let hw = (s[2], s[3]);
     let pick = |arg: Option<String>, key: &str| -> Result<(usize, usize)> {

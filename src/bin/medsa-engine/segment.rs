@@ -9,13 +9,12 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use medsa::backend::Backend;
 use medsa::batch;
-use medsa::medsa::depth_branch::DepthMode;
-use medsa::pipeline::{self, Preset};
+use medsa::pipeline;
 use medsa::sam::model::postprocess_masks;
 use medsa::sam::{MaskOutput, Prompts, Trace};
 use medsa::Tensor;
 
-use crate::cli::{preset_arg, preset_of, DepthModeArg, PresetArg, SegmentArgs};
+use crate::cli::{depth_mode_of, preset_arg, preset_of, PresetArg, SegmentArgs};
 use crate::device::ModelSource;
 
 fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
@@ -114,10 +113,7 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
             (None, None) => batch::Intensity::parse("ct")?,
         },
         chunk: a.chunk,
-        depth_mode: match a.depth_mode {
-            DepthModeArg::PerToken => DepthMode::PerToken,
-            DepthModeArg::Compat => DepthMode::Compat,
-        },
+        depth_mode: depth_mode_of(a.depth_mode),
         batch_size: a.batch_size,
         skip_existing: a.skip_existing,
         multimask: a.multimask,
@@ -195,11 +191,7 @@ fn segment<B: Backend>(
         );
     }
     let img = pipeline::load_image(image)?;
-    let preset = match preset {
-        PresetArg::Sam => Preset::Sam,
-        PresetArg::Medsa => Preset::Medsa,
-    };
-    let prep = pipeline::prepare(&img, sh, preset)?;
+    let prep = pipeline::prepare(&img, sh, preset_of(preset))?;
     let (oh, ow) = prep.original_size;
     let inside = |x: f32, y: f32, what: &str| -> Result<()> {
         if x < 0.0 || y < 0.0 || x > ow as f32 || y > oh as f32 {
