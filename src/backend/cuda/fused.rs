@@ -84,8 +84,8 @@ impl Cuda {
             let vec = 16 / self.precision.size();
             let aligned = [a.ptr(), b.ptr(), s.ptr(), g.ptr(), bias.ptr(), y.ptr()]
                 .iter()
-                .all(|p| p % 16 == 0);
-            let warp = aligned && c % vec == 0 && c <= 2048;
+                .all(|p| p.is_multiple_of(16));
+            let warp = aligned && c.is_multiple_of(vec) && c <= 2048;
             let (kernel, grid) = if warp {
                 ("add_layernorm_warp", rows.div_ceil(4))
             } else {
