@@ -311,6 +311,8 @@ impl Cuda {
                 }
                 let h = match r {
                     Ok(h) => h,
+                    // Any failure to find a GELU-epilogue algorithm (NOT_SUPPORTED is the
+                    // usual one) only costs speed: the caller applies the exact GELU kernel.
                     Err(_) if epi.gelu => {
                         blas.algos.lock().unwrap().insert(key, None);
                         return Ok(false);

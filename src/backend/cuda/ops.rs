@@ -429,9 +429,10 @@ impl Backend for Cuda {
         // differ by at most 4.8e-4 in absolute terms (at x = -2.7, where gelu is -0.0094;
         // under 2e-6 for |x| < 0.25): an eighth of bf16's rounding step at 1.0, the scale of
         // the MLP activations, though large relative to the small negative tail values
-        // themselves. The fused path in bf16 takes the epilogue (one pass less over the MLP's
-        // widest activation, [tokens, 4 * dim]); f32 parity mode and the op-by-op path keep the
-        // exact kernel.
+        // themselves. With fusion on (MEDSA_FUSE=1) in bf16, every GELU linear takes the
+        // epilogue: the MLPs' lin1 (one pass less over their widest activation,
+        // [tokens, 4 * dim]) and the adapters' fc1, in fused and unfusable blocks alike; f32
+        // parity mode and fusion off keep the exact kernel.
         let epilogue_gelu = act == Act::Gelu && self.precision == Precision::Bf16 && self.fuse;
         let (y, applied) = self.linear_ex(x, w, b, m, epilogue_gelu, None, 1.0)?;
         match act {
