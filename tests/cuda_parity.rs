@@ -5,31 +5,15 @@
 
 mod common;
 
-use medsa::backend::cuda::{driver_present, Cuda, Precision};
+use medsa::backend::cuda::{Cuda, Precision};
 use medsa::backend::{Backend, RelPos};
 use medsa::medsa::depth_branch::depth_grid;
 use medsa::sam::random::Rng;
 use medsa::selftest::{self, Tolerance};
 use medsa::tensor::Tensor;
 
-/// Writes straight to stderr: libtest captures `println!`, and a skip must be visible in CI logs.
-fn skip(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "cuda_parity: SKIPPED: {why}");
-}
-
 fn device(p: Precision) -> Option<Cuda> {
-    if !driver_present() {
-        skip("no NVIDIA driver (libcuda.so) on this machine");
-        return None;
-    }
-    match Cuda::new(0, p) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            skip(&format!("no usable CUDA device: {e}"));
-            None
-        }
-    }
+    common::cuda_device("cuda_parity", p)
 }
 
 fn check(p: Precision, op_tol: Tolerance, model_tol: Tolerance) {

@@ -107,3 +107,28 @@ pub fn rms(t: &Tensor) -> f32 {
 pub fn fixture_ext(case: &str, file: &str, ext: &str) -> PathBuf {
     fixtures_dir().join(case).join(format!("{file}.{ext}"))
 }
+
+/// The first CUDA device in precision `p`, or `None` after printing why the calling test
+/// binary (`who`) skips: no driver, or no usable device. Written straight to stderr, since
+/// libtest captures `println!` and a skip must be visible in CI logs.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(
+    who: &str,
+    p: medsa::backend::cuda::Precision,
+) -> Option<medsa::backend::cuda::Cuda> {
+    use std::io::Write;
+    let skip = |why: &str| {
+        let _ = writeln!(std::io::stderr(), "{who}: SKIPPED: {why}");
+    };
+    if !medsa::backend::cuda::driver_present() {
+        skip("no NVIDIA driver (libcuda.so) on this machine");
+        return None;
+    }
+    match medsa::backend::cuda::Cuda::new(0, p) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            skip(&format!("no usable CUDA device: {e}"));
+            None
+        }
+    }
+}

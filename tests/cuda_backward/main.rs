@@ -16,35 +16,21 @@
 //!   without hiding indexing bugs (those give errors of the order of the values themselves).
 #![cfg(feature = "cuda")]
 
+#[path = "../common/mod.rs"]
+mod common;
 mod determinism_and_errors;
 mod finite_differences;
 mod op_parity;
 
 use medsa::backend::cpu::Cpu;
-use medsa::backend::cuda::{driver_present, Cuda, Precision};
+use medsa::backend::cuda::{Cuda, Precision};
 use medsa::backend::{Backend, RelPos};
 use medsa::sam::random::Rng;
 use medsa::selftest::{compare, report, Check, Tolerance};
 use medsa::Tensor;
 
-/// Writes straight to stderr: libtest captures `println!`, and a skip must be visible in CI logs.
-fn skip(why: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "cuda_backward: SKIPPED: {why}");
-}
-
 fn device(p: Precision) -> Option<Cuda> {
-    if !driver_present() {
-        skip("no NVIDIA driver (libcuda.so) on this machine");
-        return None;
-    }
-    match Cuda::new(0, p) {
-        Ok(c) => Some(c),
-        Err(e) => {
-            skip(&format!("no usable CUDA device: {e}"));
-            None
-        }
-    }
+    common::cuda_device("cuda_backward", p)
 }
 
 /// See the file header.
