@@ -11,18 +11,19 @@
 //   in one pass (s may alias a; y must not alias a, r or s).
 //
 // add_layernorm_warp_<t>(same arguments as add_layernorm_<t>)
-//   The same computation with one warp per row: 16-byte vector loads and stores (VEC = 8
+// layernorm_warp_<t>(same arguments as layernorm_<t>)
+//   The same computations with one warp per row: 16-byte vector loads and stores (VEC = 8
 //   elements for bf16, 4 for f32), the row kept in registers, shuffle reductions (no shared
 //   memory, no barrier). s is identical to add_layernorm's; y agrees to f32 rounding (the
-//   mean and variance are summed in another order). Requires C % VEC == 0, C <= 2048, and a,
-//   r, s, g, b, y 16-byte aligned: the launcher takes add_layernorm_<t> otherwise.
+//   mean and variance are summed in another order). Requires C % VEC == 0, C <= 2048, and
+//   every pointer 16-byte aligned: the launchers take the block kernels otherwise.
 //
 // Launch geometry: layernorm_<t>, add_layernorm_<t>: grid = (rows, 1, 1), block = (128, 1, 1),
 //   dynamic shared memory = 0. (block MUST be 128: each thread caches up to 16 elements of its
 //   row in registers, which covers C <= 2048; larger C still works, the excess is re-read from
 //   global memory.)
-//   add_layernorm_warp_<t>: grid = (ceil(rows/4), 1, 1), block = (128, 1, 1) (warp w of block x
-//   normalises row 4x + w), dynamic shared memory = 0.
+//   add_layernorm_warp_<t>, layernorm_warp_<t>: grid = (ceil(rows/4), 1, 1), block = (128, 1,
+//   1) (warp w of block x normalises row 4x + w), dynamic shared memory = 0.
 #include "common.cuh"
 
 #define LN_THREADS 128
@@ -125,7 +126,7 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_body<__nv_bfloat16>(a, r, beta, s, g, b, y, rows, C, eps);
 }
 
-// ---- one warp per row, vectorised (add_layernorm_warp_<t>) ----------------------------------
+// ---- one warp per row, vectorised (add_layernorm_warp_<t>, layernorm_warp_<t>) ---------------
 // Elements per 16-byte vector (N) and vectors per lane kept in registers (K): 32*N*K = 2048.
 template <typename T>
 struct LnVec;
@@ -166,6 +167,8 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = u;
 }
 
+// r == nullptr: plain LayerNorm of a (s unused). Otherwise the row is s = a + beta * r, written
+// to s.
 template <typename T>
 __device__ __forceinline__ void add_layernorm_warp_body(const T* a, const T* r, float beta, T* s,
                                                         const T* __restrict__ g,
@@ -186,15 +189,16 @@ __device__ __forceinline__ void add_layernorm_warp_body(const T* a, const T* r, 
         for (int i = 0; i < N; ++i) e[k][i] = 0.f;
         if (vi < nv) {
             const long long c = off + (long long)vi * N;
-            float x[N], rv[N];
-            load_vec(a + c, x);
-            load_vec(r + c, rv);
+            load_vec(a + c, e[k]);
+            if (r) {
+                float rv[N];
+                load_vec(r + c, rv);
 #pragma unroll
-            for (int i = 0; i < N; ++i) {
-                e[k][i] = as_stored(a, x[i] + beta * rv[i]);
-                sum += e[k][i];
+                for (int i = 0; i < N; ++i) e[k][i] = as_stored(a, e[k][i] + beta * rv[i]);
+                store_vec(s + c, e[k]);
             }
-            store_vec(s + c, e[k]);
+#pragma unroll
+            for (int i = 0; i < N; ++i) sum += e[k][i];
         }
     }
     const float mean = warp_sum(sum) / (float)C;
@@ -234,4 +238,14 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS)
                             __nv_bfloat16* s, const __nv_bfloat16* g, const __nv_bfloat16* b,
                             __nv_bfloat16* y, int rows, int C, float eps) {
     add_layernorm_warp_body<__nv_bfloat16>(a, r, beta, s, g, b, y, rows, C, eps);
+}
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    layernorm_warp_f32(const float* x, const float* g, const float* b, float* y, int rows, int C,
+                       float eps) {
+    add_layernorm_warp_body<float>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
+}
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    layernorm_warp_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g, const __nv_bfloat16* b,
+                        __nv_bfloat16* y, int rows, int C, float eps) {
+    add_layernorm_warp_body<__nv_bfloat16>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
 }

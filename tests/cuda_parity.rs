@@ -184,9 +184,10 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     // and depth attention on random inputs, bf16 tolerance; the plain attention shapes are
     // covered by the bit-identity checks above, and the whole op set already ran in
     // cuda_bf16_matches_cpu_reference) and the whole model on the fixtures, fused path.
+    // Fusion on also selects the warp-per-row LayerNorm kernels, which these cases cover.
     be.set_attention_q128(true);
-    let mut checks = selftest::fused_ops(&be, Tolerance::BF16);
     be.set_fusion(true);
+    let mut checks = selftest::fused_ops(&be, Tolerance::BF16);
     checks.extend(selftest::model(
         &be,
         &common::fixtures_dir(),

@@ -40,10 +40,10 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         ));
     }
 
-    // CUDA takes a warp-per-row kernel when C is a multiple of its 16-byte vector (8 in bf16,
-    // 4 in f32) and at most 2048: rows not a multiple of 4 (its rows per block), C = 1000 (a
-    // partly used last vector round), 1284 (a warp row in f32 only), 2048 (all registers); and
-    // the block kernel for 2500, 12 in bf16 and 1.
+    // CUDA takes a warp-per-row kernel (for layer_norm: with fusion on) when C is a multiple
+    // of its 16-byte vector (8 in bf16, 4 in f32) and at most 2048: rows not a multiple of 4
+    // (its rows per block), C = 1000 (a partly used last vector round), 1284 (a warp row in f32
+    // only), 2048 (all registers); and the block kernel for 2500, 12 in bf16 and 1.
     for (shape, beta) in [
         (vec![5, 7, 96], 1.0),
         (vec![9, 768], 1.0),
@@ -67,6 +67,16 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                 let (s, y) = b.add_layer_norm(&x[0], &x[1], beta, &x[2], &x[3], 1e-6)?;
                 Ok(vec![s, y])
             }
+        ));
+        // Plain LayerNorm on the same shapes: CUDA's warp kernel when fusion is on.
+        let ins = [r(&shape, 1.0), r(&[c], 1.0), r(&[c], 0.5)];
+        out.push(both!(
+            be,
+            &cpu,
+            format!("layer_norm {shape:?}"),
+            ins,
+            tol,
+            |b, x| b.layer_norm(&x[0], &x[1], &x[2], 1e-6)
         ));
     }
 

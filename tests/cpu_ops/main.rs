@@ -101,6 +101,6 @@ fn gelu_ref(x: f64) -> f64 {
 #[test]
 fn selftest_fused_cases_run_on_the_cpu() {
     let checks = medsa::selftest::fused_ops(&Cpu::new(), medsa::selftest::Tolerance::F32);
-    assert_eq!(checks.len(), 4 + 8 * 2 + 5 + 4);
+    assert_eq!(checks.len(), 4 + 8 * 3 + 5 + 4);
     assert_eq!(medsa::selftest::report(&checks), 0);
 }

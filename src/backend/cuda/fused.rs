@@ -56,6 +56,15 @@ impl Cuda {
     }
 
     /// [`Backend::add_layer_norm`](crate::backend::Backend::add_layer_norm) on this device.
+    /// Whether rows of `c` elements in `ts` suit the warp-per-row LayerNorm kernels
+    /// (`kernels/layernorm.cu`): the row fits a warp's registers (at most 2048 elements, a
+    /// whole number of 16-byte vectors) and every buffer is 16-byte aligned (the pool's blocks
+    /// are). Otherwise the block-per-row kernels run.
+    pub(super) fn layernorm_warp_fits(&self, c: usize, ts: &[&CudaTensor]) -> bool {
+        let vec = 16 / self.precision.size();
+        c.is_multiple_of(vec) && c <= 2048 && ts.iter().all(|t| t.ptr().is_multiple_of(16))
+    }
+
     pub(super) fn add_layer_norm_impl(
         &self,
         a: &CudaTensor,
@@ -79,13 +88,7 @@ impl Cuda {
         let y = self.empty(&a.shape)?;
         let rows = a.numel() / c.max(1);
         if rows > 0 && c > 0 {
-            // One warp per row with 16-byte vectors when the row fits its registers and every
-            // buffer is aligned (the pool's blocks are); the block-per-row kernel otherwise.
-            let vec = 16 / self.precision.size();
-            let aligned = [a.ptr(), b.ptr(), s.ptr(), g.ptr(), bias.ptr(), y.ptr()]
-                .iter()
-                .all(|p| p.is_multiple_of(16));
-            let warp = aligned && c.is_multiple_of(vec) && c <= 2048;
+            let warp = self.layernorm_warp_fits(c, &[a, b, &s, g, bias, &y]);
             let (kernel, grid) = if warp {
                 ("add_layernorm_warp", rows.div_ceil(4))
             } else {

@@ -147,9 +147,9 @@ pub struct Cuda {
     precision: Precision,
     name: String,
     max_smem_optin: i32,
-    /// The model's fused path and the GELU epilogue (`MEDSA_FUSE=1`; off by default on CUDA
-    /// until a device run has verified and measured it, see docs/PERF.md). The fused ops
-    /// themselves always run their kernels when called.
+    /// The model's fused path, the GELU epilogue and the warp-per-row `layer_norm` kernel
+    /// (`MEDSA_FUSE=1`; off by default on CUDA until a device run has verified and measured
+    /// them, see docs/PERF.md). The fused ops themselves always run their kernels when called.
     fuse: bool,
     /// bf16 attention with head dim 64 on the 128-query kernel variant (`MEDSA_ATTN_Q128=1`; off
     /// by default until a device run has verified and measured it, see docs/PERF.md).

@@ -503,9 +503,17 @@ impl Backend for Cuda {
         let y = self.empty(&x.shape)?;
         let rows = x.numel() / c.max(1);
         if rows > 0 && c > 0 {
+            // The warp-per-row kernel rides with the fused path (MEDSA_FUSE=1) until a device
+            // run has verified it; the block-per-row kernel is the verified default.
+            let warp = self.fuse && self.layernorm_warp_fits(c, &[x, g, b, &y]);
+            let (kernel, grid) = if warp {
+                ("layernorm_warp", rows.div_ceil(4))
+            } else {
+                ("layernorm", rows)
+            };
             self.launch(
-                "layernorm",
-                (rows as u32, 1, 1),
+                kernel,
+                (grid as u32, 1, 1),
                 (128, 1, 1),
                 0,
                 &[
