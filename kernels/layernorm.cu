@@ -170,7 +170,7 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float* v) {
 // r == nullptr: plain LayerNorm of a (s unused). Otherwise the row is s = a + beta * r, written
 // to s.
 template <typename T>
-__device__ __forceinline__ void add_layernorm_warp_body(const T* a, const T* r, float beta, T* s,
+__device__ __forceinline__ void layernorm_warp_body(const T* a, const T* r, float beta, T* s,
                                                         const T* __restrict__ g,
                                                         const T* __restrict__ bb, T* y,
                                                         int rows, int C, float eps) {
@@ -231,21 +231,21 @@ __device__ __forceinline__ void add_layernorm_warp_body(const T* a, const T* r, 
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     add_layernorm_warp_f32(const float* a, const float* r, float beta, float* s, const float* g,
                            const float* b, float* y, int rows, int C, float eps) {
-    add_layernorm_warp_body<float>(a, r, beta, s, g, b, y, rows, C, eps);
+    layernorm_warp_body<float>(a, r, beta, s, g, b, y, rows, C, eps);
 }
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     add_layernorm_warp_bf16(const __nv_bfloat16* a, const __nv_bfloat16* r, float beta,
                             __nv_bfloat16* s, const __nv_bfloat16* g, const __nv_bfloat16* b,
                             __nv_bfloat16* y, int rows, int C, float eps) {
-    add_layernorm_warp_body<__nv_bfloat16>(a, r, beta, s, g, b, y, rows, C, eps);
+    layernorm_warp_body<__nv_bfloat16>(a, r, beta, s, g, b, y, rows, C, eps);
 }
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_warp_f32(const float* x, const float* g, const float* b, float* y, int rows, int C,
                        float eps) {
-    add_layernorm_warp_body<float>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
+    layernorm_warp_body<float>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
 }
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_warp_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g, const __nv_bfloat16* b,
                         __nv_bfloat16* y, int rows, int C, float eps) {
-    add_layernorm_warp_body<__nv_bfloat16>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
+    layernorm_warp_body<__nv_bfloat16>(x, nullptr, 0.f, nullptr, g, b, y, rows, C, eps);
 }

@@ -55,7 +55,6 @@ impl Cuda {
         Ok(y)
     }
 
-    /// [`Backend::add_layer_norm`](crate::backend::Backend::add_layer_norm) on this device.
     /// Whether rows of `c` elements in `ts` suit the warp-per-row LayerNorm kernels
     /// (`kernels/layernorm.cu`): the row fits a warp's registers (at most 2048 elements, a
     /// whole number of 16-byte vectors) and every buffer is 16-byte aligned (the pool's blocks
@@ -65,6 +64,7 @@ impl Cuda {
         c.is_multiple_of(vec) && c <= 2048 && ts.iter().all(|t| t.ptr().is_multiple_of(16))
     }
 
+    /// [`Backend::add_layer_norm`](crate::backend::Backend::add_layer_norm) on this device.
     pub(super) fn add_layer_norm_impl(
         &self,
         a: &CudaTensor,
