@@ -137,6 +137,7 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
                     rw,
                     q_grid: qg,
                     k_grid: kg,
+                    shift_invariant: false,
                 }),
                 _ => None,
             };

@@ -47,6 +47,13 @@ pub struct RelPos<'a, T> {
     pub q_grid: (usize, usize),
     /// Key grid `(kh, kw)`; `Lk = kh * kw`.
     pub k_grid: (usize, usize),
+    /// The caller's promise that the tables depend on the offset only: `q_grid == k_grid` and
+    /// `rh[qy, ky]` is a function of `qy - ky` (likewise `rw`), as SAM's gathered tables on one
+    /// grid are. A backend may then compute the bias terms as one product with the `2k - 1`
+    /// distinct rows (the CUDA tensor-core kernel does, when asked); the result is the same
+    /// either way. False promises give wrong biases, so set it only through
+    /// [`RelPos::shift_invariant`] on tables built that way.
+    pub shift_invariant: bool,
 }
 
 impl<'a, T> RelPos<'a, T> {
@@ -57,6 +64,17 @@ impl<'a, T> RelPos<'a, T> {
             rw,
             q_grid: grid,
             k_grid: grid,
+            shift_invariant: false,
+        }
+    }
+
+    /// [`RelPos::within`] for tables whose entries depend on the offset only
+    /// (`rh[qy, ky] = t[qy - ky + gh - 1]` for some table `t` of `2 gh - 1` rows, likewise `rw`):
+    /// what `sam::rel_pos::gather` returns for equal query and key sides.
+    pub fn shift_invariant(rh: &'a T, rw: &'a T, grid: (usize, usize)) -> Self {
+        RelPos {
+            shift_invariant: true,
+            ..Self::within(rh, rw, grid)
         }
     }
 }

@@ -57,12 +57,12 @@ impl<B: Backend> Block<B> {
         let qkv = att.qkv.forward(be, &xn, Act::None)?;
         let o = if ws > 0 {
             let (rh, rw) = att.rel_tables(be, ws, ws)?;
-            let rel = RelPos::within(&rh, &rw, (ws, ws));
+            let rel = RelPos::shift_invariant(&rh, &rw, (ws, ws));
             let pad = self.pad_projection(be, c)?;
             be.attention_qkv_windowed(&qkv, &pad, ws, heads, scale, Some(rel))?
         } else {
             let (rh, rw) = att.rel_tables(be, h, w)?;
-            let rel = RelPos::within(&rh, &rw, (h, w));
+            let rel = RelPos::shift_invariant(&rh, &rw, (h, w));
             let q3 = be.reshape(&qkv, &[n, h * w, 3 * c])?;
             let o = be.attention_qkv(&q3, heads, scale, Some(rel))?;
             be.reshape(&o, &[n, h, w, c])?
@@ -72,7 +72,7 @@ impl<B: Backend> Block<B> {
             (Some(ad), Some(spec)) => {
                 let (dh, dw) = depth_grid(spec.d);
                 let (rh, rw) = att.rel_tables(be, dh, dw)?;
-                let rel = RelPos::within(&rh, &rw, (dh, dw));
+                let rel = RelPos::shift_invariant(&rh, &rw, (dh, dw));
                 let od = be.attention_qkv_depth(&qkv, spec.d, heads, scale, Some(rel))?;
                 let od = att.proj.forward(be, &od, Act::None)?;
                 Some(ad.forward(be, &od)?)

@@ -61,7 +61,7 @@ impl<B: Backend> EncoderAttention<B> {
         let xs = be.reshape(x, &[n, gh * gw, dim])?;
         let qkv = self.qkv.forward(be, &xs, Act::None)?;
         let (rh, rw) = self.rel_tables(be, gh, gw)?;
-        let rel = RelPos::within(&rh, &rw, (gh, gw));
+        let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
         let o = be.attention_qkv(&qkv, self.heads, self.scale(dim), Some(rel))?;
         let y = self.proj.forward(be, &o, Act::None)?;
         let y = be.reshape(&y, &[n, gh, gw, dim])?;
@@ -98,6 +98,7 @@ impl<B: Backend> EncoderAttention<B> {
             rw: &c.rw,
             q_grid: c.grid,
             k_grid: c.grid,
+            shift_invariant: true,
         };
         let g = be.attention_backward(
             &q,

@@ -78,7 +78,7 @@ impl<B: Backend> EncoderAttention<B> {
         let qkv = self.qkv.forward(be, &xs, Act::None)?;
         let (rh, rw) = self.rel_tables(be, gh, gw)?;
         let hd = dim / self.heads;
-        let rel = RelPos::within(&rh, &rw, (gh, gw));
+        let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
         let o = be.attention_qkv(&qkv, self.heads, (hd as f32).powf(-0.5), Some(rel))?;
         let o = self.proj.forward(be, &o, Act::None)?;
         be.reshape(&o, &[n, gh, gw, dim])

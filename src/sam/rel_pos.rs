@@ -154,6 +154,28 @@ mod tests {
     }
 
     #[test]
+    fn gather_on_equal_sides_is_shift_invariant() {
+        // What `RelPos::shift_invariant` promises for the model's tables: entry (i, j) depends on
+        // i - j only, with the table at its native length and resampled (SAM at another input
+        // size, the depth branch on a small grid).
+        let mut rng = crate::sam::random::Rng::new(5);
+        for (l, side) in [(27, 14), (127, 14), (27, 3), (1, 1), (9, 64)] {
+            let d = 3;
+            let g = gather(&rng.tensor(&[l, d], 1.0), side, side).unwrap();
+            let at = |i: usize, j: usize| &g.data()[(i * side + j) * d..(i * side + j + 1) * d];
+            for i in 1..side {
+                for j in 1..side {
+                    assert_eq!(
+                        at(i, j),
+                        at(i - 1, j - 1),
+                        "table {l}, side {side}, ({i}, {j})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn resize_linear_matches_pytorch_rule() {
         // F.interpolate([0, 1, 2], size=5, mode="linear") = [0, 0.4, 1, 1.6, 2].
         let t = Tensor::from_vec(vec![0., 1., 2.], &[3, 1]).unwrap();

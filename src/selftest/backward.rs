@@ -113,6 +113,7 @@ pub fn backward_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                 rw: &ins[5],
                 q_grid: qg,
                 k_grid: kg,
+                shift_invariant: false,
             });
             cpu.attention(&ins[0], &ins[1], &ins[2], h, scale, rel)
         };
@@ -146,6 +147,7 @@ pub fn backward_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                     rw: &x[5],
                     q_grid: qg,
                     k_grid: kg,
+                    shift_invariant: false,
                 });
                 let g = b.attention_backward(&x[0], &x[1], &x[2], &x[no], &x[3], h, scale, rel)?;
                 let mut v = vec![g.dq, g.dk, g.dv];

@@ -5,9 +5,9 @@
 //! SIMT path (16), depth sequences shorter than a tile, and a residual LayerNorm wider than
 //! the kernel's register cache.
 
-use super::{pair, pair_n, Check, Tolerance};
+use super::{pair, pair_n, rel_pos, rel_table, si_tag, Check, Tolerance};
 use crate::backend::cpu::Cpu;
-use crate::backend::{Backend, RelPos};
+use crate::backend::Backend;
 use crate::medsa::depth_branch::depth_grid;
 use crate::sam::random::Rng;
 
@@ -88,25 +88,30 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         (2, 9, 9, 4, 3, 16),
         (1, 64, 64, 14, 1, 64),
     ] {
-        let c3 = 3 * heads * d;
-        let ins = [
-            r(&[n, h, w, c3], 1.0),
-            r(&[c3], 1.0),
-            r(&[ws, ws, d], 0.2),
-            r(&[ws, ws, d], 0.2),
-        ];
-        let scale = (d as f32).powf(-0.5);
-        out.push(both!(
-            be,
-            &cpu,
-            format!("attention_qkv_windowed b{n} {h}x{w} ws{ws} h{heads} d{d}"),
-            ins,
-            tol,
-            |b, x| {
-                let rel = RelPos::within(&x[2], &x[3], (ws, ws));
-                b.attention_qkv_windowed(&x[0], &x[1], ws, heads, scale, Some(rel))
-            }
-        ));
+        for si in [false, true] {
+            let c3 = 3 * heads * d;
+            let ins = [
+                r(&[n, h, w, c3], 1.0),
+                r(&[c3], 1.0),
+                rel_table(&mut r, ws, d, si),
+                rel_table(&mut r, ws, d, si),
+            ];
+            let scale = (d as f32).powf(-0.5);
+            out.push(both!(
+                be,
+                &cpu,
+                format!(
+                    "attention_qkv_windowed b{n} {h}x{w} ws{ws} h{heads} d{d}{}",
+                    si_tag(si)
+                ),
+                ins,
+                tol,
+                |b, x| {
+                    let rel = rel_pos(&x[2], &x[3], (ws, ws), si);
+                    b.attention_qkv_windowed(&x[0], &x[1], ws, heads, scale, Some(rel))
+                }
+            ));
+        }
     }
 
     // (volumes, slices, h, w, heads, head dim)
@@ -116,25 +121,30 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         (3, 3, 2, 2, 2, 16),
         (1, 96, 2, 3, 1, 64),
     ] {
-        let c3 = 3 * heads * d;
-        let (dh, dw) = depth_grid(depth);
-        let ins = [
-            r(&[v * depth, h, w, c3], 1.0),
-            r(&[dh, dh, d], 0.2),
-            r(&[dw, dw, d], 0.2),
-        ];
-        let scale = (d as f32).powf(-0.5);
-        out.push(both!(
-            be,
-            &cpu,
-            format!("attention_qkv_depth v{v} d{depth} {h}x{w} h{heads} hd{d}"),
-            ins,
-            tol,
-            |b, x| {
-                let rel = RelPos::within(&x[1], &x[2], (dh, dw));
-                b.attention_qkv_depth(&x[0], depth, heads, scale, Some(rel))
-            }
-        ));
+        for si in [false, true] {
+            let c3 = 3 * heads * d;
+            let (dh, dw) = depth_grid(depth);
+            let ins = [
+                r(&[v * depth, h, w, c3], 1.0),
+                rel_table(&mut r, dh, d, si),
+                rel_table(&mut r, dw, d, si),
+            ];
+            let scale = (d as f32).powf(-0.5);
+            out.push(both!(
+                be,
+                &cpu,
+                format!(
+                    "attention_qkv_depth v{v} d{depth} {h}x{w} h{heads} hd{d}{}",
+                    si_tag(si)
+                ),
+                ins,
+                tol,
+                |b, x| {
+                    let rel = rel_pos(&x[1], &x[2], (dh, dw), si);
+                    b.attention_qkv_depth(&x[0], depth, heads, scale, Some(rel))
+                }
+            ));
+        }
     }
     out
 }

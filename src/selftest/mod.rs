@@ -161,6 +161,45 @@ macro_rules! both {
     };
 }
 
+/// A random `[g, g, d]` rel-pos table: arbitrary entries, or (`shift_invariant`) SAM's gather of
+/// a random `[2g - 1, d]` table, whose entries depend on the offset only.
+pub fn rel_table(
+    r: &mut impl FnMut(&[usize], f32) -> Tensor,
+    g: usize,
+    d: usize,
+    shift_invariant: bool,
+) -> Tensor {
+    if shift_invariant {
+        crate::sam::rel_pos::gather(&r(&[2 * g - 1, d], 0.2), g, g)
+            .expect("a [2g - 1, d] table gathers for side g")
+    } else {
+        r(&[g, g, d], 0.2)
+    }
+}
+
+/// The rel-pos bias within `grid`, flagged shift-invariant when its tables are.
+pub(crate) fn rel_pos<'a, T>(
+    rh: &'a T,
+    rw: &'a T,
+    grid: (usize, usize),
+    shift_invariant: bool,
+) -> RelPos<'a, T> {
+    if shift_invariant {
+        RelPos::shift_invariant(rh, rw, grid)
+    } else {
+        RelPos::within(rh, rw, grid)
+    }
+}
+
+/// Name suffix of a shift-invariant rel-pos case.
+pub(crate) fn si_tag(shift_invariant: bool) -> &'static str {
+    if shift_invariant {
+        " shift-invariant"
+    } else {
+        ""
+    }
+}
+
 /// (batch, Lq, Lk, heads, head dim, optional (q grid, k grid) for the rel-pos bias).
 pub(crate) type AttnCase = (
     usize,
@@ -351,6 +390,7 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                     rw: &x[4],
                     q_grid: qg,
                     k_grid: kg,
+                    shift_invariant: false,
                 });
                 b.attention(&x[0], &x[1], &x[2], h, scale, rel)
             }
@@ -358,6 +398,8 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
     }
     // (64, 64), (8, 64) and (3, 128) grids take the kernels' whole-tile fast path (kw a
     // multiple of 64).
+    // Each grid twice: arbitrary tables, and SAM's shift-invariant ones (flagged as such, which
+    // a backend may compute differently).
     for &(bsz, (gh, gw), h, d) in &[
         (2, (5, 7), 2, 64),
         (3, (14, 14), 2, 64),
@@ -367,29 +409,23 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
         (2, (8, 64), 2, 80),
         (1, (3, 128), 1, 64),
     ] {
-        let l = gh * gw;
-        let ins = [
-            r(&[bsz, l, 3 * h * d], 1.0),
-            r(&[gh, gh, d], 0.2),
-            r(&[gw, gw, d], 0.2),
-        ];
-        let scale = (d as f32).powf(-0.5);
-        out.push(both!(
-            be,
-            &cpu,
-            format!("attention_qkv b{bsz} {gh}x{gw} h{h} d{d}"),
-            ins,
-            tol,
-            |b, x| {
-                let rel = RelPos {
-                    rh: &x[1],
-                    rw: &x[2],
-                    q_grid: (gh, gw),
-                    k_grid: (gh, gw),
-                };
-                b.attention_qkv(&x[0], h, scale, Some(rel))
-            }
-        ));
+        for si in [false, true] {
+            let l = gh * gw;
+            let ins = [
+                r(&[bsz, l, 3 * h * d], 1.0),
+                rel_table(&mut r, gh, d, si),
+                rel_table(&mut r, gw, d, si),
+            ];
+            let scale = (d as f32).powf(-0.5);
+            out.push(both!(
+                be,
+                &cpu,
+                format!("attention_qkv b{bsz} {gh}x{gw} h{h} d{d}{}", si_tag(si)),
+                ins,
+                tol,
+                |b, x| b.attention_qkv(&x[0], h, scale, Some(rel_pos(&x[1], &x[2], (gh, gw), si)))
+            ));
+        }
     }
     for (s, w, stride, pad) in [
         (vec![2, 9, 11, 5], vec![7, 5, 3, 3], 1, 1),

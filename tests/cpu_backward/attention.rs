@@ -175,6 +175,7 @@ fn rel_of<'a>(a: &Attn, rh: &'a Tensor, rw: &'a Tensor) -> Option<RelPos<'a, Ten
         rw,
         q_grid,
         k_grid,
+        shift_invariant: false,
     })
 }
 
@@ -376,6 +377,7 @@ fn attention_backward_rejects_bad_shapes() {
         rw: &rw,
         q_grid: (2, 2),
         k_grid: (2, 2),
+        shift_invariant: false,
     };
     assert!(cpu
         .attention_backward(&t, &t, &t, &t, &t, 2, 1.0, Some(rel))

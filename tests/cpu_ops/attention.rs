@@ -124,6 +124,7 @@ fn attention_rel_pos_matches_naive() {
             rw: &rw,
             q_grid: (qh, qw),
             k_grid: (kh, kw),
+            shift_invariant: false,
         };
         let y = cpu.attention(&q, &k, &v, heads, scale, Some(rel)).unwrap();
         let want = attention_ref(
@@ -146,6 +147,7 @@ fn attention_rel_pos_matches_naive() {
             rw: &rw,
             q_grid: (qw, qh + 1),
             k_grid: (kh, kw),
+            shift_invariant: false,
         };
         assert!(cpu.attention(&q, &k, &v, heads, scale, Some(bad)).is_err());
     }

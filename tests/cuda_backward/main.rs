@@ -147,6 +147,7 @@ fn attn_forward<B: Backend>(be: &B, x: &[B::Tensor], case: &AttnCase) -> medsa::
         rw: &x[5],
         q_grid: qg,
         k_grid: kg,
+        shift_invariant: false,
     });
     be.attention(&x[0], &x[1], &x[2], h, attn_scale(d), rel)
 }
@@ -164,6 +165,7 @@ fn attn_backward<B: Backend>(
         rw: &x[5],
         q_grid: qg,
         k_grid: kg,
+        shift_invariant: false,
     });
     let g = be.attention_backward(&x[0], &x[1], &x[2], o, &x[3], h, attn_scale(d), rel)?;
     let mut v = vec![g.dq, g.dk, g.dv];
