@@ -33,6 +33,10 @@
 //   has_rel != 0: qy = i / qw, qx = i % qw, ky = j / kw, kx = j % kw,
 //     bias(i, j) = dot(q_i, rh[qy, ky, :]) + dot(q_i, rw[qx, kx, :])  (UNSCALED q),
 //     rh [qh, kh, d], rw [qw, kw, d], shared by all heads; requires Lq = qh*qw, Lk = kh*kw.
+//   has_rel == 2: the same bias, with the caller's promise that the tables depend on the offset
+//     only (qh == kh, qw == kw, rh[qy, ky] = Th[qy - ky + kh - 1], rw likewise: SAM's gathered
+//     tables): the tensor-core path may then compute the terms with mma (see Paths); every other
+//     path treats it as 1.
 //   has_rel == 0: bias = 0; rh/rw may be null and qh/qw/kh/kw are ignored.
 //   Requires 1 <= d <= 128 (the kernel does nothing for d > 128: the launcher must reject it),
 //   Lq >= 1, Lk >= 1. All softmax statistics and accumulators are f32.
@@ -78,6 +82,15 @@
 //     overlaps Q*K^T + softmax, the next K tile load overlaps P*V. B fragments come from
 //     ldmatrix (.trans for V). With has_rel and kw % 64 == 0 the rh term is read once per
 //     row per key tile and the rw term as swizzled float2.
+//     Rel-pos terms (f32 tables RH [rows][kh], RW [rows][kw] in shared memory, written once
+//     before the key loop): has_rel == 1, SIMT dot products, one per (row, ky) and (row, kx),
+//     64 * (kh + kw) of length d per 64 rows; has_rel == 2 (and 4-byte aligned tables), each
+//     warp multiplies its 16 rows' Q fragments with the table rows Th[cmin .. cmax + kh - 1]
+//     (cmin/cmax: the rows' smallest and largest qy; likewise Tw and qx) on tensor cores and
+//     scatters the products to their (row, ky): (cmax - cmin + kh, rounded up to 8) * 16 * d
+//     tensor-core multiply-adds per table and warp (global 64x64 grid: 64 rows for rh, 79 -> 80
+//     for rw) instead of 16 * kh SIMT dot products (rel_terms_mma). Same sums in another order
+//     (f32).
 //   * attention_bf16, other d: the SIMT path above (bf16 loads, f32 math).
 //   * attention_q128_bf16: the tensor-core path with 128 query rows per block, each warp owning
 //     two 16-row m-tiles (rows 16w.. and 64+16w..): every K and V fragment loaded from shared
@@ -172,6 +185,63 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bflo
     }
 }
 
+// Rel-pos terms of one warp's 16 query rows from a shift-invariant table (has_rel == 2), on
+// tensor cores. The table tab [n, n, D] (rh or rw as gathered for equal query and key sides)
+// has tab[c, kc] = T[c - kc + n - 1] for a table T of 2n - 1 rows, and T[m] is the row
+// tab[max(m - n + 1, 0), max(n - 1 - m, 0)]. Row r (0..15) of the warp is query
+// qi = min(qf + r, Lq - 1) (rows past Lq have zero q, so they get zeros), its coordinate
+// c = qi / qw (axis 0, rh) or qi % qw (axis 1, rw), and its terms are
+//   dst[(i0 + r) * ds + col(kc)] = dot(q_qi, T[c - kc + n - 1]),  kc = 0 .. n-1,
+// col(kc) = kc, or kc ^ 8*((i0 + r) & 3) when swz (the fast RW layout). The warp's coordinates
+// span [cmin, cmax], so it needs T rows cmin .. cmax + n - 1: F = Q T^T over that range in
+// 8-row n-tiles (m16n8k16, A = qa, the warp's Q fragments; B straight from the table rows, 4-byte
+// loads through L1), each F[r][m] stored at kc = c(r) - m + n - 1 when 0 <= kc < n. Every
+// (row, kc) is written exactly once. n-tile rows past 2n - 2 are clamped loads whose results
+// map to kc < 0 and are dropped. tab must be 4-byte aligned.
+template <int D>
+__device__ __forceinline__ void rel_terms_mma(const uint32_t (&qa)[D / 16][4],
+                                              const __nv_bfloat16* __restrict__ tab, int n,
+                                              int axis, int qf, int Lq, int qw, float* dst,
+                                              int ds, bool swz, int i0, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    auto coord = [&](int r) {
+        const int qi = min(qf + r, Lq - 1);
+        return axis == 0 ? qi / qw : qi - (qi / qw) * qw;
+    };
+    const int cl = coord(lane & 15);
+    const int cmin = __reduce_min_sync(0xffffffffu, cl), cmax = __reduce_max_sync(0xffffffffu, cl);
+    const int c0 = coord(g), c1 = coord(g + 8);  // coordinates of this lane's rows g and g + 8
+    const int ntiles = (cmax - cmin + n + 7) >> 3;
+    float* d0 = dst + (i0 + g) * ds;
+    float* d1 = dst + (i0 + g + 8) * ds;
+    const int sw0 = swz ? 8 * ((i0 + g) & 3) : 0, sw1 = swz ? 8 * ((i0 + g + 8) & 3) : 0;
+    for (int nt = 0; nt < ntiles; ++nt) {
+        const int mb = cmin + 8 * nt;              // first T row of this n-tile
+        const int mr = min(mb + g, 2 * n - 2);     // this lane's B row (n index g)
+        const __nv_bfloat16* trow =
+            tab + ((long long)max(mr - n + 1, 0) * n + max(n - 1 - mr, 0)) * D;
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const uint32_t b0 = __ldg(reinterpret_cast<const unsigned int*>(trow + 16 * kk + 2 * t));
+            const uint32_t b1 = __ldg(reinterpret_cast<const unsigned int*>(trow + 16 * kk + 8 + 2 * t));
+            mma_bf16(acc, qa[kk], b0, b1);
+        }
+        // acc: (row g, m), (g, m + 1), (g + 8, m), (g + 8, m + 1) with m = mb + 2t
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int m = mb + 2 * t + (e & 1);
+            const int kc = (e < 2 ? c0 : c1) - m + n - 1;
+            if (kc >= 0 && kc < n) {
+                if (e < 2)
+                    d0[kc ^ sw0] = acc[e];
+                else
+                    d1[kc ^ sw1] = acc[e];
+            }
+        }
+    }
+}
+
 // MT = query m-tiles per warp: the block owns BQ = 64*MT query rows; warp w owns rows
 // 64*mt + 16*w + 0..15 (mt < MT), so every K/V fragment read from shared memory feeds MT mmas.
 // Shared memory (bf16 elements, QST = D + 8): Qs [BQ][QST], Ks [64][QST], Vs [64][QST]
@@ -252,7 +322,35 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         *reinterpret_cast<uint4*>(Qs + i * QST + c) = *reinterpret_cast<const uint4*>(tmp);
     }
     __syncthreads();
-    if (has_rel) {
+
+    // Q fragments of this warp's 16*MT rows, kept in registers for the whole kernel.
+    const int r00 = warp * 16 + g;  // m-tile mt: tile-local rows 64*mt + r00 and + 8
+    uint32_t qa[MT][KS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int r0 = 64 * mt + r00;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            qa[mt][kk][0] = lds32(Qs + r0 * QST + 16 * kk + 2 * t);
+            qa[mt][kk][1] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 2 * t);
+            qa[mt][kk][2] = lds32(Qs + r0 * QST + 16 * kk + 8 + 2 * t);
+            qa[mt][kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
+        }
+    }
+
+    // Rel-pos terms. has_rel == 2 (shift-invariant tables, equal query and key grids: Lq == Lk
+    // and qw == kw, so qh == kh): each warp computes its own rows' terms with mma
+    // (rel_terms_mma); otherwise the block computes every row's as SIMT dot products.
+    const bool rel_mma = has_rel == 2 && qw == kw && Lq == Lk &&
+                         ((reinterpret_cast<uintptr_t>(rh) | reinterpret_cast<uintptr_t>(rw)) & 3) == 0;
+    if (rel_mma) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int i0 = 64 * mt + 16 * warp;  // tile-local row of the m-tile's first row
+            rel_terms_mma<D>(qa[mt], rh, kh, 0, q0 + i0, Lq, qw, RH, RHS, false, i0, lane);
+            rel_terms_mma<D>(qa[mt], rw, kw, 1, q0 + i0, Lq, qw, RW, RWS, fast, i0, lane);
+        }
+    } else if (has_rel) {
         const bool vec_rel = ((reinterpret_cast<uintptr_t>(rh) | reinterpret_cast<uintptr_t>(rw)) & 15) == 0;
         for (int e = tid; e < BQ * kh; e += ATT_THREADS) {
             const int i = e / kh, ky = e - i * kh, qi = q0 + i;
@@ -271,21 +369,6 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             // fast: kx ^ 8*(i&3) flips bits 3..4 only, so it stays in kx's aligned 32-block
             // (kw % 64 == 0): a permutation of 0..kw-1 within the row.
             RW[i * RWS + (fast ? (kx ^ (8 * (i & 3))) : kx)] = s;
-        }
-    }
-
-    // Q fragments of this warp's 16*MT rows, kept in registers for the whole kernel.
-    const int r00 = warp * 16 + g;  // m-tile mt: tile-local rows 64*mt + r00 and + 8
-    uint32_t qa[MT][KS][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        const int r0 = 64 * mt + r00;
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-            qa[mt][kk][0] = lds32(Qs + r0 * QST + 16 * kk + 2 * t);
-            qa[mt][kk][1] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 2 * t);
-            qa[mt][kk][2] = lds32(Qs + r0 * QST + 16 * kk + 8 + 2 * t);
-            qa[mt][kk][3] = lds32(Qs + (r0 + 8) * QST + 16 * kk + 8 + 2 * t);
         }
     }
 

@@ -15,7 +15,8 @@
 # Steps: card, CUDA libraries (LD_LIBRARY_PATH), test binaries, `medsa-engine selftest`, medsa
 # benchmarks with MEDSA_FUSE=1, the fused encoder path (bf16 B=1,8; f32 B=1), and bf16 B=8 with
 # MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B,
-# and bf16 B=8 with MEDSA_ATTN_Q128=1 (the 128-query attention kernel, opt-in until measured);
+# and bf16 B=8 with MEDSA_ATTN_Q128=1 (the 128-query attention kernel), with MEDSA_ATTN_REL_MMA=1
+# (the rel-pos terms on tensor cores) and with both (each opt-in until measured);
 # the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
 # `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
 # bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
@@ -34,7 +35,7 @@
 #   logs.tar.gz      the full log of every step (tests-<name>.log, selftest.log, bench-*.log,
 #                    torch.log, train-*.log, torch-train.log, steps.tsv), refreshed after each step
 #
-# Environment: OUT; GPU_CHECK_BUDGET_S (default 560, inside the device tool's 600 s per call):
+# Environment: OUT; GPU_CHECK_BUDGET_S (default 585, inside the device tool's 600 s per call):
 # the whole run's time budget, each step's timeout is cut so that the later steps keep their
 # share (TRAIN_S = 180 s of it are kept for the training benchmark); GPU_CHECK_TEST_ARGS (default
 # "--test-threads=1"): arguments of every test executable (e.g. add --include-ignored).
@@ -51,7 +52,7 @@ mkdir -p "$OUT" || exit 1
 rm -f "$OUT/gpu-check.log" "$OUT/summary.md" "$OUT/bench.jsonl" "$OUT/torch.json" "$OUT/logs.tar.gz" \
   "$OUT/train.jsonl" "$OUT/torch-train.json"
 LOGS=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-logs.XXXXXX") || exit 1
-BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-585}
 # seconds of the budget kept for the training benchmark (added to every earlier step's reserve)
 TRAIN_S=180
 START_S=$SECONDS
@@ -269,7 +270,7 @@ main() {
     say "test $name"
     log="$LOGS/tests-$name.log"
     # shellcheck disable=SC2086 # GPU_CHECK_TEST_ARGS is a list of words
-    run_step "test $name" 180 $((300 + TRAIN_S)) "$log" "$t" ${GPU_CHECK_TEST_ARGS:---test-threads=1}
+    run_step "test $name" 180 $((315 + TRAIN_S)) "$log" "$t" ${GPU_CHECK_TEST_ARGS:---test-threads=1}
     rc=$?
     grep -E '^test result:' "$log" | tail -n 1
     if [ "$rc" -ne 0 ]; then
@@ -281,7 +282,7 @@ main() {
   say "medsa-engine selftest --device cuda"
   log="$LOGS/selftest.log"
   if [ -x "$BIN/medsa-engine" ]; then
-    run_step "selftest" 120 $((230 + TRAIN_S)) "$log" "$BIN/medsa-engine" selftest --device cuda
+    run_step "selftest" 120 $((245 + TRAIN_S)) "$log" "$BIN/medsa-engine" selftest --device cuda
     rc=$?
     tail -n 25 "$log"
   else
@@ -290,21 +291,23 @@ main() {
 
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
-  local reserve=$((215 + TRAIN_S))
+  local reserve=$((230 + TRAIN_S))
   # MEDSA_FUSE=1: the fused encoder path; "unfused": MEDSA_FUSE=0, the op-by-op path (the A/B
   # of the fused ops, same binary, same card); "q128": fused path with MEDSA_ATTN_Q128=1 (the
-  # A/B of the attention kernel variants)
-  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "f32 1"; do
+  # A/B of the attention kernel variants); "relmma": fused path with MEDSA_ATTN_REL_MMA=1 (the
+  # A/B of the rel-pos prologue); "q128+relmma": both
+  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "bf16 8 relmma" "bf16 8 q128+relmma" "f32 1"; do
     read -r prec b mode <<<"$spec"
     name="bench $prec B=$b${mode:+ $mode}"
     log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
     if [ ! -x "$BIN/medsa-engine" ]; then record "$name" FAIL - 0; continue; fi
     run_step "$name" 120 "$reserve" "$log" env MEDSA_FUSE="$([ "$mode" = unfused ] && echo 0 || echo 1)" \
-      MEDSA_ATTN_Q128="$([ "$mode" = q128 ] && echo 1 || echo 0)" \
+      MEDSA_ATTN_Q128="$(case $mode in q128*) echo 1 ;; *) echo 0 ;; esac)" \
+      MEDSA_ATTN_REL_MMA="$(case $mode in *relmma) echo 1 ;; *) echo 0 ;; esac)" \
       "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
       --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
     rc=$?
-    reserve=$((reserve - 25))
+    reserve=$((reserve - 20))
     if [ "$rc" -eq 0 ]; then
       if ! json_line "$log" "$prec" "$b" >>"$OUT/bench.jsonl"; then
         record "$name: JSON" FAIL 1 0
@@ -392,10 +395,10 @@ gemm = (torch_res.get("gemm") or {}).get("flops_per_s")
 card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.path.join(logs, "card.txt")) else "?"
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
-def find_medsa(prec, b, fused=True, q128=False):
+def find_medsa(prec, b, fused=True, q128=False, rel_mma=False):
     for r in medsa:
         if (r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused
-                and r.get("attn_q128", False) == q128):
+                and r.get("attn_q128", False) == q128 and r.get("attn_rel_mma", False) == rel_mma):
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
     return None
@@ -412,6 +415,8 @@ def find_torch(mode, b):
 rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
         ("medsa bf16 unfused (MEDSA_FUSE=0)", lambda b: find_medsa("bf16", b, False)),
         ("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", lambda b: find_medsa("bf16", b, True, True)),
+        ("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", lambda b: find_medsa("bf16", b, True, False, True)),
+        ("medsa bf16 q128 + rel-pos mma", lambda b: find_medsa("bf16", b, True, True, True)),
         ("medsa f32", lambda b: find_medsa("f32", b)),
         ("torch fp32", lambda b: find_torch("fp32", b)),
         ("torch bf16 autocast", lambda b: find_torch("bf16_autocast", b)),
@@ -465,6 +470,10 @@ a, u = ips.get(("medsa bf16", 8)), ips.get(("medsa bf16 unfused (MEDSA_FUSE=0)",
 lines.append("medsa bf16 fused / unfused images/s, B=8: " + (f"{a / u:.3f}×" if a and u else "—") + "  ")
 q = ips.get(("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", 8))
 lines.append("medsa bf16 128-query / 64-query attention images/s, B=8: " + (f"{q / a:.3f}×" if a and q else "—") + "  ")
+rm = ips.get(("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", 8))
+lines.append("medsa bf16 rel-pos terms mma / dot products images/s, B=8: " + (f"{rm / a:.3f}×" if a and rm else "—") + "  ")
+qr = ips.get(("medsa bf16 q128 + rel-pos mma", 8))
+lines.append("medsa bf16 q128 + rel-pos mma / default attention images/s, B=8: " + (f"{qr / a:.3f}×" if a and qr else "—") + "  ")
 lines.append("")
 
 # ---- training (issue 4) ----

@@ -200,3 +200,55 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
         "128-query attention: {failures:#?}, {failed} CPU parity checks failed"
     );
 }
+
+/// The rel-pos terms on tensor cores (`MEDSA_ATTN_REL_MMA`, shift-invariant tables only):
+/// every op self-test against the CPU reference (their shift-invariant attention cases take
+/// it: plain, windowed with padding and depth maps, head dims 64 and 80, the whole-tile 64-wide
+/// grids and grids spanning several rows per warp), the 128-query variant bit-identical to the
+/// 64-query kernel with it, and the whole model on both encoder paths.
+#[test]
+fn cuda_attention_rel_mma_matches_cpu_reference() {
+    let Some(mut be) = device(Precision::Bf16) else {
+        return;
+    };
+    be.set_attention_rel_mma(true);
+    let mut checks = selftest::ops(&be, Tolerance::BF16);
+    let mut rng = Rng::new(2 * 64 - 1);
+    let mut failures = Vec::new();
+    let d = 64;
+    let scale = (d as f32).powf(-0.5);
+    // The q128 variant computes each warp's rel-pos terms for the same 16 query rows as the
+    // 64-query kernel does, so the outputs stay bit-identical.
+    for &(bsz, (gh, gw), h) in &[(1, (64, 64), 2), (3, (14, 14), 2), (2, (5, 7), 3)] {
+        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
+        let qkv = be.upload(&r(&[bsz, gh * gw, 3 * h * d], 1.0)).unwrap();
+        let rh = be
+            .upload(&selftest::rel_table(&mut r, gh, d, true))
+            .unwrap();
+        let rw = be
+            .upload(&selftest::rel_table(&mut r, gw, d, true))
+            .unwrap();
+        failures.extend(same_on_both_kernels(
+            &mut be,
+            &format!("attention_qkv b{bsz} {gh}x{gw} h{h} shift-invariant"),
+            |b| {
+                let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
+                b.attention_qkv(&qkv, h, scale, Some(rel))
+            },
+        ));
+    }
+    for (fuse, q128) in [(false, false), (true, false), (true, true)] {
+        be.set_fusion(fuse);
+        be.set_attention_q128(q128);
+        let mut m = selftest::model(&be, &common::fixtures_dir(), Tolerance::BF16_MODEL);
+        for c in &mut m {
+            c.name = format!("{} [rel mma, fused {fuse}, q128 {q128}]", c.name);
+        }
+        checks.extend(m);
+    }
+    let failed = selftest::report(&checks);
+    assert!(
+        failures.is_empty() && failed == 0,
+        "rel-pos terms on tensor cores: {failures:#?}, {failed} CPU parity checks failed"
+    );
+}

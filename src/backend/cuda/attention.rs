@@ -237,6 +237,13 @@ impl Cuda {
             }
             None => (0, 0, (0, 0), (0, 0)),
         };
+        // has_rel 2: the tables depend on the offset only, so the tensor-core path may take the
+        // rel-pos terms from the 2k - 1 distinct rows with mma (kernels/attention.cu).
+        let has_rel = match &rel {
+            Some(r) if r.shift_invariant && self.attn_rel_mma && r.q_grid == r.k_grid => 2,
+            Some(_) => 1,
+            None => 0,
+        };
         let o = self.empty(out)?;
         if b * lq == 0 {
             return Ok(o);
@@ -258,12 +265,7 @@ impl Cuda {
         } else {
             ("attention", 64, smem)
         };
-        let detail = || {
-            format!(
-                "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{}",
-                rel.is_some() as u8
-            )
-        };
+        let detail = || format!("detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{has_rel}");
         self.timed(detail, || {
             // grid.z is at most 65535: larger batches of sequences take several launches.
             for b_off in (0..b).step_by(65535) {
@@ -290,7 +292,7 @@ impl Cuda {
                         Arg::I(qw as i32),
                         Arg::I(kh as i32),
                         Arg::I(kw as i32),
-                        Arg::I(rel.is_some() as i32),
+                        Arg::I(has_rel),
                         Arg::I(io.ld as i32),
                         Arg::I(code),
                         Arg::I(ma as i32),

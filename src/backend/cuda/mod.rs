@@ -154,6 +154,11 @@ pub struct Cuda {
     /// bf16 attention with head dim 64 on the 128-query kernel variant (`MEDSA_ATTN_Q128=1`; off
     /// by default until a device run has verified and measured it, see docs/PERF.md).
     attn_q128: bool,
+    /// bf16 tensor-core attention computes the rel-pos terms of shift-invariant tables
+    /// ([`RelPos::shift_invariant`](crate::backend::RelPos)) with mma instead of per-row dot
+    /// products (`MEDSA_ATTN_REL_MMA=1`; off by default until a device run has verified and
+    /// measured it, see docs/PERF.md).
+    attn_rel_mma: bool,
     /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -215,6 +220,7 @@ impl Cuda {
             max_smem_optin,
             fuse: std::env::var("MEDSA_FUSE").is_ok_and(|v| v == "1"),
             attn_q128: std::env::var("MEDSA_ATTN_Q128").is_ok_and(|v| v == "1"),
+            attn_rel_mma: std::env::var("MEDSA_ATTN_REL_MMA").is_ok_and(|v| v == "1"),
             profile: std::env::var("MEDSA_PROFILE")
                 .ok()
                 .filter(|v| v == "1")
@@ -277,6 +283,18 @@ impl Cuda {
     /// benches that compare both.
     pub fn set_attention_q128(&mut self, on: bool) {
         self.attn_q128 = on;
+    }
+
+    /// Whether bf16 attention (head dim 64 or 80) computes the rel-pos terms of shift-invariant
+    /// tables on tensor cores (`MEDSA_ATTN_REL_MMA=1` at start-up).
+    pub fn attention_rel_mma(&self) -> bool {
+        self.attn_rel_mma
+    }
+
+    /// Chooses how the attention kernels compute shift-invariant rel-pos terms regardless of
+    /// `MEDSA_ATTN_REL_MMA`: for tests and benches that compare both.
+    pub fn set_attention_rel_mma(&mut self, on: bool) {
+        self.attn_rel_mma = on;
     }
 
     /// Storage precision.

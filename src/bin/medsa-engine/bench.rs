@@ -60,10 +60,11 @@ pub(super) fn bench<B: Backend>(
         .map(|p| p.to_string())
         .unwrap_or_else(|| "null".into());
     println!(
-        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"adapters\":{adapters},\"fused\":{},\"attn_q128\":{},\"size\":{size},\"batch\":{batch},\"peak_bytes\":{peak},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
+        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"adapters\":{adapters},\"fused\":{},\"attn_q128\":{},\"attn_rel_mma\":{},\"size\":{size},\"batch\":{batch},\"peak_bytes\":{peak},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
         be.name(),
         be.fused(),
         dev.attention_q128(),
+        dev.attention_rel_mma(),
         sorted[0],
         batch as f64 / median,
         runs.iter().map(|r| (r * 1e4).round() / 1e4).collect::<Vec<_>>()

@@ -54,6 +54,18 @@ impl Dev {
         }
     }
 
+    /// Whether attention computes the rel-pos terms on tensor cores (`MEDSA_ATTN_REL_MMA=1`,
+    /// CUDA bf16).
+    pub(super) fn attention_rel_mma(&self) -> bool {
+        match self {
+            Dev::Cpu(_) => false,
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => {
+                c.attention_rel_mma() && c.precision() == medsa::backend::cuda::Precision::Bf16
+            }
+        }
+    }
+
     pub(super) fn take_profile(&self) -> Vec<(String, u64, f64)> {
         match self {
             Dev::Cpu(_) => Vec::new(),
