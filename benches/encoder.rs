@@ -228,29 +228,37 @@ fn cuda_ops(c: &mut Criterion) {
     grp.finish();
     be.set_attention_q128(false);
 
-    // How the rel-pos terms are computed (MEDSA_ATTN_REL_MMA): SIMT dot products per query row
-    // vs tensor-core products with the table's distinct rows, on SAM's shift-invariant tables.
+    // How the rel-pos terms are computed (MEDSA_ATTN_REL_MMA: SIMT dot products per query row
+    // vs tensor-core products with the table's distinct rows, on SAM's shift-invariant tables)
+    // and MEDSA_ATTN_TRIM (no mma work for the query and key groups past the end of a 196-token
+    // window, the only partial tiles of vit_b's encoder: global attention is unaffected).
     let mut rng = Rng::new(5);
     let mut gathered = |side: usize| {
         let t = medsa::sam::rel_pos::gather(&rng.tensor(&[2 * side - 1, 64], 0.05), side, side);
         be.upload(&t.unwrap()).unwrap()
     };
     let (gh64, gw64, gh14, gw14) = (gathered(64), gathered(64), gathered(14), gathered(14));
-    let mut grp = c.benchmark_group("cuda bf16 attention rel-pos terms: dot products vs mma");
+    let mut grp = c.benchmark_group("cuda bf16 attention rel-pos terms and trimming");
     grp.sample_size(20);
-    for mma in [false, true] {
+    for (how, mma, trim) in [
+        ("dot products", false, false),
+        ("mma", true, false),
+        ("dot products, trimmed", false, true),
+    ] {
         be.set_attention_rel_mma(mma);
-        let how = if mma { "mma" } else { "dot products" };
-        grp.bench_function(
-            format!("attention_qkv global b8 4096 tok 12x64 relpos: {how}"),
-            |bch| {
-                bch.iter(|| {
-                    let rel = RelPos::shift_invariant(&gh64, &gw64, (64, 64));
-                    be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
-                    be.synchronize().unwrap()
-                })
-            },
-        );
+        be.set_attention_trim(trim);
+        if !trim {
+            grp.bench_function(
+                format!("attention_qkv global b8 4096 tok 12x64 relpos: {how}"),
+                |bch| {
+                    bch.iter(|| {
+                        let rel = RelPos::shift_invariant(&gh64, &gw64, (64, 64));
+                        be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
+                        be.synchronize().unwrap()
+                    })
+                },
+            );
+        }
         grp.bench_function(
             format!("attention_qkv_windowed b8 64x64 ws14 12x64 relpos: {how}"),
             |bch| {

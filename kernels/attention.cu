@@ -6,7 +6,7 @@
 //       const T* rh, const T* rw, int B, int heads, int Lq, int Lk, int d, float scale,
 //       int qh, int qw, int kh, int kw, int has_rel, int ldi,
 //       int map, int ma, int mb, int mc, int md, int b_off,
-//       const T* pad_q, const T* pad_k, const T* pad_v)
+//       const T* pad_q, const T* pad_k, const T* pad_v, int opts)
 //   attention_q128_bf16(same arguments as attention_bf16): the 128-query variant, d == 64 only.
 //   ldi: row stride (elements) of q, k and v, heads*d for separate tensors or 3*heads*d when
 //   they are column slices of one packed qkv projection (no split copies); o has row stride
@@ -33,13 +33,19 @@
 //   has_rel != 0: qy = i / qw, qx = i % qw, ky = j / kw, kx = j % kw,
 //     bias(i, j) = dot(q_i, rh[qy, ky, :]) + dot(q_i, rw[qx, kx, :])  (UNSCALED q),
 //     rh [qh, kh, d], rw [qw, kw, d], shared by all heads; requires Lq = qh*qw, Lk = kh*kw.
-//   has_rel == 2: the same bias, with the caller's promise that the tables depend on the offset
-//     only (qh == kh, qw == kw, rh[qy, ky] = Th[qy - ky + kh - 1], rw likewise: SAM's gathered
-//     tables): the tensor-core path may then compute the terms with mma (see Paths); every other
-//     path treats it as 1.
 //   has_rel == 0: bias = 0; rh/rw may be null and qh/qw/kh/kw are ignored.
 //   Requires 1 <= d <= 128 (the kernel does nothing for d > 128: the launcher must reject it),
 //   Lq >= 1, Lk >= 1. All softmax statistics and accumulators are f32.
+//
+// opts (bit set; the tensor-core path reads it, the SIMT path ignores it):
+//   ATT_OPT_REL_MMA (1): the caller promises that the rel-pos tables depend on the offset only
+//     (qh == kh, qw == kw, rh[qy, ky] = Th[qy - ky + kh - 1], rw likewise: SAM's gathered
+//     tables), so the terms may be computed with mma (see Paths). Same sums, another order.
+//   ATT_OPT_TRIM (2): skip the mma and softmax work of a warp's 16-row query m-tiles that lie
+//     wholly past Lq, and of 16-key groups of a key tile that lie wholly past Lk (the last
+//     tiles of a 196-token window: 208 of 256 query rows and 208 of 256 keys carry work).
+//     Outputs are bit-identical: the skipped rows are never stored, and the skipped keys'
+//     probabilities are exact zeros against zero-filled V rows.
 //
 // Launch geometry (attention_f32, attention_bf16; attention_q128_bf16 differs where noted):
 //   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
@@ -83,8 +89,8 @@
 //     ldmatrix (.trans for V). With has_rel and kw % 64 == 0 the rh term is read once per
 //     row per key tile and the rw term as swizzled float2.
 //     Rel-pos terms (f32 tables RH [rows][kh], RW [rows][kw] in shared memory, written once
-//     before the key loop): has_rel == 1, SIMT dot products, one per (row, ky) and (row, kx),
-//     64 * (kh + kw) of length d per 64 rows; has_rel == 2 (and 4-byte aligned tables), each
+//     before the key loop): by default SIMT dot products, one per (row, ky) and (row, kx),
+//     64 * (kh + kw) of length d per 64 rows; with ATT_OPT_REL_MMA (and 4-byte aligned tables), each
 //     warp multiplies its 16 rows' Q fragments with the table rows Th[cmin .. cmax + kh - 1]
 //     (cmin/cmax: the rows' smallest and largest qy; likewise Tw and qx) on tensor cores and
 //     scatters the products to their (row, ky): (cmax - cmin + kh, rounded up to 8) * 16 * d
@@ -105,6 +111,8 @@
 #define ATT_BQ 64
 #define ATT_BK 64
 #define ATT_THREADS 128
+#define ATT_OPT_REL_MMA 1
+#define ATT_OPT_TRIM 2
 
 #include "attention_simt.cuh"
 
@@ -185,7 +193,7 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bflo
     }
 }
 
-// Rel-pos terms of one warp's 16 query rows from a shift-invariant table (has_rel == 2), on
+// Rel-pos terms of one warp's 16 query rows from a shift-invariant table (ATT_OPT_REL_MMA), on
 // tensor cores. The table tab [n, n, D] (rh or rw as gathered for equal query and key sides)
 // has tab[c, kc] = T[c - kc + n - 1] for a table T of 2n - 1 rows, and T[m] is the row
 // tab[max(m - n + 1, 0), max(n - 1 - m, 0)]. Row r (0..15) of the warp is query
@@ -262,7 +270,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         int Lk, float scale, int qw, int kh, int kw,
                                         int has_rel, int ldi, const Rows& rq, const Rows& rk,
                                         const __nv_bfloat16* pq, const __nv_bfloat16* pk,
-                                        const __nv_bfloat16* pv) {
+                                        const __nv_bfloat16* pv, int opts) {
     static_assert(D % 16 == 0 && (D / 8) % 2 == 0, "D must be a multiple of 16");
     constexpr int QST = D + 8;       // bf16 row stride of Qs/Ks/Vs (conflict-free ldmatrix)
     constexpr int KS = D / 16;       // k-steps over the head dim
@@ -338,10 +346,10 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         }
     }
 
-    // Rel-pos terms. has_rel == 2 (shift-invariant tables, equal query and key grids: Lq == Lk
+    // Rel-pos terms. ATT_OPT_REL_MMA (shift-invariant tables, equal query and key grids: Lq == Lk
     // and qw == kw, so qh == kh): each warp computes its own rows' terms with mma
     // (rel_terms_mma); otherwise the block computes every row's as SIMT dot products.
-    const bool rel_mma = has_rel == 2 && qw == kw && Lq == Lk &&
+    const bool rel_mma = has_rel && (opts & ATT_OPT_REL_MMA) && qw == kw && Lq == Lk &&
                          ((reinterpret_cast<uintptr_t>(rh) | reinterpret_cast<uintptr_t>(rw)) & 3) == 0;
     if (rel_mma) {
 #pragma unroll
@@ -395,8 +403,15 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
 #pragma unroll
             for (int e = 0; e < 4; ++e) oacc[mt][dt][e] = 0.f;
     }
+    // ATT_OPT_TRIM: m-tile mt does work only if its first row is a query (< Lq); key groups of
+    // 16 only below kvalid (warp-uniform conditions: whole mmas are skipped, no divergence).
+    const bool trim = (opts & ATT_OPT_TRIM) != 0;
+    bool act[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) act[mt] = !trim || q0 + 64 * mt + 16 * warp < Lq;
 
     for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
+        const int kvalid = trim ? Lk - k0 : ATT_BK;  // keys of this tile worth an mma (>= 1)
         cp_async_wait_all();  // this thread's copies of K tile k0 have landed
         __syncthreads();      // ... everyone's: Ks complete; all warps done with the previous
                               // tile's P V (Vs free); first tile: RH/RW written
@@ -413,10 +428,12 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         for (int kk = 0; kk < KS; ++kk) {
 #pragma unroll
             for (int p = 0; p < NT / 2; ++p) {
+                if (16 * p >= kvalid) continue;  // keys k0 + 16p .. +15 all past Lk: scores masked
                 uint32_t kf[4];
                 ldsm_x4(kf, k_lane + (uint32_t)((16 * p * QST + 16 * kk) * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
+                    if (!act[mt]) continue;
                     mma_bf16(s[mt][2 * p], qa[mt][kk], kf[0], kf[1]);
                     mma_bf16(s[mt][2 * p + 1], qa[mt][kk], kf[2], kf[3]);
                 }
@@ -426,6 +443,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         // scale, bias, mask, online softmax: per m-tile (rows r0 and r0 + 8)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
+            if (!act[mt]) continue;  // rows past Lq: never stored
             const int r0 = 64 * mt + r00;
             float mx0 = -INFINITY, mx1 = -INFINITY;
             if (fast) {
@@ -510,6 +528,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
         // O += P V  (P from the score fragments, 16 keys per k-step)
 #pragma unroll
         for (int kk = 0; kk < ATT_BK / 16; ++kk) {
+            if (16 * kk >= kvalid) continue;  // keys past Lk: P is exactly 0 there, V zero-filled
             uint32_t pa[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
@@ -524,6 +543,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                 ldsm_x4_trans(vf, v_lane + (uint32_t)((16 * kk * QST + 16 * p) * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
+                    if (!act[mt]) continue;
                     mma_bf16(oacc[mt][2 * p], pa[mt], vf[0], vf[1]);
                     mma_bf16(oacc[mt][2 * p + 1], pa[mt], vf[2], vf[3]);
                 }
@@ -564,7 +584,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
     attention_f32(const float* q, const float* k, const float* v, float* o, const float* rh,
                   const float* rw, int B, int heads, int Lq, int Lk, int d, float scale, int qh,
                   int qw, int kh, int kw, int has_rel, int ldi, int map, int ma, int mb, int mc,
-                  int md, int b_off, const float* pad_q, const float* pad_k, const float* pad_v) {
+                  int md, int b_off, const float* pad_q, const float* pad_k, const float* pad_v,
+                  int opts) {
+    (void)opts;
     (void)B;
     (void)qh;
     const int b = blockIdx.z + b_off;
@@ -579,17 +601,17 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
                    int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh, int kw,
                    int has_rel, int ldi, int map, int ma, int mb, int mc, int md, int b_off,
                    const __nv_bfloat16* pad_q, const __nv_bfloat16* pad_k,
-                   const __nv_bfloat16* pad_v) {
+                   const __nv_bfloat16* pad_v, int opts) {
     (void)B;
     (void)qh;
     const int b = blockIdx.z + b_off;
     const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
     if (d == 64)
         attn_tc<64, 1>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                       pad_q, pad_k, pad_v);
+                       pad_q, pad_k, pad_v, opts);
     else if (d == 80)
         attn_tc<80, 1>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                       pad_q, pad_k, pad_v);
+                       pad_q, pad_k, pad_v, opts);
     else
         attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw,
                                           has_rel, ldi, rq, rk, pad_q, pad_k, pad_v);
@@ -605,12 +627,12 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
                         int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh,
                         int kw, int has_rel, int ldi, int map, int ma, int mb, int mc, int md,
                         int b_off, const __nv_bfloat16* pad_q, const __nv_bfloat16* pad_k,
-                        const __nv_bfloat16* pad_v) {
+                        const __nv_bfloat16* pad_v, int opts) {
     (void)B;
     (void)qh;
     if (d != 64) return;
     const int b = blockIdx.z + b_off;
     const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
     attn_tc<64, 2>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                   pad_q, pad_k, pad_v);
+                   pad_q, pad_k, pad_v, opts);
 }

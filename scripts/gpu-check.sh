@@ -16,7 +16,8 @@
 # benchmarks with MEDSA_FUSE=1, the fused encoder path (bf16 B=1,8; f32 B=1), and bf16 B=8 with
 # MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B,
 # and bf16 B=8 with MEDSA_ATTN_Q128=1 (the 128-query attention kernel), with MEDSA_ATTN_REL_MMA=1
-# (the rel-pos terms on tensor cores) and with both (each opt-in until measured);
+# (the rel-pos terms on tensor cores), with MEDSA_ATTN_TRIM=1 (no work past the sequence ends)
+# and with all three (each opt-in until measured);
 # the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
 # `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
 # bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
@@ -270,7 +271,7 @@ main() {
     say "test $name"
     log="$LOGS/tests-$name.log"
     # shellcheck disable=SC2086 # GPU_CHECK_TEST_ARGS is a list of words
-    run_step "test $name" 180 $((315 + TRAIN_S)) "$log" "$t" ${GPU_CHECK_TEST_ARGS:---test-threads=1}
+    run_step "test $name" 180 $((295 + TRAIN_S)) "$log" "$t" ${GPU_CHECK_TEST_ARGS:---test-threads=1}
     rc=$?
     grep -E '^test result:' "$log" | tail -n 1
     if [ "$rc" -ne 0 ]; then
@@ -282,7 +283,7 @@ main() {
   say "medsa-engine selftest --device cuda"
   log="$LOGS/selftest.log"
   if [ -x "$BIN/medsa-engine" ]; then
-    run_step "selftest" 120 $((245 + TRAIN_S)) "$log" "$BIN/medsa-engine" selftest --device cuda
+    run_step "selftest" 120 $((225 + TRAIN_S)) "$log" "$BIN/medsa-engine" selftest --device cuda
     rc=$?
     tail -n 25 "$log"
   else
@@ -291,23 +292,24 @@ main() {
 
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
-  local reserve=$((230 + TRAIN_S))
+  local reserve=$((215 + TRAIN_S))
   # MEDSA_FUSE=1: the fused encoder path; "unfused": MEDSA_FUSE=0, the op-by-op path (the A/B
   # of the fused ops, same binary, same card); "q128": fused path with MEDSA_ATTN_Q128=1 (the
   # A/B of the attention kernel variants); "relmma": fused path with MEDSA_ATTN_REL_MMA=1 (the
-  # A/B of the rel-pos prologue); "q128+relmma": both
-  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "bf16 8 relmma" "bf16 8 q128+relmma" "f32 1"; do
+  # A/B of the rel-pos prologue); "trim": fused path with MEDSA_ATTN_TRIM=1; "all": the three
+  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "bf16 8 relmma" "bf16 8 trim" "bf16 8 all" "f32 1"; do
     read -r prec b mode <<<"$spec"
     name="bench $prec B=$b${mode:+ $mode}"
     log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
     if [ ! -x "$BIN/medsa-engine" ]; then record "$name" FAIL - 0; continue; fi
     run_step "$name" 120 "$reserve" "$log" env MEDSA_FUSE="$([ "$mode" = unfused ] && echo 0 || echo 1)" \
-      MEDSA_ATTN_Q128="$(case $mode in q128*) echo 1 ;; *) echo 0 ;; esac)" \
-      MEDSA_ATTN_REL_MMA="$(case $mode in *relmma) echo 1 ;; *) echo 0 ;; esac)" \
+      MEDSA_ATTN_Q128="$(case $mode in q128 | all) echo 1 ;; *) echo 0 ;; esac)" \
+      MEDSA_ATTN_REL_MMA="$(case $mode in relmma | all) echo 1 ;; *) echo 0 ;; esac)" \
+      MEDSA_ATTN_TRIM="$(case $mode in trim | all) echo 1 ;; *) echo 0 ;; esac)" \
       "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
       --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
     rc=$?
-    reserve=$((reserve - 20))
+    reserve=$((reserve - 15))
     if [ "$rc" -eq 0 ]; then
       if ! json_line "$log" "$prec" "$b" >>"$OUT/bench.jsonl"; then
         record "$name: JSON" FAIL 1 0
@@ -395,10 +397,11 @@ gemm = (torch_res.get("gemm") or {}).get("flops_per_s")
 card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.path.join(logs, "card.txt")) else "?"
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
-def find_medsa(prec, b, fused=True, q128=False, rel_mma=False):
+def find_medsa(prec, b, fused=True, q128=False, rel_mma=False, trim=False):
     for r in medsa:
         if (r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused
-                and r.get("attn_q128", False) == q128 and r.get("attn_rel_mma", False) == rel_mma):
+                and r.get("attn_q128", False) == q128 and r.get("attn_rel_mma", False) == rel_mma
+                and r.get("attn_trim", False) == trim):
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
     return None
@@ -416,7 +419,8 @@ rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
         ("medsa bf16 unfused (MEDSA_FUSE=0)", lambda b: find_medsa("bf16", b, False)),
         ("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", lambda b: find_medsa("bf16", b, True, True)),
         ("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", lambda b: find_medsa("bf16", b, True, False, True)),
-        ("medsa bf16 q128 + rel-pos mma", lambda b: find_medsa("bf16", b, True, True, True)),
+        ("medsa bf16 trimmed attention (MEDSA_ATTN_TRIM=1)", lambda b: find_medsa("bf16", b, True, False, False, True)),
+        ("medsa bf16 all three attention options", lambda b: find_medsa("bf16", b, True, True, True, True)),
         ("medsa f32", lambda b: find_medsa("f32", b)),
         ("torch fp32", lambda b: find_torch("fp32", b)),
         ("torch bf16 autocast", lambda b: find_torch("bf16_autocast", b)),
@@ -472,8 +476,10 @@ q = ips.get(("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", 8))
 lines.append("medsa bf16 128-query / 64-query attention images/s, B=8: " + (f"{q / a:.3f}×" if a and q else "—") + "  ")
 rm = ips.get(("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", 8))
 lines.append("medsa bf16 rel-pos terms mma / dot products images/s, B=8: " + (f"{rm / a:.3f}×" if a and rm else "—") + "  ")
-qr = ips.get(("medsa bf16 q128 + rel-pos mma", 8))
-lines.append("medsa bf16 q128 + rel-pos mma / default attention images/s, B=8: " + (f"{qr / a:.3f}×" if a and qr else "—") + "  ")
+tr = ips.get(("medsa bf16 trimmed attention (MEDSA_ATTN_TRIM=1)", 8))
+lines.append("medsa bf16 trimmed / untrimmed attention images/s, B=8: " + (f"{tr / a:.3f}×" if a and tr else "—") + "  ")
+al = ips.get(("medsa bf16 all three attention options", 8))
+lines.append("medsa bf16 all three attention options / none images/s, B=8: " + (f"{al / a:.3f}×" if a and al else "—") + "  ")
 lines.append("")
 
 # ---- training (issue 4) ----

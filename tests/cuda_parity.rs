@@ -55,24 +55,52 @@ fn missing_device_is_an_error_not_a_panic() {
     }
 }
 
-/// Runs `f` on the 64-query kernel and on the 128-query variant (`MEDSA_ATTN_Q128`) and
-/// requires bit-identical outputs: the variant changes which warp computes a row, not a single
-/// operation of that row's arithmetic.
+/// An attention kernel option that must not change a single output bit.
+#[derive(Clone, Copy)]
+enum Variant {
+    /// The 128-query kernel (`MEDSA_ATTN_Q128`) against the 64-query one: it changes which warp
+    /// computes a row, not a single operation of that row's arithmetic.
+    Q128,
+    /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`): skipped rows are never
+    /// stored, skipped keys carry exact zeros.
+    Trim,
+}
+
+impl Variant {
+    fn set(self, be: &mut Cuda, on: bool) {
+        match self {
+            Variant::Q128 => be.set_attention_q128(on),
+            Variant::Trim => be.set_attention_trim(on),
+        }
+    }
+
+    fn label(self, on: bool) -> &'static str {
+        match (self, on) {
+            (Variant::Q128, false) => "64-query",
+            (Variant::Q128, true) => "128-query",
+            (Variant::Trim, false) => "untrimmed",
+            (Variant::Trim, true) => "trimmed",
+        }
+    }
+}
+
+/// Runs `f` with `variant` off and on (restoring off) and requires bit-identical outputs.
 fn same_on_both_kernels(
     be: &mut Cuda,
+    variant: Variant,
     name: &str,
     f: impl Fn(&Cuda) -> medsa::Result<<Cuda as Backend>::Tensor>,
 ) -> Option<String> {
     let mut outs: Vec<Tensor> = Vec::new();
-    for q128 in [false, true] {
-        be.set_attention_q128(q128);
+    for on in [false, true] {
+        variant.set(be, on);
         let y = f(be).and_then(|y| be.download(&y));
         match y {
             Ok(y) => outs.push(y),
-            Err(e) => return Some(format!("{name} (q128 {q128}): {e}")),
+            Err(e) => return Some(format!("{name} ({}): {e}", variant.label(on))),
         }
     }
-    be.set_attention_q128(false);
+    variant.set(be, false);
     let (a, b) = (outs[0].data(), outs[1].data());
     let diff = a
         .iter()
@@ -80,15 +108,37 @@ fn same_on_both_kernels(
         .position(|(x, y)| x.to_bits() != y.to_bits());
     match diff {
         None if a.len() == b.len() => {
-            println!("ok    {name}: {} values bit-identical", a.len());
+            println!(
+                "ok    {name}: {} values bit-identical {} / {}",
+                a.len(),
+                variant.label(false),
+                variant.label(true)
+            );
             None
         }
         None => Some(format!("{name}: lengths {} vs {}", a.len(), b.len())),
         Some(i) => Some(format!(
-            "{name}: first difference at {i}: {} (64-query) vs {} (128-query)",
-            a[i], b[i]
+            "{name}: first difference at {i}: {} ({}) vs {} ({})",
+            a[i],
+            variant.label(false),
+            b[i],
+            variant.label(true)
         )),
     }
+}
+
+/// The fused-op self-tests and the whole model on the fixtures against the CPU reference, with
+/// fusion on (which also selects the warp-per-row LayerNorm kernels) and whatever attention
+/// options `be` has; prints the table and returns the number of failed checks.
+fn fused_ops_and_model(be: &mut Cuda) -> usize {
+    be.set_fusion(true);
+    let mut checks = selftest::fused_ops(be, Tolerance::BF16);
+    checks.extend(selftest::model(
+        be,
+        &common::fixtures_dir(),
+        Tolerance::BF16_MODEL,
+    ));
+    selftest::report(&checks)
 }
 
 #[test]
@@ -130,7 +180,7 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
             .map(|(a, b)| (be.upload(a).unwrap(), be.upload(b).unwrap()));
         let name = format!("attention b{bsz} {lq}x{lk} h{h} rel {}", grid.is_some());
         let scale = (d as f32).powf(-0.5);
-        failures.extend(same_on_both_kernels(&mut be, &name, |b| {
+        failures.extend(same_on_both_kernels(&mut be, Variant::Q128, &name, |b| {
             let rel = match (&rel_dev, grid) {
                 (Some((rh, rw)), Some((qg, kg))) => Some(RelPos {
                     rh,
@@ -158,6 +208,7 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     );
     failures.extend(same_on_both_kernels(
         &mut be,
+        Variant::Q128,
         "attention_qkv_windowed 2x20x23 ws 7",
         |b| {
             let rel = RelPos::within(&rh, &rw, (7, 7));
@@ -175,6 +226,7 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     );
     failures.extend(same_on_both_kernels(
         &mut be,
+        Variant::Q128,
         "attention_qkv_depth 2 volumes x 6 slices of 6x7",
         |b| {
             let rel = RelPos::within(&dh, &dw, (gh, gw));
@@ -187,14 +239,7 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     // cuda_bf16_matches_cpu_reference) and the whole model on the fixtures, fused path.
     // Fusion on also selects the warp-per-row LayerNorm kernels, which these cases cover.
     be.set_attention_q128(true);
-    be.set_fusion(true);
-    let mut checks = selftest::fused_ops(&be, Tolerance::BF16);
-    checks.extend(selftest::model(
-        &be,
-        &common::fixtures_dir(),
-        Tolerance::BF16_MODEL,
-    ));
-    let failed = selftest::report(&checks);
+    let failed = fused_ops_and_model(&mut be);
     assert!(
         failures.is_empty() && failed == 0,
         "128-query attention: {failures:#?}, {failed} CPU parity checks failed"
@@ -230,6 +275,7 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
             .unwrap();
         failures.extend(same_on_both_kernels(
             &mut be,
+            Variant::Q128,
             &format!("attention_qkv b{bsz} {gh}x{gw} h{h} shift-invariant"),
             |b| {
                 let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
@@ -250,5 +296,83 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
     assert!(
         failures.is_empty() && failed == 0,
         "rel-pos terms on tensor cores: {failures:#?}, {failed} CPU parity checks failed"
+    );
+}
+
+/// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`) leaves every output bit as it
+/// was, on both kernels and both rel-pos prologues: partial query and key tiles (196-token
+/// windows, Lq = 37 with Lk = 53, 200 queries on 7 keys, a 6-slice depth map), head dims 64 and
+/// 80. Then all the opt-in attention paths together, with fusion, against the CPU reference:
+/// the fused-op self-tests and the whole model.
+#[test]
+fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
+    let Some(mut be) = device(Precision::Bf16) else {
+        return;
+    };
+    let mut rng = Rng::new(208);
+    let mut failures = Vec::new();
+    for d in [64, 80] {
+        let scale = (d as f32).powf(-0.5);
+        let h = 2;
+        let mut up = |s: &[usize]| be.upload(&rng.tensor(s, 1.0)).unwrap();
+        let (q37, k53, v53) = (
+            up(&[2, 37, h * d]),
+            up(&[2, 53, h * d]),
+            up(&[2, 53, h * d]),
+        );
+        let (q200, k7, v7) = (up(&[2, 200, h * d]), up(&[2, 7, h * d]), up(&[2, 7, h * d]));
+        let qkv = up(&[1, 2 * 14 + 3, 14 + 5, 3 * h * d]);
+        let pad = up(&[3 * h * d]);
+        let depth = 6;
+        let (gh, gw) = depth_grid(depth);
+        let vol = up(&[2 * depth, 3, 5, 3 * h * d]);
+        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
+        let tables: Vec<_> = [14, 14, gh, gw]
+            .iter()
+            .map(|&g| be.upload(&selftest::rel_table(&mut r, g, d, true)).unwrap())
+            .collect();
+        for (q128, rel_mma) in [(false, false), (true, false), (false, true), (true, true)] {
+            be.set_attention_q128(q128);
+            be.set_attention_rel_mma(rel_mma);
+            let tag = format!("d{d} q128 {q128} rel-mma {rel_mma}");
+            failures.extend(same_on_both_kernels(
+                &mut be,
+                Variant::Trim,
+                &format!("attention 37x53 {tag}"),
+                |b| b.attention(&q37, &k53, &v53, h, scale, None),
+            ));
+            failures.extend(same_on_both_kernels(
+                &mut be,
+                Variant::Trim,
+                &format!("attention 200x7 {tag}"),
+                |b| b.attention(&q200, &k7, &v7, h, scale, None),
+            ));
+            failures.extend(same_on_both_kernels(
+                &mut be,
+                Variant::Trim,
+                &format!("attention_qkv_windowed 31x19 ws 14 {tag}"),
+                |b| {
+                    let rel = RelPos::shift_invariant(&tables[0], &tables[1], (14, 14));
+                    b.attention_qkv_windowed(&qkv, &pad, 14, h, scale, Some(rel))
+                },
+            ));
+            failures.extend(same_on_both_kernels(
+                &mut be,
+                Variant::Trim,
+                &format!("attention_qkv_depth 2 x 6 slices of 3x5 {tag}"),
+                |b| {
+                    let rel = RelPos::shift_invariant(&tables[2], &tables[3], (gh, gw));
+                    b.attention_qkv_depth(&vol, depth, h, scale, Some(rel))
+                },
+            ));
+        }
+    }
+    be.set_attention_q128(true);
+    be.set_attention_rel_mma(true);
+    be.set_attention_trim(true);
+    let failed = fused_ops_and_model(&mut be);
+    assert!(
+        failures.is_empty() && failed == 0,
+        "trimmed attention: {failures:#?}, {failed} CPU parity checks failed with every option on"
     );
 }

@@ -13,6 +13,11 @@ fn shape_err(op: &'static str, msg: String) -> Error {
 /// Head dims the attention kernel is built for (`kernels/attention.cu`).
 const ATTN_MAX_D: usize = 128;
 
+/// `opts` bits of `kernels/attention.cu`: rel-pos terms with mma (shift-invariant tables).
+const ATT_OPT_REL_MMA: i32 = 1;
+/// `opts` bits of `kernels/attention.cu`: skip query m-tiles and key groups past the ends.
+const ATT_OPT_TRIM: i32 = 2;
+
 impl Cuda {
     /// [`Backend::attention`](crate::backend::Backend::attention) on this device.
     pub(super) fn attention_impl(
@@ -237,13 +242,13 @@ impl Cuda {
             }
             None => (0, 0, (0, 0), (0, 0)),
         };
-        // has_rel 2: the tables depend on the offset only, so the tensor-core path may take the
-        // rel-pos terms from the 2k - 1 distinct rows with mma (kernels/attention.cu).
-        let has_rel = match &rel {
-            Some(r) if r.shift_invariant && self.attn_rel_mma && r.q_grid == r.k_grid => 2,
-            Some(_) => 1,
-            None => 0,
-        };
+        // The kernel's opts (kernels/attention.cu): REL_MMA when the tables depend on the offset
+        // only (the tensor-core path then takes the rel-pos terms from the 2k - 1 distinct rows
+        // with mma), TRIM to skip the work of query and key groups past the sequence ends.
+        let rel_mma = rel
+            .as_ref()
+            .is_some_and(|r| r.shift_invariant && r.q_grid == r.k_grid && self.attn_rel_mma);
+        let opts = ATT_OPT_REL_MMA * rel_mma as i32 + ATT_OPT_TRIM * self.attn_trim as i32;
         let o = self.empty(out)?;
         if b * lq == 0 {
             return Ok(o);
@@ -265,7 +270,12 @@ impl Cuda {
         } else {
             ("attention", 64, smem)
         };
-        let detail = || format!("detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{has_rel}");
+        let detail = || {
+            format!(
+                "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{} opts{opts}",
+                rel.is_some() as u8
+            )
+        };
         self.timed(detail, || {
             // grid.z is at most 65535: larger batches of sequences take several launches.
             for b_off in (0..b).step_by(65535) {
@@ -292,7 +302,7 @@ impl Cuda {
                         Arg::I(qw as i32),
                         Arg::I(kh as i32),
                         Arg::I(kw as i32),
-                        Arg::I(has_rel),
+                        Arg::I(rel.is_some() as i32),
                         Arg::I(io.ld as i32),
                         Arg::I(code),
                         Arg::I(ma as i32),
@@ -303,6 +313,7 @@ impl Cuda {
                         Arg::P(pads.0),
                         Arg::P(pads.1),
                         Arg::P(pads.2),
+                        Arg::I(opts),
                     ],
                 )?;
             }

@@ -159,6 +159,10 @@ pub struct Cuda {
     /// products (`MEDSA_ATTN_REL_MMA=1`; off by default until a device run has verified and
     /// measured it, see docs/PERF.md).
     attn_rel_mma: bool,
+    /// Tensor-core attention skips the mma work of query and key groups that lie wholly past
+    /// the sequence ends (`MEDSA_ATTN_TRIM=1`; off by default until a device run has verified
+    /// and measured it, see docs/PERF.md; outputs are bit-identical either way).
+    attn_trim: bool,
     /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -221,6 +225,7 @@ impl Cuda {
             fuse: std::env::var("MEDSA_FUSE").is_ok_and(|v| v == "1"),
             attn_q128: std::env::var("MEDSA_ATTN_Q128").is_ok_and(|v| v == "1"),
             attn_rel_mma: std::env::var("MEDSA_ATTN_REL_MMA").is_ok_and(|v| v == "1"),
+            attn_trim: std::env::var("MEDSA_ATTN_TRIM").is_ok_and(|v| v == "1"),
             profile: std::env::var("MEDSA_PROFILE")
                 .ok()
                 .filter(|v| v == "1")
@@ -295,6 +300,18 @@ impl Cuda {
     /// `MEDSA_ATTN_REL_MMA`: for tests and benches that compare both.
     pub fn set_attention_rel_mma(&mut self, on: bool) {
         self.attn_rel_mma = on;
+    }
+
+    /// Whether bf16 attention (head dim 64 or 80) skips the work of query m-tiles and key
+    /// groups past the sequence ends (`MEDSA_ATTN_TRIM=1` at start-up).
+    pub fn attention_trim(&self) -> bool {
+        self.attn_trim
+    }
+
+    /// Chooses whether attention trims the work past the sequence ends regardless of
+    /// `MEDSA_ATTN_TRIM`: for tests and benches that compare both.
+    pub fn set_attention_trim(&mut self, on: bool) {
+        self.attn_trim = on;
     }
 
     /// Storage precision.

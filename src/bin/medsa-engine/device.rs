@@ -43,25 +43,20 @@ impl Dev {
         }
     }
 
-    /// Whether attention runs the 128-query kernel variant (`MEDSA_ATTN_Q128=1`, CUDA bf16).
-    pub(super) fn attention_q128(&self) -> bool {
+    /// The opt-in attention kernel options in effect, `[q128, rel_mma, trim]`
+    /// (`MEDSA_ATTN_Q128`, `MEDSA_ATTN_REL_MMA`, `MEDSA_ATTN_TRIM`; CUDA bf16 only).
+    pub(super) fn attention_options(&self) -> [bool; 3] {
         match self {
-            Dev::Cpu(_) => false,
+            Dev::Cpu(_) => [false; 3],
             #[cfg(feature = "cuda")]
             Dev::Cuda(c) => {
-                c.attention_q128() && c.precision() == medsa::backend::cuda::Precision::Bf16
-            }
-        }
-    }
-
-    /// Whether attention computes the rel-pos terms on tensor cores (`MEDSA_ATTN_REL_MMA=1`,
-    /// CUDA bf16).
-    pub(super) fn attention_rel_mma(&self) -> bool {
-        match self {
-            Dev::Cpu(_) => false,
-            #[cfg(feature = "cuda")]
-            Dev::Cuda(c) => {
-                c.attention_rel_mma() && c.precision() == medsa::backend::cuda::Precision::Bf16
+                let bf16 = c.precision() == medsa::backend::cuda::Precision::Bf16;
+                [
+                    c.attention_q128(),
+                    c.attention_rel_mma(),
+                    c.attention_trim(),
+                ]
+                .map(|o| o && bf16)
             }
         }
     }
