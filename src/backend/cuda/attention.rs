@@ -159,6 +159,23 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// Whether self-attention with head dim `d` and the rel-pos bias of a `kh x kw` key grid
+    /// runs on the 128-query kernel: asked for (`MEDSA_ATTN_Q128`), built for it (bf16, d =
+    /// 64) and given the shared memory it needs on this card (sm_86/sm_89 have too little for
+    /// a 64x64 grid and keep the 64-query kernel).
+    pub fn attention_q128_applies(&self, d: usize, kh: usize, kw: usize) -> bool {
+        self.q128_applies(d, true, kh, kw)
+    }
+
+    fn q128_applies(&self, d: usize, rel: bool, kh: usize, kw: usize) -> bool {
+        self.attn_q128
+            && self.precision == Precision::Bf16
+            && d == 64
+            && attention_smem_q128(rel, kh, kw) as i64 <= self.max_smem_optin as i64
+    }
+}
+
 /// Token-row mapping of the attention kernel (`kernels/attention.cu`, "Token rows").
 #[derive(Clone, Copy, Debug)]
 enum TokenMap {
@@ -260,13 +277,12 @@ impl Cuda {
         };
         let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
         // The 128-query variant when chosen, built (bf16, d = 64) and given enough shared memory.
-        let smem_q128 = attention_smem_q128(rel.is_some(), kh, kw);
-        let (kernel, rows, smem) = if self.attn_q128
-            && self.precision == Precision::Bf16
-            && d == 64
-            && smem_q128 as i64 <= self.max_smem_optin as i64
-        {
-            ("attention_q128", 128, smem_q128)
+        let (kernel, rows, smem) = if self.q128_applies(d, rel.is_some(), kh, kw) {
+            (
+                "attention_q128",
+                128,
+                attention_smem_q128(rel.is_some(), kh, kw),
+            )
         } else {
             ("attention", 64, smem)
         };

@@ -43,20 +43,22 @@ impl Dev {
         }
     }
 
-    /// The opt-in attention kernel options in effect, `[q128, rel_mma, trim]`
-    /// (`MEDSA_ATTN_Q128`, `MEDSA_ATTN_REL_MMA`, `MEDSA_ATTN_TRIM`; CUDA bf16 only).
-    pub(super) fn attention_options(&self) -> [bool; 3] {
+    /// The opt-in attention kernel options in effect for an encoder with head dim `d` whose
+    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim]`
+    /// (`MEDSA_ATTN_Q128`, `MEDSA_ATTN_REL_MMA`, `MEDSA_ATTN_TRIM`; CUDA bf16 only; q128 only
+    /// where the card gives its kernel enough shared memory).
+    pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 3] {
         match self {
             Dev::Cpu(_) => [false; 3],
             #[cfg(feature = "cuda")]
             Dev::Cuda(c) => {
-                let bf16 = c.precision() == medsa::backend::cuda::Precision::Bf16;
+                let tc =
+                    c.precision() == medsa::backend::cuda::Precision::Bf16 && (d == 64 || d == 80);
                 [
-                    c.attention_q128(),
-                    c.attention_rel_mma(),
-                    c.attention_trim(),
+                    c.attention_q128_applies(d, grid, grid),
+                    tc && c.attention_rel_mma(),
+                    tc && c.attention_trim(),
                 ]
-                .map(|o| o && bf16)
             }
         }
     }
