@@ -20,8 +20,8 @@
 # and with all three (each opt-in until measured);
 # the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
 # `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
-# bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder),
-# and the tables. A failing step does not stop the others; the exit status is 1 if any step
+# bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder), per-op profiles of bf16 B=8
+# without and with the attention options if time is left, and the tables. A failing step does not stop the others; the exit status is 1 if any step
 # failed, timed out or was skipped for lack of time (PyTorch running out of GPU memory in a
 # training configuration is a result, recorded in the table, not a failure). Without a GPU it
 # says so and exits 0, doing nothing else.
@@ -227,7 +227,7 @@ train_medsa() {
 
 # ---------------------------------------------------------------------------------------------
 main() {
-  local t name log rc b prec
+  local t name log rc b prec mode o
   echo "gpu-check: $(date -u +%Y-%m-%dT%H:%M:%SZ) in $PWD, budget ${BUDGET_S}s, OUT=$OUT"
   [ -f .device/MANIFEST ] && sed -n '1,3p' .device/MANIFEST
 
@@ -367,6 +367,24 @@ main() {
   [ -f "$OUT/torch-train.json" ] || grep -q '^torch train' "$LOGS/steps.tsv" 2>/dev/null || record "torch train" FAIL 1 0
 
   train_medsa f32 2 0
+
+  # Optional, with whatever time is left: per-op profiles (MEDSA_PROFILE=1, each op
+  # synchronised) of bf16 B=8 on the fused path with no attention option and with all three,
+  # for the next round of optimisation. Not run, they are not a failure.
+  for mode in plain all; do
+    name="profile bf16 B=8 $mode"
+    log="$LOGS/profile-bf16-b8-$mode.log"
+    if [ ! -x "$BIN/medsa-engine" ] || [ $((BUDGET_S - (SECONDS - START_S))) -lt 30 ]; then
+      echo "(no time left for the optional $name)"
+      continue
+    fi
+    say "$name (optional)"
+    o=$([ "$mode" = all ] && echo 1 || echo 0)
+    run_step "$name" 40 0 "$log" env MEDSA_FUSE=1 MEDSA_PROFILE=1 MEDSA_ATTN_Q128="$o" \
+      MEDSA_ATTN_REL_MMA="$o" MEDSA_ATTN_TRIM="$o" "$BIN/medsa-engine" bench --device cuda \
+      --precision bf16 --variant vit_b --size 1024 --batch 8 --repeats 3 --warmup 2
+    sed -n '/^profile/,/^{/p' "$log" | head -n 32
+  done
 
   say "summary"
   python3 - "$OUT" "$LOGS" <<'EOF' || record "summary" FAIL 1 0
