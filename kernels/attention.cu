@@ -45,7 +45,10 @@
 //     wholly past Lq, and of 16-key groups of a key tile that lie wholly past Lk (the last
 //     tiles of a 196-token window: 208 of 256 query rows and 208 of 256 keys carry work).
 //     Outputs are bit-identical: the skipped rows are never stored, and the skipped keys'
-//     probabilities are exact zeros against zero-filled V rows.
+//     probabilities are exact zeros against zero-filled V rows. It also drops the key-validity
+//     masking of the whole-tile rel-pos path (kw % 64 == 0, so Lk is a multiple of 64 and no
+//     key of any tile is past Lk: the global blocks' score loop loses a compare and a select
+//     per score).
 //
 // Launch geometry (attention_f32, attention_bf16; attention_q128_bf16 differs where noted):
 //   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
@@ -72,7 +75,7 @@
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
 //   attention_f32 and attention_bf16 are compiled with __launch_bounds__(128, 3) (<= 168
-//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 241-249 used,
+//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 242-253 used,
 //   no spills).
 //
 // Paths:
@@ -451,19 +454,35 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                 const float rh0 = RH[r0 * RHS + ky], rh1 = RH[(r0 + 8) * RHS + ky];
                 const float* rw0 = RW + r0 * kw + kxb + 2 * t;  // row r0; row r0 + 8 at + 8*kw
                 const int sw = r0 & 3;                         // == (r0 + 8) & 3
+                if (trim) {
+                    // kw % 64 == 0 makes Lk = kh*kw a multiple of 64: every key of every tile
+                    // is valid, so the masking below is work for nothing (same values).
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    // kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1)
-                    const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
-                    const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
-                    const int j = k0 + 8 * nt + 2 * t;
-                    const bool v0 = j < Lk, v1 = j + 1 < Lk;
-                    s[mt][nt][0] = v0 ? s[mt][nt][0] * scale + (rh0 + w0.x) : -INFINITY;
-                    s[mt][nt][1] = v1 ? s[mt][nt][1] * scale + (rh0 + w0.y) : -INFINITY;
-                    s[mt][nt][2] = v0 ? s[mt][nt][2] * scale + (rh1 + w1.x) : -INFINITY;
-                    s[mt][nt][3] = v1 ? s[mt][nt][3] * scale + (rh1 + w1.y) : -INFINITY;
-                    mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
-                    mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
+                        const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
+                        s[mt][nt][0] = s[mt][nt][0] * scale + (rh0 + w0.x);
+                        s[mt][nt][1] = s[mt][nt][1] * scale + (rh0 + w0.y);
+                        s[mt][nt][2] = s[mt][nt][2] * scale + (rh1 + w1.x);
+                        s[mt][nt][3] = s[mt][nt][3] * scale + (rh1 + w1.y);
+                        mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                        mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                    }
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        // kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1)
+                        const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
+                        const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
+                        const int j = k0 + 8 * nt + 2 * t;
+                        const bool v0 = j < Lk, v1 = j + 1 < Lk;
+                        s[mt][nt][0] = v0 ? s[mt][nt][0] * scale + (rh0 + w0.x) : -INFINITY;
+                        s[mt][nt][1] = v1 ? s[mt][nt][1] * scale + (rh0 + w0.y) : -INFINITY;
+                        s[mt][nt][2] = v0 ? s[mt][nt][2] * scale + (rh1 + w1.x) : -INFINITY;
+                        s[mt][nt][3] = v1 ? s[mt][nt][3] * scale + (rh1 + w1.y) : -INFINITY;
+                        mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                        mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
+                    }
                 }
             } else {
 #pragma unroll

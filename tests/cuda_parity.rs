@@ -301,8 +301,8 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
 
 /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`) leaves every output bit as it
 /// was, on both kernels and both rel-pos prologues: partial query and key tiles (196-token
-/// windows, Lq = 37 with Lk = 53, 200 queries on 7 keys, a 6-slice depth map), head dims 64 and
-/// 80. Then all the opt-in attention paths together, with fusion, against the CPU reference:
+/// windows, Lq = 37 with Lk = 53, 200 queries on 7 keys, a 6-slice depth map), the unmasked
+/// whole-tile rel-pos path (an 8 x 64 grid), head dims 64 and 80. Then all the opt-in attention paths together, with fusion, against the CPU reference:
 /// the fused-op self-tests and the whole model.
 #[test]
 fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
@@ -326,8 +326,10 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
         let depth = 6;
         let (gh, gw) = depth_grid(depth);
         let vol = up(&[2 * depth, 3, 5, 3 * h * d]);
+        // An 8 x 64 grid: kw a multiple of 64, the whole-tile rel-pos path, whose masking trim drops.
+        let qkv64 = up(&[2, 8 * 64, 3 * h * d]);
         let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
-        let tables: Vec<_> = [14, 14, gh, gw]
+        let tables: Vec<_> = [14, 14, gh, gw, 8, 64]
             .iter()
             .map(|&g| be.upload(&selftest::rel_table(&mut r, g, d, true)).unwrap())
             .collect();
@@ -354,6 +356,15 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
                 |b| {
                     let rel = RelPos::shift_invariant(&tables[0], &tables[1], (14, 14));
                     b.attention_qkv_windowed(&qkv, &pad, 14, h, scale, Some(rel))
+                },
+            ));
+            failures.extend(same_on_both_kernels(
+                &mut be,
+                Variant::Trim,
+                &format!("attention_qkv 8x64 {tag}"),
+                |b| {
+                    let rel = RelPos::shift_invariant(&tables[4], &tables[5], (8, 64));
+                    b.attention_qkv(&qkv64, h, scale, Some(rel))
                 },
             ));
             failures.extend(same_on_both_kernels(
