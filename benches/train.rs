@@ -5,7 +5,9 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use medsa::sam::random::Rng;
-use medsa::train::optim::{adamw_step, clip_grad_norm, AdamWConfig, AdamWState};
+use medsa::train::optim::{
+    adamw_step, adamw_step_many, clip_grad_norm, AdamWConfig, AdamWItem, AdamWState,
+};
 
 fn adamw(c: &mut Criterion) {
     let n = 13_594_980;
@@ -27,6 +29,42 @@ fn adamw(c: &mut Criterion) {
         format!("{} threads (rayon pool)", rayon::current_num_threads()),
         |b| b.iter(|| adamw_step(&cfg, 1e-4, &mut p, &g, &mut st).unwrap()),
     );
+    grp.finish();
+
+    // The same count as 600 tensors of 22,658 values (most trained tensors are adapter and
+    // decoder matrices far below the 32768-value chunk): one tensor at a time leaves the pool
+    // idle, the joint pass spreads the tensors over it.
+    let (k, len) = (600, 22_658);
+    let mut ps: Vec<Vec<f32>> = (0..k).map(|_| rng.tensor(&[len], 1.0).into_vec()).collect();
+    let gs: Vec<Vec<f32>> = (0..k)
+        .map(|_| rng.tensor(&[len], 0.01).into_vec())
+        .collect();
+    let mut sts: Vec<AdamWState> = (0..k).map(|_| AdamWState::default()).collect();
+    let mut grp = c.benchmark_group("adamw 600 tensors of 22658 values");
+    grp.sample_size(10);
+    grp.bench_function("adamw_step per tensor", |b| {
+        b.iter(|| {
+            for ((p, g), st) in ps.iter_mut().zip(&gs).zip(sts.iter_mut()) {
+                adamw_step(&cfg, 1e-4, p, g, st).unwrap();
+            }
+        })
+    });
+    grp.bench_function("adamw_step_many", |b| {
+        b.iter(|| {
+            let mut items: Vec<AdamWItem> = ps
+                .iter_mut()
+                .zip(&gs)
+                .zip(sts.iter_mut())
+                .map(|((param, grad), state)| AdamWItem {
+                    name: "t",
+                    param,
+                    grad,
+                    state,
+                })
+                .collect();
+            adamw_step_many(&cfg, 1e-4, &mut items).unwrap()
+        })
+    });
     grp.finish();
 
     // Global gradient-norm clipping over the same values (norm, then a scaling pass: a limit

@@ -57,6 +57,26 @@ pub fn adamw_step(
     grad: &[f32],
     st: &mut AdamWState,
 ) -> Result<()> {
+    let (bc1, bc2) = begin_step(cfg, param, grad, st)?;
+    // Every element is independent, so chunks on all cores give the same bits as one loop: the
+    // host update of a GPU training step is ~14 M elements in f64, tens of ms on one core.
+    param
+        .par_chunks_mut(ADAMW_CHUNK)
+        .zip(grad.par_chunks(ADAMW_CHUNK))
+        .zip(st.m.par_chunks_mut(ADAMW_CHUNK))
+        .zip(st.v.par_chunks_mut(ADAMW_CHUNK))
+        .for_each(|(((p, g), m), v)| adamw_chunk(cfg, lr, bc1, bc2, p, g, m, v));
+    Ok(())
+}
+
+/// Checks the sizes, creates the moments on the first step, counts the step and returns its
+/// bias corrections `(1 - beta1^t, 1 - beta2^t)`.
+fn begin_step(
+    cfg: &AdamWConfig,
+    param: &[f32],
+    grad: &[f32],
+    st: &mut AdamWState,
+) -> Result<(f64, f64)> {
     if param.len() != grad.len() {
         return Err(Error::Input(format!(
             "adamw: {} parameters, {} gradients",
@@ -78,34 +98,88 @@ pub fn adamw_step(
     }
     st.step += 1;
     let t = st.step as i32;
-    let bc1 = 1.0 - cfg.beta1.powi(t);
-    let bc2 = 1.0 - cfg.beta2.powi(t);
-    // Every element is independent, so chunks on all cores give the same bits as one loop: the
-    // host update of a GPU training step is ~14 M elements in f64, tens of ms on one core.
-    let update = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
-        for i in 0..p.len() {
-            let mut pi = p[i] as f64;
-            let gi = g[i] as f64;
-            pi -= lr * cfg.weight_decay * pi;
-            let mi = cfg.beta1 * m[i] as f64 + (1.0 - cfg.beta1) * gi;
-            let vi = cfg.beta2 * v[i] as f64 + (1.0 - cfg.beta2) * gi * gi;
-            pi -= lr / bc1 * mi / (vi.sqrt() / bc2.sqrt() + cfg.eps);
-            m[i] = mi as f32;
-            v[i] = vi as f32;
-            p[i] = pi as f32;
+    Ok((1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t)))
+}
+
+/// The AdamW update of one chunk (the formula of the module header, in f64).
+#[allow(clippy::too_many_arguments)]
+fn adamw_chunk(
+    cfg: &AdamWConfig,
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+) {
+    for i in 0..p.len() {
+        let mut pi = p[i] as f64;
+        let gi = g[i] as f64;
+        pi -= lr * cfg.weight_decay * pi;
+        let mi = cfg.beta1 * m[i] as f64 + (1.0 - cfg.beta1) * gi;
+        let vi = cfg.beta2 * v[i] as f64 + (1.0 - cfg.beta2) * gi * gi;
+        pi -= lr / bc1 * mi / (vi.sqrt() / bc2.sqrt() + cfg.eps);
+        m[i] = mi as f32;
+        v[i] = vi as f32;
+        p[i] = pi as f32;
+    }
+}
+
+/// One tensor of [`adamw_step_many`].
+pub struct AdamWItem<'a> {
+    /// What the tensor is (for errors).
+    pub name: &'a str,
+    /// Its values, updated in place.
+    pub param: &'a mut [f32],
+    /// Its gradient.
+    pub grad: &'a [f32],
+    /// Its optimiser state.
+    pub state: &'a mut AdamWState,
+}
+
+/// [`adamw_step`] on several tensors at once, each counted as its own step, all their chunks
+/// in one parallel pass (a model's trained tensors are mostly small: one tensor at a time would
+/// leave most cores idle). Same bits as calling [`adamw_step`] on each. Sizes are checked
+/// first, so an error leaves every state as it was.
+pub fn adamw_step_many(cfg: &AdamWConfig, lr: f64, items: &mut [AdamWItem<'_>]) -> Result<()> {
+    for it in items.iter() {
+        let st = &it.state;
+        let fresh = st.m.is_empty() && st.v.is_empty();
+        if it.param.len() != it.grad.len()
+            || !(fresh || st.m.len() == it.param.len() && st.v.len() == it.param.len())
+        {
+            return Err(Error::Input(format!(
+                "adamw on {}: {} parameters, {} gradients, state moments of {} and {}",
+                it.name,
+                it.param.len(),
+                it.grad.len(),
+                st.m.len(),
+                st.v.len()
+            )));
         }
-    };
-    param
-        .par_chunks_mut(ADAMW_CHUNK)
-        .zip(grad.par_chunks(ADAMW_CHUNK))
-        .zip(st.m.par_chunks_mut(ADAMW_CHUNK))
-        .zip(st.v.par_chunks_mut(ADAMW_CHUNK))
-        .for_each(|(((p, g), m), v)| update(p, g, m, v));
+    }
+    let mut tasks = Vec::new();
+    for it in items.iter_mut() {
+        let (bc1, bc2) = begin_step(cfg, it.param, it.grad, it.state)?;
+        for (((p, g), m), v) in it
+            .param
+            .chunks_mut(ADAMW_CHUNK)
+            .zip(it.grad.chunks(ADAMW_CHUNK))
+            .zip(it.state.m.chunks_mut(ADAMW_CHUNK))
+            .zip(it.state.v.chunks_mut(ADAMW_CHUNK))
+        {
+            tasks.push((p, g, m, v, bc1, bc2));
+        }
+    }
+    tasks
+        .into_par_iter()
+        .for_each(|(p, g, m, v, bc1, bc2)| adamw_chunk(cfg, lr, bc1, bc2, p, g, m, v));
     Ok(())
 }
 
-/// Elements per parallel task of [`adamw_step`] and [`clip_grad_norm`] (small tensors stay
-/// one task).
+/// Elements per parallel task of [`adamw_step`], [`adamw_step_many`] and [`clip_grad_norm`]
+/// (small tensors stay one task).
 const ADAMW_CHUNK: usize = 1 << 15;
 
 /// Learning-rate schedules (as a factor of the base rate at step t, 0-based).
@@ -208,6 +282,72 @@ mod tests {
         assert_eq!(bits(&p), bits(&p_ref));
         assert_eq!(bits(&st.m), bits(&m_ref));
         assert_eq!(bits(&st.v), bits(&v_ref));
+    }
+
+    #[test]
+    fn adamw_on_many_tensors_matches_one_at_a_time() {
+        // Tensors of one chunk, several chunks and a ragged tail, one of them a step ahead:
+        // the joint pass gives the bits of adamw_step on each.
+        let cfg = AdamWConfig {
+            weight_decay: 0.05,
+            ..AdamWConfig::default()
+        };
+        let mut rng = crate::sam::random::Rng::new(11);
+        let sizes = [5, ADAMW_CHUNK, 2 * ADAMW_CHUNK + 3, 1];
+        let mut p: Vec<Vec<f32>> = sizes
+            .iter()
+            .map(|&n| rng.tensor(&[n], 1.0).into_vec())
+            .collect();
+        let mut st: Vec<AdamWState> = sizes.iter().map(|_| AdamWState::default()).collect();
+        adamw_step(&cfg, 1e-3, &mut p[2], &vec![0.5; sizes[2]], &mut st[2]).unwrap();
+        let (mut p1, mut st1) = (p.clone(), st.clone());
+        for _ in 0..2 {
+            let g: Vec<Vec<f32>> = sizes
+                .iter()
+                .map(|&n| rng.tensor(&[n], 0.1).into_vec())
+                .collect();
+            for i in 0..sizes.len() {
+                adamw_step(&cfg, 1e-3, &mut p1[i], &g[i], &mut st1[i]).unwrap();
+            }
+            let mut items: Vec<AdamWItem> = p
+                .iter_mut()
+                .zip(&g)
+                .zip(st.iter_mut())
+                .map(|((p, g), s)| AdamWItem {
+                    name: "t",
+                    param: p,
+                    grad: g,
+                    state: s,
+                })
+                .collect();
+            adamw_step_many(&cfg, 1e-3, &mut items).unwrap();
+        }
+        assert_eq!(st, st1);
+        let bits = |v: &[Vec<f32>]| v.concat().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&p), bits(&p1));
+        // A mismatched tensor is an error that names it and changes nothing.
+        let before = st.clone();
+        let mut bad = vec![0f32; 3];
+        let (first, rest) = st.split_at_mut(1);
+        let mut items = vec![
+            AdamWItem {
+                name: "fine",
+                param: &mut p[0],
+                grad: &[0.0; 5],
+                state: &mut first[0],
+            },
+            AdamWItem {
+                name: "odd",
+                param: &mut bad,
+                grad: &[0.0; 4],
+                state: &mut rest[2],
+            },
+        ];
+        let err = adamw_step_many(&cfg, 1e-3, &mut items)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("odd"), "{err}");
+        assert_eq!(st, before);
     }
 
     #[test]

@@ -14,7 +14,9 @@ use crate::nn::{Grads, Param};
 use crate::sam::{DepthSpec, MaskOutput, Prompts, Sam};
 use crate::tensor::Tensor;
 use crate::train::loss::{bce_with_logits, dice_ce};
-use crate::train::optim::{adamw_step, clip_grad_norm, AdamWConfig, AdamWState, Schedule};
+use crate::train::optim::{
+    adamw_step_many, clip_grad_norm, AdamWConfig, AdamWItem, AdamWState, Schedule,
+};
 
 /// Which mask loss is used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,25 +253,51 @@ impl Optimizer {
             }
         };
         let lr = self.lr();
-        let mut host_changed = false;
-        for (name, p) in model.params() {
-            let Some(g) = host.get(&name) else { continue };
-            let master = match self.master.get_mut(&name) {
-                Some(m) => m,
-                None => {
-                    let t = match &p {
-                        Param::Dev(t) => be.download(t)?,
-                        Param::Host(t) => (*t).clone(),
-                    };
-                    self.master.entry(name.clone()).or_insert(t)
+        // Masters on the first step (from the model), then one parallel update over every
+        // trained tensor's chunks, then the new values back into the model.
+        let mut params = model.params();
+        params.retain(|(name, _)| host.contains_key(name));
+        let trained: std::collections::BTreeSet<String> =
+            params.iter().map(|(n, _)| n.clone()).collect();
+        for (name, p) in &params {
+            if !self.master.contains_key(name) {
+                let t = match p {
+                    Param::Dev(t) => be.download(t)?,
+                    Param::Host(t) => (*t).clone(),
+                };
+                self.master.insert(name.clone(), t);
+            }
+            self.states.entry(name.clone()).or_default();
+        }
+        {
+            // Both maps are sorted by name and hold every trained name (above), but either may
+            // hold more (a resumed state): pair them by name, not by position.
+            let mut items = Vec::with_capacity(params.len());
+            let mut states = self.states.iter_mut().peekable();
+            for (name, master) in self.master.iter_mut() {
+                let Some(g) = host.get(name).filter(|_| trained.contains(name)) else {
+                    continue;
+                };
+                while states
+                    .next_if(|(k, _)| k.as_str() < name.as_str())
+                    .is_some()
+                {}
+                match states.next() {
+                    Some((k, state)) if k == name => items.push(AdamWItem {
+                        name,
+                        param: master.data_mut(),
+                        grad: g,
+                        state,
+                    }),
+                    _ => return Err(Error::Input(format!("optimiser: no state for {name}"))),
                 }
-            };
-            let shape = master.shape().to_vec();
-            let mut data = std::mem::replace(master, Tensor::zeros(&[0])).into_vec();
-            let st = self.states.entry(name.clone()).or_default();
-            adamw_step(&self.cfg, lr, &mut data, g, st)
-                .map_err(|e| Error::Input(format!("optimiser step on {name}: {e}")))?;
-            *master = Tensor::from_vec(data, &shape)?;
+            }
+            adamw_step_many(&self.cfg, lr, &mut items)
+                .map_err(|e| Error::Input(format!("optimiser step: {e}")))?;
+        }
+        let mut host_changed = false;
+        for (name, p) in params {
+            let master = &self.master[&name];
             match p {
                 Param::Dev(t) => *t = be.upload(master)?,
                 Param::Host(t) => {
