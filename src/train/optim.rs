@@ -57,48 +57,13 @@ pub fn adamw_step(
     grad: &[f32],
     st: &mut AdamWState,
 ) -> Result<()> {
-    let (bc1, bc2) = begin_step(cfg, param, grad, st)?;
-    // Every element is independent, so chunks on all cores give the same bits as one loop: the
-    // host update of a GPU training step is ~14 M elements in f64, tens of ms on one core.
-    param
-        .par_chunks_mut(ADAMW_CHUNK)
-        .zip(grad.par_chunks(ADAMW_CHUNK))
-        .zip(st.m.par_chunks_mut(ADAMW_CHUNK))
-        .zip(st.v.par_chunks_mut(ADAMW_CHUNK))
-        .for_each(|(((p, g), m), v)| adamw_chunk(cfg, lr, bc1, bc2, p, g, m, v));
-    Ok(())
-}
-
-/// Checks the sizes, creates the moments on the first step, counts the step and returns its
-/// bias corrections `(1 - beta1^t, 1 - beta2^t)`.
-fn begin_step(
-    cfg: &AdamWConfig,
-    param: &[f32],
-    grad: &[f32],
-    st: &mut AdamWState,
-) -> Result<(f64, f64)> {
-    if param.len() != grad.len() {
-        return Err(Error::Input(format!(
-            "adamw: {} parameters, {} gradients",
-            param.len(),
-            grad.len()
-        )));
-    }
-    if st.m.is_empty() {
-        st.m = vec![0.0; param.len()];
-        st.v = vec![0.0; param.len()];
-    }
-    if st.m.len() != param.len() || st.v.len() != param.len() {
-        return Err(Error::Input(format!(
-            "adamw: {} parameters, state moments of {} and {}",
-            param.len(),
-            st.m.len(),
-            st.v.len()
-        )));
-    }
-    st.step += 1;
-    let t = st.step as i32;
-    Ok((1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t)))
+    let item = AdamWItem {
+        name: "a tensor",
+        param,
+        grad,
+        state: st,
+    };
+    adamw_step_many(cfg, lr, &mut [item])
 }
 
 /// The AdamW update of one chunk (the formula of the module header, in f64).
@@ -159,9 +124,18 @@ pub fn adamw_step_many(cfg: &AdamWConfig, lr: f64, items: &mut [AdamWItem<'_>]) 
             )));
         }
     }
+    // Every element is independent, so chunks on all cores give the same bits as one loop: the
+    // host update of a GPU training step is ~14 M elements in f64, tens of ms on one core.
     let mut tasks = Vec::new();
     for it in items.iter_mut() {
-        let (bc1, bc2) = begin_step(cfg, it.param, it.grad, it.state)?;
+        let st = &mut *it.state;
+        if st.m.is_empty() {
+            st.m = vec![0.0; it.param.len()];
+            st.v = vec![0.0; it.param.len()];
+        }
+        st.step += 1;
+        let t = st.step as i32;
+        let (bc1, bc2) = (1.0 - cfg.beta1.powi(t), 1.0 - cfg.beta2.powi(t));
         for (((p, g), m), v) in it
             .param
             .chunks_mut(ADAMW_CHUNK)
@@ -178,8 +152,8 @@ pub fn adamw_step_many(cfg: &AdamWConfig, lr: f64, items: &mut [AdamWItem<'_>]) 
     Ok(())
 }
 
-/// Elements per parallel task of [`adamw_step`], [`adamw_step_many`] and [`clip_grad_norm`]
-/// (small tensors stay one task).
+/// Elements per parallel task of [`adamw_step_many`] and [`clip_grad_norm`] (small tensors stay
+/// one task).
 const ADAMW_CHUNK: usize = 1 << 15;
 
 /// Learning-rate schedules (as a factor of the base rate at step t, 0-based).

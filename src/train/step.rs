@@ -253,12 +253,10 @@ impl Optimizer {
             }
         };
         let lr = self.lr();
-        // Masters on the first step (from the model), then one parallel update over every
-        // trained tensor's chunks, then the new values back into the model.
+        // Masters on the first step (from the model); then every trained tensor's master and
+        // state leave the maps for one parallel update over all their chunks, and go back.
         let mut params = model.params();
         params.retain(|(name, _)| host.contains_key(name));
-        let trained: std::collections::BTreeSet<String> =
-            params.iter().map(|(n, _)| n.clone()).collect();
         for (name, p) in &params {
             if !self.master.contains_key(name) {
                 let t = match p {
@@ -267,34 +265,34 @@ impl Optimizer {
                 };
                 self.master.insert(name.clone(), t);
             }
-            self.states.entry(name.clone()).or_default();
         }
-        {
-            // Both maps are sorted by name and hold every trained name (above), but either may
-            // hold more (a resumed state): pair them by name, not by position.
-            let mut items = Vec::with_capacity(params.len());
-            let mut states = self.states.iter_mut().peekable();
-            for (name, master) in self.master.iter_mut() {
-                let Some(g) = host.get(name).filter(|_| trained.contains(name)) else {
-                    continue;
-                };
-                while states
-                    .next_if(|(k, _)| k.as_str() < name.as_str())
-                    .is_some()
-                {}
-                match states.next() {
-                    Some((k, state)) if k == name => items.push(AdamWItem {
-                        name,
-                        param: master.data_mut(),
-                        grad: g,
-                        state,
-                    }),
-                    _ => return Err(Error::Input(format!("optimiser: no state for {name}"))),
-                }
-            }
-            adamw_step_many(&self.cfg, lr, &mut items)
-                .map_err(|e| Error::Input(format!("optimiser step: {e}")))?;
+        let mut work: Vec<(String, Tensor, AdamWState)> = params
+            .iter()
+            .filter_map(|(name, _)| {
+                let master = self.master.remove(name)?;
+                Some((
+                    name.clone(),
+                    master,
+                    self.states.remove(name).unwrap_or_default(),
+                ))
+            })
+            .collect();
+        let mut items: Vec<AdamWItem> = work
+            .iter_mut()
+            .map(|(name, master, state)| AdamWItem {
+                name,
+                param: master.data_mut(),
+                grad: &host[name.as_str()],
+                state,
+            })
+            .collect();
+        let stepped = adamw_step_many(&self.cfg, lr, &mut items);
+        drop(items);
+        for (name, master, state) in work {
+            self.master.insert(name.clone(), master);
+            self.states.insert(name, state);
         }
+        stepped.map_err(|e| Error::Input(format!("optimiser step: {e}")))?;
         let mut host_changed = false;
         for (name, p) in params {
             let master = &self.master[&name];
