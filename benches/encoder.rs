@@ -62,7 +62,7 @@ fn encoder(c: &mut Criterion) {
 /// The same hot ops on the GPU (bf16), synchronised per iteration; skipped without a device.
 #[cfg(feature = "cuda")]
 fn cuda_ops(c: &mut Criterion) {
-    use medsa::backend::cuda::{driver_present, Cuda, Precision};
+    use medsa::backend::cuda::{driver_present, AttentionOptions, Cuda, Precision};
     if !driver_present() {
         eprintln!("cuda benches skipped: no NVIDIA driver on this machine");
         return;
@@ -195,70 +195,46 @@ fn cuda_ops(c: &mut Criterion) {
     });
     grp.finish();
 
-    // The attention kernel variants (MEDSA_ATTN_Q128): 64 vs 128 query rows per block, on
-    // vit_b's global and windowed attentions at batch 8. Compare the lines of a pair.
+    // The attention kernel options (MEDSA_ATTN_*), each against none, on vit_b's global and
+    // windowed attentions at batch 8 with SAM's shift-invariant rel-pos tables: 128 query rows
+    // per block instead of 64; the rel-pos terms on tensor cores instead of per-row dot
+    // products; no mma work past the sequence ends (the partial tiles of the 196-token
+    // windows) and no key masking in the global blocks' whole tiles. Compare with the first
+    // pair of lines.
     let mut be = be;
     let qkv_map = be.reshape(&qkv, &[8, 64, 64, 2304]).unwrap();
-    let mut grp = c.benchmark_group("cuda bf16 attention 64 vs 128 queries per block");
-    grp.sample_size(20);
-    for q128 in [false, true] {
-        be.set_attention_q128(q128);
-        let rows = if q128 { 128 } else { 64 };
-        grp.bench_function(
-            format!("attention_qkv global b8 4096 tok 12x64 relpos: {rows} queries"),
-            |bch| {
-                bch.iter(|| {
-                    let rel = RelPos::within(&rh, &rw, (64, 64));
-                    be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
-                    be.synchronize().unwrap()
-                })
-            },
-        );
-        grp.bench_function(
-            format!("attention_qkv_windowed b8 64x64 ws14 12x64 relpos: {rows} queries"),
-            |bch| {
-                bch.iter(|| {
-                    be.attention_qkv_windowed(&qkv_map, &pad, 14, 12, 0.125, rel14())
-                        .unwrap();
-                    be.synchronize().unwrap()
-                })
-            },
-        );
-    }
-    grp.finish();
-    be.set_attention_q128(false);
-
-    // How the rel-pos terms are computed (MEDSA_ATTN_REL_MMA: SIMT dot products per query row
-    // vs tensor-core products with the table's distinct rows, on SAM's shift-invariant tables)
-    // and MEDSA_ATTN_TRIM (no mma work for the query and key groups past the end of a 196-token
-    // window, the only partial tiles of vit_b's encoder: global attention is unaffected).
     let mut rng = Rng::new(5);
     let mut gathered = |side: usize| {
         let t = medsa::sam::rel_pos::gather(&rng.tensor(&[2 * side - 1, 64], 0.05), side, side);
         be.upload(&t.unwrap()).unwrap()
     };
     let (gh64, gw64, gh14, gw14) = (gathered(64), gathered(64), gathered(14), gathered(14));
-    let mut grp = c.benchmark_group("cuda bf16 attention rel-pos terms and trimming");
+    let mut grp = c.benchmark_group("cuda bf16 attention kernel options");
     grp.sample_size(20);
-    for (how, mma, trim) in [
-        ("dot products", false, false),
-        ("mma", true, false),
-        ("dot products, trimmed", false, true),
+    let none = AttentionOptions::default();
+    for (how, opts) in [
+        ("no option", none),
+        ("128 queries", AttentionOptions { q128: true, ..none }),
+        (
+            "rel-pos mma",
+            AttentionOptions {
+                rel_mma: true,
+                ..none
+            },
+        ),
+        ("trimmed", AttentionOptions { trim: true, ..none }),
     ] {
-        be.set_attention_rel_mma(mma);
-        be.set_attention_trim(trim);
-        if !trim {
-            grp.bench_function(
-                format!("attention_qkv global b8 4096 tok 12x64 relpos: {how}"),
-                |bch| {
-                    bch.iter(|| {
-                        let rel = RelPos::shift_invariant(&gh64, &gw64, (64, 64));
-                        be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
-                        be.synchronize().unwrap()
-                    })
-                },
-            );
-        }
+        be.set_attention_options(opts);
+        grp.bench_function(
+            format!("attention_qkv global b8 4096 tok 12x64 relpos: {how}"),
+            |bch| {
+                bch.iter(|| {
+                    let rel = RelPos::shift_invariant(&gh64, &gw64, (64, 64));
+                    be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
+                    be.synchronize().unwrap()
+                })
+            },
+        );
         grp.bench_function(
             format!("attention_qkv_windowed b8 64x64 ws14 12x64 relpos: {how}"),
             |bch| {

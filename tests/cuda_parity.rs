@@ -5,7 +5,7 @@
 
 mod common;
 
-use medsa::backend::cuda::{Cuda, Precision};
+use medsa::backend::cuda::{AttentionOptions, Cuda, Precision};
 use medsa::backend::{Backend, RelPos};
 use medsa::medsa::depth_branch::depth_grid;
 use medsa::sam::random::Rng;
@@ -22,11 +22,11 @@ fn check(p: Precision, op_tol: Tolerance, model_tol: Tolerance) {
     // The whole model on both encoder paths: op by op, and fused (MEDSA_FUSE=1).
     for fuse in [false, true] {
         be.set_fusion(fuse);
-        let mut m = selftest::model(&be, &common::fixtures_dir(), model_tol);
-        for c in &mut m {
-            c.name = format!("{} [{}]", c.name, if fuse { "fused" } else { "op by op" });
-        }
-        checks.extend(m);
+        checks.extend(tagged_model(
+            &be,
+            model_tol,
+            if fuse { "fused" } else { "op by op" },
+        ));
     }
     let failed = selftest::report(&checks);
     println!("peak device memory {} MiB", be.pool().peak() >> 20);
@@ -34,6 +34,16 @@ fn check(p: Precision, op_tol: Tolerance, model_tol: Tolerance) {
         failed, 0,
         "{failed} CUDA parity checks failed (see the table above)"
     );
+}
+
+/// The whole model on the fixtures against the CPU reference, each check's name tagged with
+/// the configuration it ran in.
+fn tagged_model(be: &Cuda, tol: Tolerance, tag: &str) -> Vec<selftest::Check> {
+    let mut m = selftest::model(be, &common::fixtures_dir(), tol);
+    for c in &mut m {
+        c.name = format!("{} [{tag}]", c.name);
+    }
+    m
 }
 
 #[test]
@@ -69,8 +79,14 @@ enum Variant {
 impl Variant {
     fn set(self, be: &mut Cuda, on: bool) {
         match self {
-            Variant::Q128 => be.set_attention_q128(on),
-            Variant::Trim => be.set_attention_trim(on),
+            Variant::Q128 => be.set_attention_options(AttentionOptions {
+                q128: on,
+                ..be.attention_options()
+            }),
+            Variant::Trim => be.set_attention_options(AttentionOptions {
+                trim: on,
+                ..be.attention_options()
+            }),
         }
     }
 
@@ -238,7 +254,10 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     // covered by the bit-identity checks above, and the whole op set already ran in
     // cuda_bf16_matches_cpu_reference) and the whole model on the fixtures, fused path.
     // Fusion on also selects the warp-per-row LayerNorm kernels, which these cases cover.
-    be.set_attention_q128(true);
+    be.set_attention_options(AttentionOptions {
+        q128: true,
+        ..AttentionOptions::default()
+    });
     let failed = fused_ops_and_model(&mut be);
     assert!(
         failures.is_empty() && failed == 0,
@@ -256,7 +275,11 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
     };
-    be.set_attention_rel_mma(true);
+    let rel_mma = AttentionOptions {
+        rel_mma: true,
+        ..AttentionOptions::default()
+    };
+    be.set_attention_options(rel_mma);
     let mut checks = selftest::ops(&be, Tolerance::BF16);
     let mut rng = Rng::new(2 * 64 - 1);
     let mut failures = Vec::new();
@@ -285,12 +308,9 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
     }
     for (fuse, q128) in [(false, false), (true, false), (true, true)] {
         be.set_fusion(fuse);
-        be.set_attention_q128(q128);
-        let mut m = selftest::model(&be, &common::fixtures_dir(), Tolerance::BF16_MODEL);
-        for c in &mut m {
-            c.name = format!("{} [rel mma, fused {fuse}, q128 {q128}]", c.name);
-        }
-        checks.extend(m);
+        be.set_attention_options(AttentionOptions { q128, ..rel_mma });
+        let tag = format!("rel mma, fused {fuse}, q128 {q128}");
+        checks.extend(tagged_model(&be, Tolerance::BF16_MODEL, &tag));
     }
     let failed = selftest::report(&checks);
     assert!(
@@ -302,8 +322,9 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
 /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`) leaves every output bit as it
 /// was, on both kernels and both rel-pos prologues: partial query and key tiles (196-token
 /// windows, Lq = 37 with Lk = 53, 200 queries on 7 keys, a 6-slice depth map), the unmasked
-/// whole-tile rel-pos path (an 8 x 64 grid), head dims 64 and 80. Then all the opt-in attention paths together, with fusion, against the CPU reference:
-/// the fused-op self-tests and the whole model.
+/// whole-tile rel-pos path (an 8 x 64 grid), head dims 64 and 80. Then all the opt-in
+/// attention paths together, with fusion, against the CPU reference: the fused-op self-tests
+/// and the whole model.
 #[test]
 fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
     let Some(mut be) = device(Precision::Bf16) else {
@@ -334,8 +355,11 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
             .map(|&g| be.upload(&selftest::rel_table(&mut r, g, d, true)).unwrap())
             .collect();
         for (q128, rel_mma) in [(false, false), (true, false), (false, true), (true, true)] {
-            be.set_attention_q128(q128);
-            be.set_attention_rel_mma(rel_mma);
+            be.set_attention_options(AttentionOptions {
+                q128,
+                rel_mma,
+                trim: false,
+            });
             let tag = format!("d{d} q128 {q128} rel-mma {rel_mma}");
             failures.extend(same_on_both_kernels(
                 &mut be,
@@ -378,9 +402,11 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
             ));
         }
     }
-    be.set_attention_q128(true);
-    be.set_attention_rel_mma(true);
-    be.set_attention_trim(true);
+    be.set_attention_options(AttentionOptions {
+        q128: true,
+        rel_mma: true,
+        trim: true,
+    });
     let failed = fused_ops_and_model(&mut be);
     assert!(
         failures.is_empty() && failed == 0,

@@ -159,17 +159,49 @@ impl Cuda {
     }
 }
 
+/// The opt-in options of the tensor-core attention kernels (bf16, head dim 64 or 80), each off
+/// by default until a device run has verified and measured it (docs/PERF.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttentionOptions {
+    /// The 128-query kernel variant (`MEDSA_ATTN_Q128=1`; head dim 64 only, and only where the
+    /// card gives it the shared memory it needs: ~101 KB with the rel-pos terms of a 64x64
+    /// grid, so sm_86/sm_89 keep the 64-query kernel).
+    pub q128: bool,
+    /// The rel-pos terms of shift-invariant tables ([`RelPos::shift_invariant`]) on tensor
+    /// cores instead of per-row dot products (`MEDSA_ATTN_REL_MMA=1`).
+    pub rel_mma: bool,
+    /// No mma work for query and key groups wholly past the sequence ends
+    /// (`MEDSA_ATTN_TRIM=1`; outputs bit-identical either way).
+    pub trim: bool,
+}
+
+impl AttentionOptions {
+    /// The options the environment asks for (each variable set to `1`).
+    pub fn from_env() -> Self {
+        let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        AttentionOptions {
+            q128: on("MEDSA_ATTN_Q128"),
+            rel_mma: on("MEDSA_ATTN_REL_MMA"),
+            trim: on("MEDSA_ATTN_TRIM"),
+        }
+    }
+}
+
 impl Cuda {
-    /// Whether self-attention with head dim `d` and the rel-pos bias of a `kh x kw` key grid
-    /// runs on the 128-query kernel: asked for (`MEDSA_ATTN_Q128`), built for it (bf16, d =
-    /// 64) and given the shared memory it needs on this card (sm_86/sm_89 have too little for
-    /// a 64x64 grid and keep the 64-query kernel).
-    pub fn attention_q128_applies(&self, d: usize, kh: usize, kw: usize) -> bool {
-        self.q128_applies(d, true, kh, kw)
+    /// The options that take effect for self-attention with head dim `d` over a `grid x grid`
+    /// map with its rel-pos bias (the encoder's global blocks): those asked for, where this
+    /// precision, head dim and card run them.
+    pub fn attention_options_for(&self, d: usize, grid: usize) -> AttentionOptions {
+        let tc = self.precision == Precision::Bf16 && (d == 64 || d == 80);
+        AttentionOptions {
+            q128: self.q128_applies(d, true, grid, grid),
+            rel_mma: tc && self.attn.rel_mma,
+            trim: tc && self.attn.trim,
+        }
     }
 
     fn q128_applies(&self, d: usize, rel: bool, kh: usize, kw: usize) -> bool {
-        self.attn_q128
+        self.attn.q128
             && self.precision == Precision::Bf16
             && d == 64
             && attention_smem_q128(rel, kh, kw) as i64 <= self.max_smem_optin as i64
@@ -264,8 +296,8 @@ impl Cuda {
         // with mma), TRIM to skip the work of query and key groups past the sequence ends.
         let rel_mma = rel
             .as_ref()
-            .is_some_and(|r| r.shift_invariant && r.q_grid == r.k_grid && self.attn_rel_mma);
-        let opts = ATT_OPT_REL_MMA * rel_mma as i32 + ATT_OPT_TRIM * self.attn_trim as i32;
+            .is_some_and(|r| r.shift_invariant && r.q_grid == r.k_grid && self.attn.rel_mma);
+        let opts = ATT_OPT_REL_MMA * rel_mma as i32 + ATT_OPT_TRIM * self.attn.trim as i32;
         let o = self.empty(out)?;
         if b * lq == 0 {
             return Ok(o);

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 
 use crate::error::{Error, Result};
+pub use attention::AttentionOptions;
 pub(crate) use pool::dev;
 pub use pool::Pool;
 
@@ -151,18 +152,8 @@ pub struct Cuda {
     /// (`MEDSA_FUSE=1`; off by default on CUDA until a device run has verified and measured
     /// them, see docs/PERF.md). The fused ops themselves always run their kernels when called.
     fuse: bool,
-    /// bf16 attention with head dim 64 on the 128-query kernel variant (`MEDSA_ATTN_Q128=1`; off
-    /// by default until a device run has verified and measured it, see docs/PERF.md).
-    attn_q128: bool,
-    /// bf16 tensor-core attention computes the rel-pos terms of shift-invariant tables
-    /// ([`RelPos::shift_invariant`](crate::backend::RelPos)) with mma instead of per-row dot
-    /// products (`MEDSA_ATTN_REL_MMA=1`; off by default until a device run has verified and
-    /// measured it, see docs/PERF.md).
-    attn_rel_mma: bool,
-    /// Tensor-core attention skips the mma work of query and key groups that lie wholly past
-    /// the sequence ends (`MEDSA_ATTN_TRIM=1`; off by default until a device run has verified
-    /// and measured it, see docs/PERF.md; outputs are bit-identical either way).
-    attn_trim: bool,
+    /// The opt-in attention kernel options (`MEDSA_ATTN_*`).
+    attn: AttentionOptions,
     /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
 }
@@ -223,9 +214,7 @@ impl Cuda {
             precision,
             max_smem_optin,
             fuse: std::env::var("MEDSA_FUSE").is_ok_and(|v| v == "1"),
-            attn_q128: std::env::var("MEDSA_ATTN_Q128").is_ok_and(|v| v == "1"),
-            attn_rel_mma: std::env::var("MEDSA_ATTN_REL_MMA").is_ok_and(|v| v == "1"),
-            attn_trim: std::env::var("MEDSA_ATTN_TRIM").is_ok_and(|v| v == "1"),
+            attn: AttentionOptions::from_env(),
             profile: std::env::var("MEDSA_PROFILE")
                 .ok()
                 .filter(|v| v == "1")
@@ -277,41 +266,16 @@ impl Cuda {
         self.fuse = on;
     }
 
-    /// Whether bf16 attention with head dim 64 runs the 128-query kernel variant
-    /// (`MEDSA_ATTN_Q128=1` at start-up; it needs ~101 KB of shared memory with the rel-pos
-    /// terms of a 64x64 grid, so cards that allow less fall back to the 64-query kernel).
-    pub fn attention_q128(&self) -> bool {
-        self.attn_q128
+    /// The attention kernel options asked for (`MEDSA_ATTN_*` at start-up, or the last
+    /// [`Cuda::set_attention_options`]).
+    pub fn attention_options(&self) -> AttentionOptions {
+        self.attn
     }
 
-    /// Chooses the attention kernel variant regardless of `MEDSA_ATTN_Q128`: for tests and
-    /// benches that compare both.
-    pub fn set_attention_q128(&mut self, on: bool) {
-        self.attn_q128 = on;
-    }
-
-    /// Whether bf16 attention (head dim 64 or 80) computes the rel-pos terms of shift-invariant
-    /// tables on tensor cores (`MEDSA_ATTN_REL_MMA=1` at start-up).
-    pub fn attention_rel_mma(&self) -> bool {
-        self.attn_rel_mma
-    }
-
-    /// Chooses how the attention kernels compute shift-invariant rel-pos terms regardless of
-    /// `MEDSA_ATTN_REL_MMA`: for tests and benches that compare both.
-    pub fn set_attention_rel_mma(&mut self, on: bool) {
-        self.attn_rel_mma = on;
-    }
-
-    /// Whether bf16 attention (head dim 64 or 80) skips the work of query m-tiles and key
-    /// groups past the sequence ends (`MEDSA_ATTN_TRIM=1` at start-up).
-    pub fn attention_trim(&self) -> bool {
-        self.attn_trim
-    }
-
-    /// Chooses whether attention trims the work past the sequence ends regardless of
-    /// `MEDSA_ATTN_TRIM`: for tests and benches that compare both.
-    pub fn set_attention_trim(&mut self, on: bool) {
-        self.attn_trim = on;
+    /// Chooses the attention kernel options regardless of the environment: for tests and
+    /// benches that compare them.
+    pub fn set_attention_options(&mut self, o: AttentionOptions) {
+        self.attn = o;
     }
 
     /// Storage precision.

@@ -44,21 +44,15 @@ impl Dev {
     }
 
     /// The opt-in attention kernel options in effect for an encoder with head dim `d` whose
-    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim]`
-    /// (`MEDSA_ATTN_Q128`, `MEDSA_ATTN_REL_MMA`, `MEDSA_ATTN_TRIM`; CUDA bf16 only; q128 only
-    /// where the card gives its kernel enough shared memory).
+    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim]` (all false on
+    /// the CPU).
     pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 3] {
         match self {
             Dev::Cpu(_) => [false; 3],
             #[cfg(feature = "cuda")]
             Dev::Cuda(c) => {
-                let tc =
-                    c.precision() == medsa::backend::cuda::Precision::Bf16 && (d == 64 || d == 80);
-                [
-                    c.attention_q128_applies(d, grid, grid),
-                    tc && c.attention_rel_mma(),
-                    tc && c.attention_trim(),
-                ]
+                let o = c.attention_options_for(d, grid);
+                [o.q128, o.rel_mma, o.trim]
             }
         }
     }
