@@ -75,7 +75,7 @@
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
 //   attention_f32 and attention_bf16 are compiled with __launch_bounds__(128, 3) (<= 168
-//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 242-253 used,
+//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 244-254 used,
 //   no spills).
 //
 // Paths:
@@ -250,6 +250,30 @@ __device__ __forceinline__ void rel_terms_mma(const uint32_t (&qa)[D / 16][4],
                     d1[kc ^ sw1] = acc[e];
             }
         }
+    }
+}
+
+// Scale and rel-pos bias of one m-tile's scores on the whole-tile path (kw % 64 == 0: one ky
+// per key tile, RW rows swizzled), and the rows' running maxima. s[nt][e] is row g (e < 2) or
+// g + 8, key j0 + 8*nt + (e & 1); rw0 points at row g's RW entry for that key (row g + 8 at
+// + 8*kw); kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1).
+// MASK: keys past Lk score -inf.
+template <bool MASK, int NT>
+__device__ __forceinline__ void scores_whole_tile(float (&s)[NT][4], float scale, float rh0,
+                                                  float rh1, const float* rw0, int kw, int sw,
+                                                  int j0, int Lk, float& mx0, float& mx1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
+        const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
+        const int j = j0 + 8 * nt;
+        const bool v0 = !MASK || j < Lk, v1 = !MASK || j + 1 < Lk;
+        s[nt][0] = v0 ? s[nt][0] * scale + (rh0 + w0.x) : -INFINITY;
+        s[nt][1] = v1 ? s[nt][1] * scale + (rh0 + w0.y) : -INFINITY;
+        s[nt][2] = v0 ? s[nt][2] * scale + (rh1 + w1.x) : -INFINITY;
+        s[nt][3] = v1 ? s[nt][3] * scale + (rh1 + w1.y) : -INFINITY;
+        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
     }
 }
 
@@ -454,36 +478,13 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                 const float rh0 = RH[r0 * RHS + ky], rh1 = RH[(r0 + 8) * RHS + ky];
                 const float* rw0 = RW + r0 * kw + kxb + 2 * t;  // row r0; row r0 + 8 at + 8*kw
                 const int sw = r0 & 3;                         // == (r0 + 8) & 3
-                if (trim) {
-                    // kw % 64 == 0 makes Lk = kh*kw a multiple of 64: every key of every tile
-                    // is valid, so the masking below is work for nothing (same values).
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
-                        const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
-                        s[mt][nt][0] = s[mt][nt][0] * scale + (rh0 + w0.x);
-                        s[mt][nt][1] = s[mt][nt][1] * scale + (rh0 + w0.y);
-                        s[mt][nt][2] = s[mt][nt][2] * scale + (rh1 + w1.x);
-                        s[mt][nt][3] = s[mt][nt][3] * scale + (rh1 + w1.y);
-                        mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
-                        mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
-                    }
-                } else {
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        // kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1)
-                        const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
-                        const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
-                        const int j = k0 + 8 * nt + 2 * t;
-                        const bool v0 = j < Lk, v1 = j + 1 < Lk;
-                        s[mt][nt][0] = v0 ? s[mt][nt][0] * scale + (rh0 + w0.x) : -INFINITY;
-                        s[mt][nt][1] = v1 ? s[mt][nt][1] * scale + (rh0 + w0.y) : -INFINITY;
-                        s[mt][nt][2] = v0 ? s[mt][nt][2] * scale + (rh1 + w1.x) : -INFINITY;
-                        s[mt][nt][3] = v1 ? s[mt][nt][3] * scale + (rh1 + w1.y) : -INFINITY;
-                        mx0 = fmaxf(mx0, fmaxf(s[mt][nt][0], s[mt][nt][1]));
-                        mx1 = fmaxf(mx1, fmaxf(s[mt][nt][2], s[mt][nt][3]));
-                    }
-                }
+                // With trim, no masking: kw % 64 == 0 makes Lk = kh*kw a multiple of 64, so
+                // every key of every tile is valid (same values, less work).
+                const int j0 = k0 + 2 * t;
+                if (trim)
+                    scores_whole_tile<false>(s[mt], scale, rh0, rh1, rw0, kw, sw, j0, Lk, mx0, mx1);
+                else
+                    scores_whole_tile<true>(s[mt], scale, rh0, rh1, rw0, kw, sw, j0, Lk, mx0, mx1);
             } else {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
