@@ -305,7 +305,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     constexpr int DT = D / 8;        // output n-tiles (even)
     constexpr int CH = D / 8;        // 8-element chunks per row
     constexpr int BQ = ATT_BQ * MT;  // query rows per block
-    extern __shared__ float4 smem_f4[];
+    EXTERN_SMEM_F4(smem_f4);
     // fast: kw % 64 == 0 (global attention). Every 64-key tile then has one ky (k0 % 64 == 0)
     // and kx = (k0 % kw) + 0..63, so RH is read once per row per tile and RW is read as
     // float2 from rows stored with an XOR swizzle (col kx ^ 8*(row & 3), stride kw):

@@ -208,7 +208,7 @@ __device__ __forceinline__ void attn_bwd_dq_body(
     float* __restrict__ gs, const T* __restrict__ rh, const T* __restrict__ rw, int heads,
     int Lq, int Lk, int d, float scale, int qw, int kh, int kw, int has_rel, int rel_smem) {
     constexpr int S = D + 1, NC = D / 16;
-    extern __shared__ float4 smem_f4[];
+    EXTERN_SMEM_F4(smem_f4);
     const int R = has_rel ? kh + kw : 0;
     const bool use_sm = has_rel && rel_smem;
     if (dyn_smem_bytes() < attn_bwd_smem_need(D) + (use_sm ? 4u * AB_TILE * R : 0u)) __trap();
@@ -386,7 +386,7 @@ __device__ __forceinline__ void attn_bwd_dkv_body(
     const float* __restrict__ lse, const float* __restrict__ dr, const float* __restrict__ rq,
     int heads, int Lq, int Lk, int d, float scale, int kh, int kw, int has_rel) {
     constexpr int S = D + 1, NC = D / 16;
-    extern __shared__ float4 smem_f4[];
+    EXTERN_SMEM_F4(smem_f4);
     if (dyn_smem_bytes() < attn_bwd_smem_need(D)) __trap();
     float* Ks = reinterpret_cast<float*>(smem_f4);
     float* Vs = Ks + AB_TILE * S;

@@ -18,7 +18,7 @@ __device__ __forceinline__ void attn_simt(const T* __restrict__ q, const T* __re
     constexpr int QS = D + 1;       // row stride of Qs/Ks (odd: conflict-free column reads)
     constexpr int PS = ATT_BK + 1;  // row stride of Ps
     constexpr int NC = D / 16;      // output columns per thread
-    extern __shared__ float4 smem_f4[];
+    EXTERN_SMEM_F4(smem_f4);
     float* smem = reinterpret_cast<float*>(smem_f4);
     const int R = has_rel ? (kh + kw) : 0;
     {

@@ -9,6 +9,9 @@
 // * GRID_STRIDE(i, n): 64-bit grid-stride loop over [0, n).
 // * dyn_smem_bytes: the dynamic shared memory this launch was given (kernels that need a minimum
 //   check it and trap, so a launcher's mistake is a launch error, not a silent overrun).
+// * EXTERN_SMEM_F4(name): declares the dynamic shared memory as float4 name[].
+// * MEDSA_KEMU: defined when a kernel is compiled as C++ for the CPU emulator (tools/kemu,
+//   tests/kernel_emu.rs); this file and mma.cuh then call the emulator instead of inline PTX.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -57,8 +60,16 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (long long)gridDim.x * blockDim.x)
 
+#ifndef MEDSA_KEMU
 __device__ __forceinline__ unsigned dyn_smem_bytes() {
     unsigned r;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
     return r;
 }
+// The block's dynamic shared memory, as float4 (a macro so the CPU emulator, tools/kemu, can
+// supply it).
+#define EXTERN_SMEM_F4(name) extern __shared__ float4 name[]
+#else
+__device__ __forceinline__ unsigned dyn_smem_bytes() { return kemu::dyn_smem; }
+#define EXTERN_SMEM_F4(name) float4* const name = kemu::dyn_smem_f4()
+#endif

@@ -11,6 +11,7 @@
 //   B (16x8, k x n):     b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
 //   C (16x8 f32):        c0 = (g, 2t), c1 = (g, 2t+1), c2 = (g+8, 2t), c3 = (g+8, 2t+1)
 // ----------------------------------------------------------------------------------------
+#ifndef MEDSA_KEMU
 __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
                                          uint32_t b1) {
     asm volatile(
@@ -19,6 +20,12 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#else
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0,
+                                         uint32_t b1) {
+    kemu::mma_bf16(c, a, b0, b1);
+}
+#endif
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
@@ -37,6 +44,7 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
 // 16-byte asynchronous global -> shared copy (sm_80+), bypassing L1. valid == false copies
 // nothing from src (src-size 0) and zero-fills the 16 destination bytes; src must still be
 // a valid address (callers pass the tile base). dst and src must be 16-byte aligned.
+#ifndef MEDSA_KEMU
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n)
@@ -64,4 +72,14 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
                  : "r"(addr)
                  : "memory");
 }
-
+#else  // the CPU emulator (tools/kemu): same semantics, checked
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    kemu::cp_async16(dst, src, valid);
+}
+__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_wait_all() { kemu::cp_async_wait_all(); }
+__device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) { kemu::ldsm_x4(r, addr, false); }
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
+    kemu::ldsm_x4(r, addr, true);
+}
+#endif
