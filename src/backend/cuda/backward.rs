@@ -48,9 +48,20 @@ impl Cuda {
         if bytes == 0 {
             return Ok(());
         }
-        self.ctx.bind_to_thread().map_err(dev)?;
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
-            .map_err(dev)
+        match &self.device {
+            super::Device::Gpu(g) => {
+                g.ctx.bind_to_thread().map_err(dev)?;
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(ptr, 0, bytes, g.stream.cu_stream())
+                }
+                .map_err(dev)
+            }
+            // SAFETY: ptr addresses a live pool block of at least `bytes` bytes.
+            super::Device::Emu(_) => {
+                unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+                Ok(())
+            }
+        }
     }
 
     /// A zero-filled tensor.

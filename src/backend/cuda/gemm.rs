@@ -225,8 +225,15 @@ impl Cuda {
     }
 
     fn gemm_inner(&self, s: GemmSpec, a: u64, b: u64, d: u64, epi: Epilogue) -> Result<bool> {
+        let g = match &self.device {
+            super::Device::Gpu(g) => g,
+            super::Device::Emu(_) => {
+                super::emu::gemm(self.precision, &s, a, b, d, &epi);
+                return Ok(true);
+            }
+        };
         let bias = epi.bias;
-        let blas = &self.blas;
+        let blas = &g.blas;
         let key = (s, self.precision == Precision::Bf16, epi.gelu);
         if matches!(blas.algos.lock().unwrap().get(&key), Some(None)) {
             return Ok(false);
@@ -235,7 +242,7 @@ impl Cuda {
             Precision::F32 => ltsys::cudaDataType::CUDA_R_32F,
             Precision::Bf16 => ltsys::cudaDataType::CUDA_R_16BF,
         };
-        self.ctx.bind_to_thread().map_err(dev)?;
+        g.ctx.bind_to_thread().map_err(dev)?;
         let desc = lt::create_matmul_desc(
             ltsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             ltsys::cudaDataType::CUDA_R_32F,
@@ -342,7 +349,7 @@ impl Cuda {
                 &algo,
                 blas.workspace.0 as *mut c_void,
                 WORKSPACE,
-                self.stream.cu_stream() as ltsys::cudaStream_t,
+                g.stream.cu_stream() as ltsys::cudaStream_t,
             )
         }
         .map_err(|e| blas_err(&format!("matmul {s:?}"), e))?;

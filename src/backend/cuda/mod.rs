@@ -9,6 +9,7 @@ mod attention;
 mod attention_backward;
 mod backward;
 mod conv;
+mod emu;
 mod fused;
 mod gemm;
 mod ops;
@@ -22,6 +23,7 @@ use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStr
 
 use crate::error::{Error, Result};
 pub use attention::AttentionOptions;
+pub use emu::EmuSchedule;
 pub(crate) use pool::dev;
 pub use pool::Pool;
 
@@ -127,6 +129,22 @@ pub(crate) enum Arg {
     Perm(PermArgs),
 }
 
+impl Arg {
+    /// cuLaunchKernel's parameter array: a pointer to each argument's value (valid while
+    /// `args` is neither moved nor dropped).
+    pub(crate) fn pointers(args: &mut [Arg]) -> Vec<*mut std::ffi::c_void> {
+        args.iter_mut()
+            .map(|a| match a {
+                Arg::P(v) => v as *mut u64 as *mut _,
+                Arg::I(v) => v as *mut i32 as *mut _,
+                Arg::L(v) => v as *mut i64 as *mut _,
+                Arg::F(v) => v as *mut f32 as *mut _,
+                Arg::Perm(v) => v as *mut PermArgs as *mut _,
+            })
+            .collect()
+    }
+}
+
 /// `struct PermArgs { int rank; int pad; long long out_dims[6]; long long in_strides[6]; }`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -137,14 +155,27 @@ pub(crate) struct PermArgs {
     pub in_strides: [i64; 6],
 }
 
-/// The CUDA backend on one device.
-pub struct Cuda {
+/// A CUDA device: its context and stream, the kernel modules, cuBLASLt.
+struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: Vec<(String, Arc<CudaModule>)>,
     funcs: Mutex<HashMap<String, CudaFunction>>,
-    pool: Arc<Pool>,
     blas: gemm::Blas,
+}
+
+/// Where the backend's work runs.
+enum Device {
+    /// An NVIDIA GPU.
+    Gpu(Gpu),
+    /// The CPU kernel emulator ([`Cuda::emulated`]).
+    Emu(emu::Emu),
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    device: Device,
+    pool: Arc<Pool>,
     precision: Precision,
     name: String,
     max_smem_optin: i32,
@@ -201,16 +232,50 @@ impl Cuda {
                 sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             )
             .map_err(dev)?;
-        let pool = Arc::new(Pool::new(ctx.clone()));
+        let pool = Arc::new(Pool::new(Some(ctx.clone())));
         let blas = gemm::Blas::new(&ctx, &stream, &pool)?;
-        Ok(Cuda {
-            name: format!("cuda:{ordinal} {dname} (sm_{cc_major}{cc_minor}, {precision:?})"),
-            ctx,
-            stream,
-            modules,
-            funcs: Mutex::new(HashMap::new()),
+        Ok(Self::with_device(
+            Device::Gpu(Gpu {
+                ctx,
+                stream,
+                modules,
+                funcs: Mutex::new(HashMap::new()),
+                blas,
+            }),
             pool,
-            blas,
+            format!("cuda:{ordinal} {dname} (sm_{cc_major}{cc_minor}, {precision:?})"),
+            precision,
+            max_smem_optin,
+        ))
+    }
+
+    /// The backend on the CPU kernel emulator instead of a GPU: `library` is the emulator build
+    /// of `kernels/*.cu` (`tools/kemu`; tests/common/kemu.rs builds it). Every op runs this
+    /// backend's own launch code and the kernels' own source, on host memory; GEMMs (cuBLASLt
+    /// on a device) are computed on the CPU. Orders of magnitude slower than a GPU: for tests
+    /// of the CUDA code on machines without one. It reports the shared-memory limit of sm_90.
+    pub fn emulated(library: &std::path::Path, precision: Precision) -> Result<Self> {
+        let emu = emu::Emu::load(library)?;
+        Ok(Self::with_device(
+            Device::Emu(emu),
+            Arc::new(Pool::new(None)),
+            format!("emulated CUDA device (kemu on the CPU, {precision:?})"),
+            precision,
+            emu::MAX_SMEM_OPTIN,
+        ))
+    }
+
+    fn with_device(
+        device: Device,
+        pool: Arc<Pool>,
+        name: String,
+        precision: Precision,
+        max_smem_optin: i32,
+    ) -> Self {
+        Cuda {
+            name,
+            device,
+            pool,
             precision,
             max_smem_optin,
             fuse: std::env::var("MEDSA_FUSE").is_ok_and(|v| v == "1"),
@@ -219,7 +284,19 @@ impl Cuda {
                 .ok()
                 .filter(|v| v == "1")
                 .map(|_| Mutex::new(Default::default())),
-        })
+        }
+    }
+
+    /// How the emulated device interleaves threads ([`Cuda::emulated`]); no effect on a GPU.
+    pub fn set_emulator_schedule(&self, s: EmuSchedule) {
+        if let Device::Emu(e) = &self.device {
+            e.set_schedule(s);
+        }
+    }
+
+    /// Whether this backend runs on the CPU kernel emulator.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.device, Device::Emu(_))
     }
 
     /// Runs `f` and, when profiling, records its synchronised wall time under `name`.
@@ -290,8 +367,14 @@ impl Cuda {
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(dev)?;
-        self.stream.synchronize().map_err(dev)
+        match &self.device {
+            Device::Gpu(g) => {
+                g.ctx.bind_to_thread().map_err(dev)?;
+                g.stream.synchronize().map_err(dev)
+            }
+            // Emulated work is done when its call returns.
+            Device::Emu(_) => Ok(()),
+        }
     }
 
     /// An uninitialised tensor.
@@ -309,13 +392,13 @@ impl Cuda {
     }
 
     /// A kernel by base name, for this backend's precision (`layernorm` -> `layernorm_bf16`).
-    fn func(&self, base: &str) -> Result<CudaFunction> {
+    fn func(&self, g: &Gpu, base: &str) -> Result<CudaFunction> {
         let name = format!("{base}_{}", self.precision.suffix());
-        let mut funcs = self.funcs.lock().unwrap();
+        let mut funcs = g.funcs.lock().unwrap();
         if let Some(f) = funcs.get(&name) {
             return Ok(f.clone());
         }
-        for (_, m) in &self.modules {
+        for (_, m) in &g.modules {
             if let Ok(f) = m.load_function(&name) {
                 funcs.insert(name, f.clone());
                 return Ok(f);
@@ -335,14 +418,24 @@ impl Cuda {
         smem: u32,
         args: &[Arg],
     ) -> Result<()> {
-        let f = self.func(base)?;
-        if smem > 48 * 1024 {
-            if smem as i32 > self.max_smem_optin {
-                return Err(Error::Device(format!(
-                    "{base}: needs {smem} bytes of shared memory, the device allows {}",
-                    self.max_smem_optin
-                )));
+        if smem as i32 > self.max_smem_optin {
+            return Err(Error::Device(format!(
+                "{base}: needs {smem} bytes of shared memory, the device allows {}",
+                self.max_smem_optin
+            )));
+        }
+        let g = match &self.device {
+            Device::Gpu(g) => g,
+            Device::Emu(e) => {
+                let name = format!("{base}_{}", self.precision.suffix());
+                return self.timed(
+                    || format!("kernel {base}"),
+                    || e.launch(&name, grid, block, smem, args),
+                );
             }
+        };
+        let f = self.func(g, base)?;
+        if smem > 48 * 1024 {
             f.set_attribute(
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -350,27 +443,18 @@ impl Cuda {
             .map_err(dev)?;
         }
         let mut store: Vec<Arg> = args.to_vec();
-        let mut params: Vec<*mut std::ffi::c_void> = store
-            .iter_mut()
-            .map(|a| match a {
-                Arg::P(v) => v as *mut u64 as *mut _,
-                Arg::I(v) => v as *mut i32 as *mut _,
-                Arg::L(v) => v as *mut i64 as *mut _,
-                Arg::F(v) => v as *mut f32 as *mut _,
-                Arg::Perm(v) => v as *mut PermArgs as *mut _,
-            })
-            .collect();
+        let mut params = Arg::pointers(&mut store);
         self.timed(
             || format!("kernel {base}"),
             || {
-                self.ctx.bind_to_thread().map_err(dev)?;
+                g.ctx.bind_to_thread().map_err(dev)?;
                 unsafe {
                     result::launch_kernel(
                         f.cu_function(),
                         grid,
                         block,
                         smem,
-                        self.stream.cu_stream(),
+                        g.stream.cu_stream(),
                         &mut params,
                     )
                 }

@@ -134,7 +134,14 @@ impl Cuda {
         if t.numel() == 0 {
             return Ok(y);
         }
-        self.ctx.bind_to_thread().map_err(super::dev)?;
+        let g = match &self.device {
+            super::Device::Gpu(g) => g,
+            super::Device::Emu(_) => {
+                super::emu::store(self.precision, y.ptr(), t.data());
+                return Ok(y);
+            }
+        };
+        g.ctx.bind_to_thread().map_err(super::dev)?;
         // Synchronous copies from pageable memory: the host buffer may be freed right after.
         match self.precision {
             Precision::F32 => unsafe {
@@ -153,6 +160,9 @@ impl Cuda {
     fn download_inner(&self, t: &CudaTensor) -> Result<Tensor> {
         let n = t.numel();
         self.synchronize()?;
+        if let super::Device::Emu(_) = &self.device {
+            return Tensor::from_vec(super::emu::load(self.precision, t.ptr(), n), &t.shape);
+        }
         let v = match self.precision {
             Precision::F32 => {
                 let mut v = vec![0f32; n];

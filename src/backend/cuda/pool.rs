@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 
 /// The caching allocator of one device.
 pub struct Pool {
-    ctx: Arc<CudaContext>,
+    /// The device's context; `None`: host memory for the CPU kernel emulator
+    /// (`Cuda::emulated`), 256-byte aligned like the driver's allocations.
+    ctx: Option<Arc<CudaContext>>,
     free: Mutex<BTreeMap<usize, Vec<sys::CUdeviceptr>>>,
     in_use: AtomicUsize,
     peak: AtomicUsize,
@@ -33,8 +35,8 @@ fn round(bytes: usize) -> usize {
 }
 
 impl Pool {
-    /// A pool for `ctx`.
-    pub fn new(ctx: Arc<CudaContext>) -> Self {
+    /// A pool for `ctx` (`None`: host memory for the emulator).
+    pub fn new(ctx: Option<Arc<CudaContext>>) -> Self {
         Pool {
             ctx,
             free: Mutex::new(BTreeMap::new()),
@@ -56,7 +58,14 @@ impl Pool {
         let ptr = match cached {
             Some(p) => p,
             None => {
-                self.ctx.bind_to_thread().map_err(dev)?;
+                let Some(ctx) = &self.ctx else {
+                    let p = host_alloc(size)?;
+                    self.reserved.fetch_add(size, Ordering::Relaxed);
+                    let now = self.in_use.fetch_add(size, Ordering::Relaxed) + size;
+                    self.peak.fetch_max(now, Ordering::Relaxed);
+                    return Ok((p, size));
+                };
+                ctx.bind_to_thread().map_err(dev)?;
                 let p = match unsafe { result::malloc_sync(size) } {
                     Ok(p) => p,
                     Err(_) => {
@@ -87,12 +96,17 @@ impl Pool {
 
     /// Frees every cached block (after synchronising, so no queued op still uses one).
     pub fn trim(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(dev)?;
-        self.ctx.synchronize().map_err(dev)?;
+        if let Some(ctx) = &self.ctx {
+            ctx.bind_to_thread().map_err(dev)?;
+            ctx.synchronize().map_err(dev)?;
+        }
         let mut free = self.free.lock().unwrap();
         for (size, ptrs) in free.iter_mut() {
             for p in ptrs.drain(..) {
-                unsafe { result::free_sync(p) }.map_err(dev)?;
+                match &self.ctx {
+                    Some(_) => unsafe { result::free_sync(p) }.map_err(dev)?,
+                    None => host_free(p, *size),
+                }
                 self.reserved.fetch_sub(*size, Ordering::Relaxed);
             }
         }
@@ -125,6 +139,30 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.trim();
     }
+}
+
+fn host_layout(size: usize) -> std::alloc::Layout {
+    std::alloc::Layout::from_size_align(size, 256).expect("pool sizes are small multiples of 512")
+}
+
+/// Emulator memory: fresh blocks are filled with 0xff bytes (NaN in f32 and bf16), so a kernel
+/// that reads what nobody wrote shows it.
+fn host_alloc(size: usize) -> Result<u64> {
+    // SAFETY: size > 0 (pool sizes are rounded up to 512).
+    let p = unsafe { std::alloc::alloc(host_layout(size)) };
+    if p.is_null() {
+        return Err(Error::Device(format!(
+            "out of host memory allocating {size} bytes for the emulated device"
+        )));
+    }
+    // SAFETY: p is a fresh allocation of size bytes.
+    unsafe { std::ptr::write_bytes(p, 0xff, size) };
+    Ok(p as u64)
+}
+
+fn host_free(p: u64, size: usize) {
+    // SAFETY: allocated by host_alloc with the same size.
+    unsafe { std::alloc::dealloc(p as *mut u8, host_layout(size)) }
 }
 
 pub(crate) fn dev(e: impl std::fmt::Display) -> Error {
