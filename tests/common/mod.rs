@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+#[cfg(feature = "cuda")]
+pub mod kemu;
+
 use medsa::weights::SafetensorsFile;
 use medsa::Tensor;
 
@@ -108,27 +111,38 @@ pub fn fixture_ext(case: &str, file: &str, ext: &str) -> PathBuf {
     fixtures_dir().join(case).join(format!("{file}.{ext}"))
 }
 
-/// The first CUDA device in precision `p`, or `None` after printing why the calling test
-/// binary (`who`) skips: no driver, or no usable device. Written straight to stderr, since
-/// libtest captures `println!` and a skip must be visible in CI logs.
+/// The first CUDA device in precision `p`; without one (no driver, or no usable device), the
+/// CUDA backend on the CPU kernel emulator (`tools/kemu`), saying so; `None` only when neither
+/// is available, after printing why the calling test binary (`who`) skips. Written straight to
+/// stderr, since libtest captures `println!` and a skip must be visible in CI logs.
 #[cfg(feature = "cuda")]
 pub fn cuda_device(
     who: &str,
     p: medsa::backend::cuda::Precision,
 ) -> Option<medsa::backend::cuda::Cuda> {
-    use std::io::Write;
-    let skip = |why: &str| {
-        let _ = writeln!(std::io::stderr(), "{who}: SKIPPED: {why}");
-    };
     if !medsa::backend::cuda::driver_present() {
-        skip("no NVIDIA driver (libcuda.so) on this machine");
-        return None;
+        return emulated(who, p, "no NVIDIA driver (libcuda.so) on this machine");
     }
     match medsa::backend::cuda::Cuda::new(0, p) {
         Ok(c) => Some(c),
-        Err(e) => {
-            skip(&format!("no usable CUDA device: {e}"));
-            None
-        }
+        Err(e) => emulated(who, p, &format!("no usable CUDA device: {e}")),
     }
+}
+
+/// Without a GPU: the CUDA backend on the CPU kernel emulator (`tools/kemu`), which runs the
+/// backend's own launch code and the kernels' own source, or `None` (printed) without it.
+#[cfg(feature = "cuda")]
+fn emulated(
+    who: &str,
+    p: medsa::backend::cuda::Precision,
+    why: &str,
+) -> Option<medsa::backend::cuda::Cuda> {
+    use std::io::Write;
+    let be = kemu::emulated_device(who, p)?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "{who}: {why}: running the CUDA kernels on the CPU emulator instead ({})",
+        medsa::backend::Backend::name(&be)
+    );
+    Some(be)
 }

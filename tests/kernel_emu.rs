@@ -1,0 +1,174 @@
+//! Races in the CUDA kernels, found on the CPU kernel emulator (`tools/kemu`): the same ops run
+//! with the block's threads in index order and in shuffled orders with asynchronous copies
+//! landing as late as allowed (at their wait). A missing `__syncthreads` or cp.async wait makes
+//! some thread read shared memory before it is written (NaN bytes there) or after it is
+//! overwritten, so the outputs change. (The other CUDA tests also run on the emulator when
+//! there is no GPU, in index order: `tests/common/mod.rs`, `cuda_device`.)
+//!
+//! On a machine with a GPU, or without a C++ compiler, these tests print why and return.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use medsa::backend::cuda::{AttentionOptions, Cuda, CudaTensor, EmuSchedule, Precision};
+use medsa::backend::{Backend, RelPos};
+use medsa::sam::random::Rng;
+use medsa::selftest::{self, Tolerance};
+use medsa::Tensor;
+
+const ALL_OPTIONS: AttentionOptions = AttentionOptions {
+    q128: true,
+    rel_mma: true,
+    trim: true,
+};
+
+fn emulator(test: &str, p: Precision) -> Option<Cuda> {
+    if medsa::backend::cuda::driver_present() {
+        eprintln!("{test}: SKIPPED: a GPU driver is present; the GPU tests cover the kernels");
+        return None;
+    }
+    common::kemu::emulated_device(test, p)
+}
+
+/// Every op self-test (forward, fused and backward ops against the CPU reference) with the
+/// threads of every block shuffled at every round and cp.async copies deferred to their wait.
+fn self_tests_shuffled(p: Precision, tol: Tolerance, seed: u64) {
+    let test = format!("self_tests_shuffled {p:?}");
+    let Some(mut be) = emulator(&test, p) else {
+        return;
+    };
+    be.set_fusion(true);
+    be.set_attention_options(ALL_OPTIONS);
+    be.set_emulator_schedule(EmuSchedule::Shuffled(seed));
+    let failed = selftest::report(&selftest::ops(&be, tol));
+    assert_eq!(
+        failed, 0,
+        "{failed} op self-tests failed under shuffled schedules"
+    );
+}
+
+#[test]
+fn op_self_tests_pass_under_shuffled_schedules_f32() {
+    self_tests_shuffled(Precision::F32, Tolerance::F32, 7);
+}
+
+#[test]
+fn op_self_tests_pass_under_shuffled_schedules_bf16() {
+    self_tests_shuffled(Precision::Bf16, Tolerance::BF16, 11);
+}
+
+type Op = Box<dyn Fn(&Cuda) -> medsa::Result<Vec<CudaTensor>>>;
+
+/// The ops whose kernels stage data in shared memory, on inputs with partial tiles.
+fn staged_ops(be: &Cuda, rng: &mut Rng) -> Vec<(String, Op)> {
+    let mut up = |s: &[usize], a: f32| be.upload(&rng.tensor(s, a)).unwrap();
+    let mut ops: Vec<(String, Op)> = Vec::new();
+    for d in [64, 80, 32] {
+        let h = 2;
+        let scale = (d as f32).powf(-0.5);
+        let (q, k, v) = (
+            up(&[2, 37, h * d], 1.0),
+            up(&[2, 53, h * d], 1.0),
+            up(&[2, 53, h * d], 1.0),
+        );
+        let dout = up(&[2, 37, h * d], 1.0);
+        let qkv = up(&[1, 12 * 10, 3 * h * d], 1.0);
+        let map = up(&[1, 17, 15, 3 * h * d], 1.0);
+        let pad = up(&[3 * h * d], 1.0);
+        let vol = up(&[2 * 6, 3, 5, 3 * h * d], 1.0);
+        let (rh, rw) = (up(&[12, 12, d], 0.2), up(&[10, 10, d], 0.2));
+        let (wh, ww) = (up(&[7, 7, d], 0.2), up(&[7, 7, d], 0.2));
+        let (dh, dw) = (up(&[2, 2, d], 0.2), up(&[3, 3, d], 0.2));
+        ops.push((
+            format!("attention + backward 37x53 d{d}"),
+            Box::new(move |b| {
+                let o = b.attention(&q, &k, &v, h, scale, None)?;
+                let g = b.attention_backward(&q, &k, &v, &o, &dout, h, scale, None)?;
+                Ok(vec![o, g.dq, g.dk, g.dv])
+            }),
+        ));
+        ops.push((
+            format!("attention_qkv 12x10 rel d{d}"),
+            Box::new(move |b| {
+                let rel = RelPos::within(&rh, &rw, (12, 10));
+                Ok(vec![b.attention_qkv(&qkv, h, scale, Some(rel))?])
+            }),
+        ));
+        ops.push((
+            format!("attention_qkv_windowed 17x15 ws7 d{d}"),
+            Box::new(move |b| {
+                let rel = RelPos::within(&wh, &ww, (7, 7));
+                Ok(vec![b.attention_qkv_windowed(
+                    &map,
+                    &pad,
+                    7,
+                    h,
+                    scale,
+                    Some(rel),
+                )?])
+            }),
+        ));
+        ops.push((
+            format!("attention_qkv_depth 6 slices d{d}"),
+            Box::new(move |b| {
+                let rel = RelPos::within(&dh, &dw, (2, 3));
+                Ok(vec![b.attention_qkv_depth(&vol, 6, h, scale, Some(rel))?])
+            }),
+        ));
+    }
+    let x = up(&[37, 200], 1.0);
+    let r = up(&[37, 200], 1.0);
+    let (g, bias) = (up(&[200], 1.0), up(&[200], 1.0));
+    ops.push((
+        "layer_norm, add_layer_norm 37x200".into(),
+        Box::new(move |b| {
+            let y = b.layer_norm(&x, &g, &bias, 1e-6)?;
+            let (s, z) = b.add_layer_norm(&x, &r, 0.5, &g, &bias, 1e-6)?;
+            Ok(vec![y, s, z])
+        }),
+    ));
+    ops
+}
+
+fn bits(be: &Cuda, ts: &[CudaTensor]) -> Vec<Tensor> {
+    ts.iter().map(|t| be.download(t).unwrap()).collect()
+}
+
+#[test]
+fn staged_kernels_give_the_same_bits_in_every_thread_order() {
+    let test = "staged_kernels_give_the_same_bits_in_every_thread_order";
+    let Some(mut be) = emulator(test, Precision::Bf16) else {
+        return;
+    };
+    be.set_fusion(true);
+    let mut failures = Vec::new();
+    for opts in [AttentionOptions::default(), ALL_OPTIONS] {
+        be.set_attention_options(opts);
+        for (name, op) in staged_ops(&be, &mut Rng::new(5)) {
+            be.set_emulator_schedule(EmuSchedule::InOrder);
+            let want = bits(&be, &op(&be).unwrap());
+            for seed in [1, 2] {
+                be.set_emulator_schedule(EmuSchedule::Shuffled(seed));
+                let got = match op(&be) {
+                    Ok(g) => bits(&be, &g),
+                    Err(e) => {
+                        failures.push(format!("{name} {opts:?} shuffled {seed}: {e}"));
+                        continue;
+                    }
+                };
+                let same = got.iter().zip(&want).all(|(a, b)| {
+                    a.data()
+                        .iter()
+                        .zip(b.data())
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+                });
+                if !same {
+                    failures.push(format!(
+                        "{name} {opts:?}: shuffled order {seed} changed the output"
+                    ));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
