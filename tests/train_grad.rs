@@ -1,6 +1,8 @@
 //! Gradient golden tests (llm.c style): the CPU backward of the whole model against PyTorch
 //! autograd on the tiny fixtures (`tools/reference/write_grad_fixtures.py`), then AdamW
-//! trajectories against `torch.optim.AdamW`.
+//! trajectories against `torch.optim.AdamW`; the same tests for the CUDA backend in f32 (on the
+//! GPU, or on the CPU kernel emulator without one: `common::cuda_device`), which trains through
+//! device-resident parameters, the CUDA backward kernels and the optimiser's uploads.
 //!
 //! Tolerances. Gradients: each tensor must satisfy `max|g - g_ref| <= 1e-3 * max|g_ref| + 1e-7`.
 //! Both sides are f32 with different summation orders (tiled attention, blocked GEMMs); the
@@ -31,9 +33,8 @@ fn golden(case: &str) -> SafetensorsFile {
     SafetensorsFile::open(common::fixture("grad", case)).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn setup(case: &str) -> (Cpu, Sam<Cpu>, Batch, SafetensorsFile) {
-    let be = Cpu::new();
-    let model = Sam::load(&be, common::fixture(case, "weights")).unwrap();
+fn setup<B: Backend>(be: &B, case: &str) -> (Sam<B>, Batch, SafetensorsFile) {
+    let model = Sam::load(be, common::fixture(case, "weights")).unwrap();
     let g = golden(case);
     let depth: usize = g.metadata()["depth"].parse().unwrap();
     let batch = Batch {
@@ -45,7 +46,7 @@ fn setup(case: &str) -> (Cpu, Sam<Cpu>, Batch, SafetensorsFile) {
             mode: Default::default(),
         }),
     };
-    (be, model, batch, g)
+    (model, batch, g)
 }
 
 const LOSS: LossConfig = LossConfig {
@@ -74,21 +75,30 @@ fn close(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Resul
     Ok(())
 }
 
-fn to_ckpt_map(be: &Cpu, map: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+/// Host copies of `map`'s tensors under their checkpoint names.
+fn to_ckpt_map<B: Backend>(be: &B, map: &BTreeMap<String, B::Tensor>) -> BTreeMap<String, Tensor> {
+    let host = map
+        .iter()
+        .map(|(k, v)| (k.clone(), be.download(v).unwrap()))
+        .collect();
+    ckpt_names(host)
+}
+
+fn ckpt_names(map: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     let mut out = BTreeMap::new();
-    for (k, v) in map {
-        for (ck, ct) in to_checkpoint(k, &be.download(v).unwrap()).unwrap() {
+    for (k, v) in &map {
+        for (ck, ct) in to_checkpoint(k, v).unwrap() {
             out.insert(ck, ct);
         }
     }
     out
 }
 
-fn check_gradients(case: &str) {
-    let (be, model, batch, g) = setup(case);
-    let mut grads = Grads::<Cpu>::new(Arc::new(Trainable::parse("all").unwrap()));
+fn check_gradients<B: Backend>(be: &B, case: &str) {
+    let (model, batch, g) = setup(be, case);
+    let mut grads = Grads::<B>::new(Arc::new(Trainable::parse("all").unwrap()));
     let (parts, logits) = forward_backward(
-        &be,
+        be,
         &model,
         &batch,
         MaskOutput::Single,
@@ -112,7 +122,7 @@ fn check_gradients(case: &str) {
         "{case}: loss {} vs {want}",
         parts.total
     );
-    let ours = to_ckpt_map(&be, &grads.map);
+    let ours = to_ckpt_map(be, &grads.map);
     let theirs: Vec<String> = g
         .keys()
         .filter_map(|k| k.strip_prefix("grad.").map(String::from))
@@ -145,18 +155,25 @@ fn check_gradients(case: &str) {
 
 #[test]
 fn gradients_match_pytorch_tiny() {
-    check_gradients("tiny");
+    check_gradients(&Cpu::new(), "tiny");
 }
 
 #[test]
 fn gradients_match_pytorch_volume() {
-    check_gradients("volume");
+    check_gradients(&Cpu::new(), "volume");
 }
 
-fn check_trajectory(case: &str, prefix: &str, set: &str, steps: usize, recompute: bool) {
-    let (be, mut model, batch, g) = setup(case);
+fn check_trajectory<B: Backend>(
+    be: &B,
+    case: &str,
+    prefix: &str,
+    set: &str,
+    steps: usize,
+    recompute: bool,
+) {
+    let (mut model, batch, g) = setup(be, case);
     let trainable = Arc::new(Trainable::parse(set).unwrap());
-    let mut grads = Grads::<Cpu>::new(trainable.clone());
+    let mut grads = Grads::<B>::new(trainable.clone());
     let cfg = AdamWConfig {
         lr: 1e-3,
         weight_decay: 0.01,
@@ -167,7 +184,7 @@ fn check_trajectory(case: &str, prefix: &str, set: &str, steps: usize, recompute
     assert_eq!(want.numel(), steps);
     for (i, w) in want.data().iter().enumerate() {
         let (parts, _) = forward_backward(
-            &be,
+            be,
             &model,
             &batch,
             MaskOutput::Single,
@@ -183,17 +200,16 @@ fn check_trajectory(case: &str, prefix: &str, set: &str, steps: usize, recompute
             "{case}/{prefix}: step {i} loss {} vs {w}",
             parts.total
         );
-        opt.step(&be, &mut model, &mut grads).unwrap();
+        opt.step(be, &mut model, &mut grads).unwrap();
     }
     // Final parameters: every trained tensor, and frozen ones untouched.
-    let finals = to_ckpt_map(
-        &be,
-        &model
+    let finals = ckpt_names(
+        model
             .params()
             .into_iter()
             .map(|(k, p)| {
                 let t = match p {
-                    medsa::nn::Param::Dev(t) => t.clone(),
+                    medsa::nn::Param::Dev(t) => be.download(t).unwrap(),
                     medsa::nn::Param::Host(t) => t.clone(),
                 };
                 (k, t)
@@ -225,17 +241,40 @@ fn check_trajectory(case: &str, prefix: &str, set: &str, steps: usize, recompute
 
 #[test]
 fn adamw_trajectory_matches_pytorch_tiny() {
-    check_trajectory("tiny", "adam", "adapters+decoder", 10, false);
+    check_trajectory(&Cpu::new(), "tiny", "adam", "adapters+decoder", 10, false);
 }
 
 #[test]
 fn adamw_trajectory_matches_pytorch_volume() {
-    check_trajectory("volume", "adam", "adapters+decoder", 10, false);
+    check_trajectory(&Cpu::new(), "volume", "adam", "adapters+decoder", 10, false);
 }
 
 #[test]
 fn adapters_only_trajectory_matches_pytorch_with_recomputation() {
     // Frozen decoder, encoder adapters trained through recomputed blocks.
-    check_trajectory("tiny", "adam_adapters", "adapters", 3, true);
-    check_trajectory("volume", "adam_adapters", "adapters", 3, true);
+    let be = Cpu::new();
+    check_trajectory(&be, "tiny", "adam_adapters", "adapters", 3, true);
+    check_trajectory(&be, "volume", "adam_adapters", "adapters", 3, true);
+}
+
+/// The CUDA backend in f32 storage (bf16 would not meet these f32 tolerances).
+#[cfg(feature = "cuda")]
+fn cuda() -> Option<medsa::backend::cuda::Cuda> {
+    common::cuda_device("train_grad", medsa::backend::cuda::Precision::F32)
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_gradients_match_pytorch() {
+    let Some(be) = cuda() else { return };
+    check_gradients(&be, "tiny");
+    check_gradients(&be, "volume");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_adamw_trajectories_match_pytorch() {
+    let Some(be) = cuda() else { return };
+    check_trajectory(&be, "tiny", "adam", "adapters+decoder", 10, false);
+    check_trajectory(&be, "volume", "adam_adapters", "adapters", 3, true);
 }
