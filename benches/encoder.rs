@@ -223,6 +223,7 @@ fn cuda_ops(c: &mut Criterion) {
             },
         ),
         ("trimmed", AttentionOptions { trim: true, ..none }),
+        ("exp2 softmax", AttentionOptions { exp2: true, ..none }),
     ] {
         be.set_attention_options(opts);
         grp.bench_function(

@@ -8,6 +8,8 @@
 //       int map, int ma, int mb, int mc, int md, int b_off,
 //       const T* pad_q, const T* pad_k, const T* pad_v, int opts)
 //   attention_q128_bf16(same arguments as attention_bf16): the 128-query variant, d == 64 only.
+//   attention_exp2_bf16, attention_q128_exp2_bf16 (same arguments): attention_bf16 and
+//   attention_q128_bf16 with the tensor-core path's softmax in log2 units (see Paths).
 //   ldi: row stride (elements) of q, k and v, heads*d for separate tensors or 3*heads*d when
 //   they are column slices of one packed qkv projection (no split copies); o has row stride
 //   heads*d.
@@ -101,6 +103,12 @@
 //     for rw) instead of 16 * kh SIMT dot products (rel_terms_mma). Same sums in another order
 //     (f32).
 //   * attention_bf16, other d: the SIMT path above (bf16 loads, f32 math).
+//   * attention_exp2_bf16, attention_q128_exp2_bf16: the tensor-core path (other d: the SIMT
+//     path, as attention_bf16) with the softmax in log2 units: log2(e) folded into the score
+//     scale and into the RH/RW terms as they are written, so each probability is ex2(score -
+//     offset) (ex2.approx, as __expf uses after its multiply); on the whole-tile rel-pos path the
+//     row's RH term (constant over a key tile) stays out of the scores and their maxima and goes
+//     into the row's offset. Two instructions fewer per score; same math in another rounding.
 //   * attention_q128_bf16: the tensor-core path with 128 query rows per block, each warp owning
 //     two 16-row m-tiles (rows 16w.. and 64+16w..): every K and V fragment loaded from shared
 //     memory feeds two mmas instead of one, and each K/V tile staged in shared memory serves
@@ -116,6 +124,7 @@
 #define ATT_THREADS 128
 #define ATT_OPT_REL_MMA 1
 #define ATT_OPT_TRIM 2
+#define ATT_LOG2E 1.4426950408889634f
 
 #include "attention_simt.cuh"
 
@@ -209,7 +218,7 @@ __device__ __forceinline__ void load_kv_tile(__nv_bfloat16* dst, const __nv_bflo
 // loads through L1), each F[r][m] stored at kc = c(r) - m + n - 1 when 0 <= kc < n. Every
 // (row, kc) is written exactly once. n-tile rows past 2n - 2 are clamped loads whose results
 // map to kc < 0 and are dropped. tab must be 4-byte aligned.
-template <int D>
+template <int D, bool E2>
 __device__ __forceinline__ void rel_terms_mma(const uint32_t (&qa)[D / 16][4],
                                               const __nv_bfloat16* __restrict__ tab, int n,
                                               int axis, int qf, int Lq, int qw, float* dst,
@@ -244,10 +253,11 @@ __device__ __forceinline__ void rel_terms_mma(const uint32_t (&qa)[D / 16][4],
             const int m = mb + 2 * t + (e & 1);
             const int kc = (e < 2 ? c0 : c1) - m + n - 1;
             if (kc >= 0 && kc < n) {
+                const float term = E2 ? acc[e] * ATT_LOG2E : acc[e];
                 if (e < 2)
-                    d0[kc ^ sw0] = acc[e];
+                    d0[kc ^ sw0] = term;
                 else
-                    d1[kc ^ sw1] = acc[e];
+                    d1[kc ^ sw1] = term;
             }
         }
     }
@@ -257,21 +267,31 @@ __device__ __forceinline__ void rel_terms_mma(const uint32_t (&qa)[D / 16][4],
 // per key tile, RW rows swizzled), and the rows' running maxima. s[nt][e] is row g (e < 2) or
 // g + 8, key j0 + 8*nt + (e & 1); rw0 points at row g's RW entry for that key (row g + 8 at
 // + 8*kw); kx = kxb + 8*nt + 2t (+1) is stored at kxb + 8*(nt ^ sw) + 2t (+1).
-// MASK: keys past Lk score -inf.
-template <bool MASK, int NT>
+// MASK: keys past Lk score -inf. FOLD (the exp2 kernels): the row's RH term is left out of the
+// scores and their maxima (the caller folds it into the rows' exp offsets), one add less per
+// score.
+template <bool MASK, bool FOLD, int NT>
 __device__ __forceinline__ void scores_whole_tile(float (&s)[NT][4], float scale, float rh0,
                                                   float rh1, const float* rw0, int kw, int sw,
                                                   int j0, int Lk, float& mx0, float& mx1) {
+    if (FOLD) rh0 = rh1 = 0.f;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const float2 w0 = *reinterpret_cast<const float2*>(rw0 + 8 * (nt ^ sw));
         const float2 w1 = *reinterpret_cast<const float2*>(rw0 + 8 * kw + 8 * (nt ^ sw));
         const int j = j0 + 8 * nt;
         const bool v0 = !MASK || j < Lk, v1 = !MASK || j + 1 < Lk;
-        s[nt][0] = v0 ? s[nt][0] * scale + (rh0 + w0.x) : -INFINITY;
-        s[nt][1] = v1 ? s[nt][1] * scale + (rh0 + w0.y) : -INFINITY;
-        s[nt][2] = v0 ? s[nt][2] * scale + (rh1 + w1.x) : -INFINITY;
-        s[nt][3] = v1 ? s[nt][3] * scale + (rh1 + w1.y) : -INFINITY;
+        if (FOLD) {
+            s[nt][0] = v0 ? fmaf(s[nt][0], scale, w0.x) : -INFINITY;
+            s[nt][1] = v1 ? fmaf(s[nt][1], scale, w0.y) : -INFINITY;
+            s[nt][2] = v0 ? fmaf(s[nt][2], scale, w1.x) : -INFINITY;
+            s[nt][3] = v1 ? fmaf(s[nt][3], scale, w1.y) : -INFINITY;
+        } else {
+            s[nt][0] = v0 ? s[nt][0] * scale + (rh0 + w0.x) : -INFINITY;
+            s[nt][1] = v1 ? s[nt][1] * scale + (rh0 + w0.y) : -INFINITY;
+            s[nt][2] = v0 ? s[nt][2] * scale + (rh1 + w1.x) : -INFINITY;
+            s[nt][3] = v1 ? s[nt][3] * scale + (rh1 + w1.y) : -INFINITY;
+        }
         mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
         mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
     }
@@ -287,7 +307,7 @@ __device__ __forceinline__ void scores_whole_tile(float (&s)[NT][4], float scale
 //   wait(K_t), sync | issue V_t async | S = Q K_t^T, softmax | wait(V_t), sync |
 //   issue K_{t+1} async | O += P V_t
 // so the V load overlaps QK^T + softmax and the next K load overlaps P V.
-template <int D, int MT>
+template <int D, int MT, bool E2>
 __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ k,
                                         const __nv_bfloat16* __restrict__ v,
@@ -382,8 +402,8 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
             const int i0 = 64 * mt + 16 * warp;  // tile-local row of the m-tile's first row
-            rel_terms_mma<D>(qa[mt], rh, kh, 0, q0 + i0, Lq, qw, RH, RHS, false, i0, lane);
-            rel_terms_mma<D>(qa[mt], rw, kw, 1, q0 + i0, Lq, qw, RW, RWS, fast, i0, lane);
+            rel_terms_mma<D, E2>(qa[mt], rh, kh, 0, q0 + i0, Lq, qw, RH, RHS, false, i0, lane);
+            rel_terms_mma<D, E2>(qa[mt], rw, kw, 1, q0 + i0, Lq, qw, RW, RWS, fast, i0, lane);
         }
     } else if (has_rel) {
         const bool vec_rel = ((reinterpret_cast<uintptr_t>(rh) | reinterpret_cast<uintptr_t>(rw)) & 15) == 0;
@@ -393,7 +413,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             if (qi < Lq) {
                 s = dot_row<D>(Qs + i * QST, rh + ((long long)(qi / qw) * kh + ky) * D, vec_rel);
             }
-            RH[i * RHS + ky] = s;
+            RH[i * RHS + ky] = E2 ? s * ATT_LOG2E : s;
         }
         for (int e = tid; e < BQ * kw; e += ATT_THREADS) {
             const int i = e / kw, kx = e - i * kw, qi = q0 + i;
@@ -403,7 +423,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             }
             // fast: kx ^ 8*(i&3) flips bits 3..4 only, so it stays in kx's aligned 32-block
             // (kw % 64 == 0): a permutation of 0..kw-1 within the row.
-            RW[i * RWS + (fast ? (kx ^ (8 * (i & 3))) : kx)] = s;
+            RW[i * RWS + (fast ? (kx ^ (8 * (i & 3))) : kx)] = E2 ? s * ATT_LOG2E : s;
         }
     }
 
@@ -418,6 +438,9 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const uint32_t v_lane = smem_u32(Vs + (lane & 15) * QST + 8 * (lane >> 4));
 
     const float inv_kw = has_rel ? 1.0f / (float)kw : 0.f;
+    // E2 (the exp2 kernels): scores, maxima and the RH/RW terms are in log2 units (log2(e) folded
+    // into the scale and the tables), so each probability is one ex2 of score minus offset.
+    const float sc = E2 ? scale * ATT_LOG2E : scale;
     // Per m-tile: running max and (per-lane partial) sum of rows r0 and r0 + 8, and O.
     float m0[MT], m1[MT], l0[MT], l1[MT];
     float oacc[MT][DT][4];
@@ -473,6 +496,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             if (!act[mt]) continue;  // rows past Lq: never stored
             const int r0 = 64 * mt + r00;
             float mx0 = -INFINITY, mx1 = -INFINITY;
+            float fo0 = 0.f, fo1 = 0.f;  // E2, whole-tile path: the RH terms left out of the scores
             if (fast) {
                 const int ky = k0 / kw, kxb = k0 - ky * kw;  // kxb % 64 == 0
                 const float rh0 = RH[r0 * RHS + ky], rh1 = RH[(r0 + 8) * RHS + ky];
@@ -482,9 +506,13 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                 // every key of every tile is valid (same values, less work).
                 const int j0 = k0 + 2 * t;
                 if (trim)
-                    scores_whole_tile<false>(s[mt], scale, rh0, rh1, rw0, kw, sw, j0, Lk, mx0, mx1);
+                    scores_whole_tile<false, E2>(s[mt], sc, rh0, rh1, rw0, kw, sw, j0, Lk, mx0, mx1);
                 else
-                    scores_whole_tile<true>(s[mt], scale, rh0, rh1, rw0, kw, sw, j0, Lk, mx0, mx1);
+                    scores_whole_tile<true, E2>(s[mt], sc, rh0, rh1, rw0, kw, sw, j0, Lk, mx0, mx1);
+                if (E2) {
+                    fo0 = rh0;
+                    fo1 = rh1;
+                }
             } else {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
@@ -492,7 +520,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                     for (int e = 0; e < 2; ++e) {
                         const int j = k0 + 8 * nt + 2 * t + e;
                         const bool valid = j < Lk;
-                        float x0 = s[mt][nt][e] * scale, x1 = s[mt][nt][2 + e] * scale;
+                        float x0 = s[mt][nt][e] * sc, x1 = s[mt][nt][2 + e] * sc;
                         if (has_rel && valid) {
                             // j / kw without an integer division: (j + 0.5) / kw is at least
                             // 0.5/kw away from an integer, far more than the float error for
@@ -513,19 +541,35 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
-            const float mn0 = fmaxf(m0[mt], mx0), mn1 = fmaxf(m1[mt], mx1);  // finite (valid key k0)
-            const float al0 = __expf(m0[mt] - mn0), al1 = __expf(m1[mt] - mn1);
+            // finite (valid key k0); E2: the row maxima of the scores plus their folded terms
+            const float mn0 = fmaxf(m0[mt], E2 ? mx0 + fo0 : mx0);
+            const float mn1 = fmaxf(m1[mt], E2 ? mx1 + fo1 : mx1);
+            const float al0 = E2 ? ex2_approx(m0[mt] - mn0) : __expf(m0[mt] - mn0),
+                        al1 = E2 ? ex2_approx(m1[mt] - mn1) : __expf(m1[mt] - mn1);
             m0[mt] = mn0;
             m1[mt] = mn1;
             float ps0 = 0.f, ps1 = 0.f;
+            if (E2) {
+                const float c0 = mn0 - fo0, c1 = mn1 - fo1;  // score - c = score + fo - max
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[mt][nt][0] = __expf(s[mt][nt][0] - mn0);
-                s[mt][nt][1] = __expf(s[mt][nt][1] - mn0);
-                s[mt][nt][2] = __expf(s[mt][nt][2] - mn1);
-                s[mt][nt][3] = __expf(s[mt][nt][3] - mn1);
-                ps0 += s[mt][nt][0] + s[mt][nt][1];
-                ps1 += s[mt][nt][2] + s[mt][nt][3];
+                for (int nt = 0; nt < NT; ++nt) {
+                    s[mt][nt][0] = ex2_approx(s[mt][nt][0] - c0);
+                    s[mt][nt][1] = ex2_approx(s[mt][nt][1] - c0);
+                    s[mt][nt][2] = ex2_approx(s[mt][nt][2] - c1);
+                    s[mt][nt][3] = ex2_approx(s[mt][nt][3] - c1);
+                    ps0 += s[mt][nt][0] + s[mt][nt][1];
+                    ps1 += s[mt][nt][2] + s[mt][nt][3];
+                }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    s[mt][nt][0] = __expf(s[mt][nt][0] - mn0);
+                    s[mt][nt][1] = __expf(s[mt][nt][1] - mn0);
+                    s[mt][nt][2] = __expf(s[mt][nt][2] - mn1);
+                    s[mt][nt][3] = __expf(s[mt][nt][3] - mn1);
+                    ps0 += s[mt][nt][0] + s[mt][nt][1];
+                    ps1 += s[mt][nt][2] + s[mt][nt][3];
+                }
             }
             l0[mt] = l0[mt] * al0 + ps0;
             l1[mt] = l1[mt] * al1 + ps1;
@@ -600,12 +644,17 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
-    attention_f32(const float* q, const float* k, const float* v, float* o, const float* rh,
-                  const float* rw, int B, int heads, int Lq, int Lk, int d, float scale, int qh,
-                  int qw, int kh, int kw, int has_rel, int ldi, int map, int ma, int mb, int mc,
-                  int md, int b_off, const float* pad_q, const float* pad_k, const float* pad_v,
-                  int opts) {
+// The parameter list of every entry point (element type T), and its arguments.
+#define ATT_PARAMS(T)                                                                            \
+    const T *q, const T *k, const T *v, T *o, const T *rh, const T *rw, int B, int heads, int Lq, \
+        int Lk, int d, float scale, int qh, int qw, int kh, int kw, int has_rel, int ldi,         \
+        int map, int ma, int mb, int mc, int md, int b_off, const T *pad_q, const T *pad_k,      \
+        const T *pad_v, int opts
+#define ATT_ARGS                                                                                 \
+    q, k, v, o, rh, rw, B, heads, Lq, Lk, d, scale, qh, qw, kh, kw, has_rel, ldi, map, ma, mb, mc, \
+        md, b_off, pad_q, pad_k, pad_v, opts
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attention_f32(ATT_PARAMS(float)) {
     (void)opts;
     (void)B;
     (void)qh;
@@ -615,23 +664,20 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
                               rq, rk, pad_q, pad_k, pad_v);
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
-    attention_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                   __nv_bfloat16* o, const __nv_bfloat16* rh, const __nv_bfloat16* rw, int B,
-                   int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh, int kw,
-                   int has_rel, int ldi, int map, int ma, int mb, int mc, int md, int b_off,
-                   const __nv_bfloat16* pad_q, const __nv_bfloat16* pad_k,
-                   const __nv_bfloat16* pad_v, int opts) {
+// attention_bf16 (E2 = false) and attention_exp2_bf16 (E2 = true, the log2-unit softmax of the
+// tensor-core path): separate entries, so the default kernel's code is untouched by the option.
+template <bool E2>
+__device__ __forceinline__ void attention_bf16_body(ATT_PARAMS(__nv_bfloat16)) {
     (void)B;
     (void)qh;
     const int b = blockIdx.z + b_off;
     const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
     if (d == 64)
-        attn_tc<64, 1>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                       pad_q, pad_k, pad_v, opts);
+        attn_tc<64, 1, E2>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq,
+                           rk, pad_q, pad_k, pad_v, opts);
     else if (d == 80)
-        attn_tc<80, 1>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                       pad_q, pad_k, pad_v, opts);
+        attn_tc<80, 1, E2>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq,
+                           rk, pad_q, pad_k, pad_v, opts);
     else
         attn_simt_dispatch<__nv_bfloat16>(q, k, v, o, rh, rw, heads, Lq, Lk, d, scale, qw, kh, kw,
                                           has_rel, ldi, rq, rk, pad_q, pad_k, pad_v);
@@ -640,19 +686,31 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
 // The 128-query variant (MT = 2) for d == 64 (vit_b, vit_l): same arguments as attention_bf16,
 // grid.x = ceil(Lq/128); any other d writes nothing (the launcher only picks it for d = 64).
 // Not built for d = 80: at MT = 2 its 40 Q-fragment and 80 accumulator registers per lane
-// spill on sm_80.
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
-    attention_q128_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                        __nv_bfloat16* o, const __nv_bfloat16* rh, const __nv_bfloat16* rw, int B,
-                        int heads, int Lq, int Lk, int d, float scale, int qh, int qw, int kh,
-                        int kw, int has_rel, int ldi, int map, int ma, int mb, int mc, int md,
-                        int b_off, const __nv_bfloat16* pad_q, const __nv_bfloat16* pad_k,
-                        const __nv_bfloat16* pad_v, int opts) {
+// spill on sm_80. E2 as above (attention_q128_bf16, attention_q128_exp2_bf16).
+template <bool E2>
+__device__ __forceinline__ void attention_q128_body(ATT_PARAMS(__nv_bfloat16)) {
     (void)B;
     (void)qh;
     if (d != 64) return;
     const int b = blockIdx.z + b_off;
     const Rows rq = make_rows(map, b, Lq, ma, mb, mc, md), rk = make_rows(map, b, Lk, ma, mb, mc, md);
-    attn_tc<64, 2>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
-                   pad_q, pad_k, pad_v, opts);
+    attn_tc<64, 2, E2>(q, k, v, o, rh, rw, heads, Lq, Lk, scale, qw, kh, kw, has_rel, ldi, rq, rk,
+                       pad_q, pad_k, pad_v, opts);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
+    attention_bf16(ATT_PARAMS(__nv_bfloat16)) {
+    attention_bf16_body<false>(ATT_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3)
+    attention_exp2_bf16(ATT_PARAMS(__nv_bfloat16)) {
+    attention_bf16_body<true>(ATT_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_q128_bf16(ATT_PARAMS(__nv_bfloat16)) {
+    attention_q128_body<false>(ATT_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)
+    attention_q128_exp2_bf16(ATT_PARAMS(__nv_bfloat16)) {
+    attention_q128_body<true>(ATT_ARGS);
 }

@@ -10,6 +10,7 @@
 // * dyn_smem_bytes: the dynamic shared memory this launch was given (kernels that need a minimum
 //   check it and trap, so a launcher's mistake is a launch error, not a silent overrun).
 // * EXTERN_SMEM_F4(name): declares the dynamic shared memory as float4 name[].
+// * ex2_approx(x): 2^x on the special-function unit.
 // * MEDSA_KEMU: defined when a kernel is compiled as C++ for the CPU emulator (tools/kemu,
 //   tests/kernel_emu.rs); this file and mma.cuh then call the emulator instead of inline PTX.
 #pragma once
@@ -61,6 +62,13 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
          i += (long long)gridDim.x * blockDim.x)
 
 #ifndef MEDSA_KEMU
+// 2^x with the special-function unit's ex2.approx (flush-to-zero): what __expf uses after
+// multiplying by log2(e).
+__device__ __forceinline__ float ex2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ unsigned dyn_smem_bytes() {
     unsigned r;
     asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
@@ -70,6 +78,7 @@ __device__ __forceinline__ unsigned dyn_smem_bytes() {
 // supply it).
 #define EXTERN_SMEM_F4(name) extern __shared__ float4 name[]
 #else
+__device__ __forceinline__ float ex2_approx(float x) { return exp2f(x); }
 __device__ __forceinline__ unsigned dyn_smem_bytes() { return kemu::dyn_smem; }
 #define EXTERN_SMEM_F4(name) float4* const name = kemu::dyn_smem_f4()
 #endif

@@ -354,13 +354,21 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
             .iter()
             .map(|&g| be.upload(&selftest::rel_table(&mut r, g, d, true)).unwrap())
             .collect();
-        for (q128, rel_mma) in [(false, false), (true, false), (false, true), (true, true)] {
+        for (q128, rel_mma, exp2) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (true, true, false),
+            (false, false, true),
+            (true, true, true),
+        ] {
             be.set_attention_options(AttentionOptions {
                 q128,
                 rel_mma,
                 trim: false,
+                exp2,
             });
-            let tag = format!("d{d} q128 {q128} rel-mma {rel_mma}");
+            let tag = format!("d{d} q128 {q128} rel-mma {rel_mma} exp2 {exp2}");
             failures.extend(same_on_both_kernels(
                 &mut be,
                 Variant::Trim,
@@ -406,10 +414,65 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
         q128: true,
         rel_mma: true,
         trim: true,
+        exp2: true,
     });
     let failed = fused_ops_and_model(&mut be);
     assert!(
         failures.is_empty() && failed == 0,
         "trimmed attention: {failures:#?}, {failed} CPU parity checks failed with every option on"
+    );
+}
+
+/// The softmax in log2 units (`MEDSA_ATTN_EXP2`, the `attention_exp2` and `attention_q128_exp2`
+/// kernels): every op self-test against the CPU reference (plain, windowed and depth attention,
+/// arbitrary and shift-invariant tables, head dims 64 and 80, the whole-tile path whose height
+/// term it folds into the row offsets), the 128-query kernel bit-identical to the 64-query one
+/// with it, and the whole model on both encoder paths.
+#[test]
+fn cuda_attention_exp2_matches_cpu_reference() {
+    let Some(mut be) = device(Precision::Bf16) else {
+        return;
+    };
+    let exp2 = AttentionOptions {
+        exp2: true,
+        ..AttentionOptions::default()
+    };
+    be.set_attention_options(exp2);
+    let mut checks = selftest::ops(&be, Tolerance::BF16);
+    let mut rng = Rng::new(1443);
+    let mut failures = Vec::new();
+    let d = 64;
+    let scale = (d as f32).powf(-0.5);
+    for &(bsz, (gh, gw), h, si) in &[(1, (8, 64), 2, false), (3, (14, 14), 2, true)] {
+        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
+        let qkv = be.upload(&r(&[bsz, gh * gw, 3 * h * d], 1.0)).unwrap();
+        let rh = be.upload(&selftest::rel_table(&mut r, gh, d, si)).unwrap();
+        let rw = be.upload(&selftest::rel_table(&mut r, gw, d, si)).unwrap();
+        failures.extend(same_on_both_kernels(
+            &mut be,
+            Variant::Q128,
+            &format!("attention_qkv b{bsz} {gh}x{gw} h{h} exp2"),
+            |b| {
+                let rel = if si {
+                    RelPos::shift_invariant(&rh, &rw, (gh, gw))
+                } else {
+                    RelPos::within(&rh, &rw, (gh, gw))
+                };
+                b.attention_qkv(&qkv, h, scale, Some(rel))
+            },
+        ));
+    }
+    for fuse in [false, true] {
+        be.set_fusion(fuse);
+        checks.extend(tagged_model(
+            &be,
+            Tolerance::BF16_MODEL,
+            &format!("exp2, fused {fuse}"),
+        ));
+    }
+    let failed = selftest::report(&checks);
+    assert!(
+        failures.is_empty() && failed == 0,
+        "exp2 softmax: {failures:#?}, {failed} CPU parity checks failed"
     );
 }

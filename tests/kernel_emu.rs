@@ -20,6 +20,7 @@ const ALL_OPTIONS: AttentionOptions = AttentionOptions {
     q128: true,
     rel_mma: true,
     trim: true,
+    exp2: true,
 };
 
 fn emulator(test: &str, p: Precision) -> Option<Cuda> {

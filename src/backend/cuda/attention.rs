@@ -173,6 +173,11 @@ pub struct AttentionOptions {
     /// No mma work for query and key groups wholly past the sequence ends
     /// (`MEDSA_ATTN_TRIM=1`; outputs bit-identical either way).
     pub trim: bool,
+    /// The softmax in log2 units (`MEDSA_ATTN_EXP2=1`): log2(e) folded into the score scale and
+    /// the rel-pos terms, each probability one `ex2` of score minus offset, and on the global
+    /// blocks' whole-tile path the row's height term folded into that offset (two instructions
+    /// less per score). Separate kernel entries (`attention_exp2`, `attention_q128_exp2`).
+    pub exp2: bool,
 }
 
 impl AttentionOptions {
@@ -183,6 +188,7 @@ impl AttentionOptions {
             q128: on("MEDSA_ATTN_Q128"),
             rel_mma: on("MEDSA_ATTN_REL_MMA"),
             trim: on("MEDSA_ATTN_TRIM"),
+            exp2: on("MEDSA_ATTN_EXP2"),
         }
     }
 }
@@ -197,6 +203,7 @@ impl Cuda {
             q128: self.q128_applies(d, true, grid, grid),
             rel_mma: tc && self.attn.rel_mma,
             trim: tc && self.attn.trim,
+            exp2: tc && self.attn.exp2,
         }
     }
 
@@ -308,20 +315,28 @@ impl Cuda {
             TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
         };
         let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
-        // The 128-query variant when chosen, built (bf16, d = 64) and given enough shared memory.
-        let (kernel, rows, smem) = if self.q128_applies(d, rel.is_some(), kh, kw) {
-            (
+        // The 128-query variant when chosen, built (bf16, d = 64) and given enough shared memory;
+        // the exp2 entries of either on the tensor-core path (bf16, d = 64 or 80).
+        let exp2 = self.attn.exp2 && self.precision == Precision::Bf16 && (d == 64 || d == 80);
+        let (kernel, rows, smem) = match (self.q128_applies(d, rel.is_some(), kh, kw), exp2) {
+            (true, false) => (
                 "attention_q128",
                 128,
                 attention_smem_q128(rel.is_some(), kh, kw),
-            )
-        } else {
-            ("attention", 64, smem)
+            ),
+            (true, true) => (
+                "attention_q128_exp2",
+                128,
+                attention_smem_q128(rel.is_some(), kh, kw),
+            ),
+            (false, false) => ("attention", 64, smem),
+            (false, true) => ("attention_exp2", 64, smem),
         };
         let detail = || {
             format!(
-                "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{} opts{opts}",
-                rel.is_some() as u8
+                "detail: attention b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{} opts{opts}{}",
+                rel.is_some() as u8,
+                if exp2 { " exp2" } else { "" }
             )
         };
         self.timed(detail, || {
