@@ -5,6 +5,9 @@
 //! overwritten, so the outputs change. (The other CUDA tests also run on the emulator when
 //! there is no GPU, in index order: `tests/common/mod.rs`, `cuda_device`.)
 //!
+//! A last test plants each fault the emulator claims to find in a kernel of
+//! `tools/kemu/checks.cu` and requires it to be reported.
+//!
 //! On a machine with a GPU, or without a C++ compiler, these tests print why and return.
 #![cfg(feature = "cuda")]
 
@@ -172,4 +175,68 @@ fn staged_kernels_give_the_same_bits_in_every_thread_order() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// 16-byte aligned scratch, as device allocations are (cp.async needs it).
+#[repr(C, align(16))]
+struct Buf([f32; 64]);
+
+/// The faults the emulator claims to find (tools/kemu/kemu.h), each planted in a kernel of
+/// tools/kemu/checks.cu, are reported; and its mma.sync, fed through mma.cuh's fragment layout,
+/// computes the plain product.
+#[test]
+fn the_emulator_reports_planted_faults_and_multiplies_right() {
+    let test = "the_emulator_reports_planted_faults_and_multiplies_right";
+    let Some(be) = emulator(test, Precision::F32) else {
+        return;
+    };
+    let launch = |name: &str, threads: u32, smem: u32, ptrs: &[u64]| {
+        be.emulator_launch(name, threads, smem, ptrs)
+            .map_err(|e| e.to_string())
+    };
+    let mut out = Box::new(Buf([0.0; 64]));
+    let o = out.0.as_mut_ptr() as u64;
+    launch("kemu_check_unsynced", 64, 256, &[o]).unwrap();
+    assert!(
+        out.0.iter().any(|x| x.is_nan()),
+        "a read before the write it needs must see the NaN fill: {:?}",
+        &out.0[..4]
+    );
+    let expect_err =
+        |name: &str, threads: u32, smem: u32, needle: &str| match launch(name, threads, smem, &[o])
+        {
+            Ok(()) => panic!("{name}: the emulator did not report the fault"),
+            Err(e) => assert!(e.contains(needle), "{name}: {e}"),
+        };
+    expect_err("kemu_check_divergent", 32, 0, "diverged");
+    expect_err("kemu_check_lost_lane", 32, 0, "deadlock");
+    expect_err("kemu_check_smem_range", 64, 256, "past the launch");
+    expect_err("kemu_check_trap", 64, 0, "checks.cu");
+
+    let mut rng = Rng::new(16);
+    let a: Vec<u16> = (0..256)
+        .map(|_| half::bf16::from_f32(rng.sym(1.0)).to_bits())
+        .collect();
+    let b: Vec<u16> = (0..128)
+        .map(|_| half::bf16::from_f32(rng.sym(1.0)).to_bits())
+        .collect();
+    let mut d = vec![0f32; 128];
+    launch(
+        "kemu_check_mma",
+        32,
+        0,
+        &[a.as_ptr() as u64, b.as_ptr() as u64, d.as_mut_ptr() as u64],
+    )
+    .unwrap();
+    let f = |x: u16| half::bf16::from_bits(x).to_f32() as f64;
+    for i in 0..16 {
+        for j in 0..8 {
+            let want: f64 = (0..16).map(|k| f(a[i * 16 + k]) * f(b[k * 8 + j])).sum();
+            assert!(
+                (d[i * 8 + j] as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "mma D[{i}][{j}] = {}, expected {want}",
+                d[i * 8 + j]
+            );
+        }
+    }
 }

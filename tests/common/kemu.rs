@@ -2,7 +2,8 @@
 //! machines without a GPU: built once per version of the sources into the target folder, then
 //! loaded by [`Cuda::emulated`].
 //!
-//! Per kernel file, the preprocessed source names its `extern "C"` kernels (macros expanded);
+//! Per kernel file (`kernels/*.cu`, and `tools/kemu/checks.cu`: kernels wrong on purpose, for
+//! the emulator's own test), the preprocessed source names its `extern "C"` kernels (macros expanded);
 //! a wrapper compiles the file followed by one `KEMU_REGISTER` entry point per kernel. The
 //! wrappers and the runtime (`tools/kemu/kemu.cpp`) are compiled in parallel and linked into
 //! one shared library. Needs a C++17 compiler (`$CXX`, default `g++`) on x86-64 Linux.

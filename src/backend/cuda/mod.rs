@@ -299,6 +299,22 @@ impl Cuda {
         matches!(self.device, Device::Emu(_))
     }
 
+    /// Emulated device only: runs kernel `name` (its full name, in any file the emulator library
+    /// was built from) as one block of `threads` threads with `smem` bytes of dynamic shared
+    /// memory and `ptrs` as its (pointer) arguments: for testing the emulator itself on kernels
+    /// outside the backend (`tools/kemu/checks.cu`).
+    pub fn emulator_launch(&self, name: &str, threads: u32, smem: u32, ptrs: &[u64]) -> Result<()> {
+        match &self.device {
+            Device::Emu(e) => {
+                let args: Vec<Arg> = ptrs.iter().map(|&p| Arg::P(p)).collect();
+                e.launch(name, (1, 1, 1), (threads, 1, 1), smem, &args)
+            }
+            Device::Gpu(_) => Err(Error::Device(
+                "emulator_launch: this backend runs on a GPU, not on the emulator".into(),
+            )),
+        }
+    }
+
     /// Runs `f` and, when profiling, records its synchronised wall time under `name`.
     pub(crate) fn timed<R>(
         &self,
