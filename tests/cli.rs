@@ -44,21 +44,25 @@ fn run_err(cmd: &mut Command) -> String {
     se
 }
 
-#[test]
-fn forward_reproduces_fixture_outputs() {
+/// `forward` on both fixture cases, with `device` args, against the fixture outputs; `setup`
+/// prepares each command (false: skip).
+fn check_forward(tag: &str, device: &[&str], setup: impl Fn(&mut Command) -> bool) {
     for (case, run) in [("tiny", "points"), ("volume", "per_token")] {
-        let dir = tmpdir(&format!("fwd-{case}"));
+        let dir = tmpdir(&format!("fwd-{tag}-{case}"));
         let out = dir.join("out.safetensors");
-        run_ok(
-            bin()
-                .arg("forward")
-                .arg("--checkpoint")
-                .arg(fixture(case, "weights"))
-                .arg("--inputs")
-                .arg(fixture(case, run))
-                .arg("--out")
-                .arg(&out),
-        );
+        let mut cmd = bin();
+        cmd.arg("forward")
+            .arg("--checkpoint")
+            .arg(fixture(case, "weights"))
+            .arg("--inputs")
+            .arg(fixture(case, run))
+            .arg("--out")
+            .arg(&out)
+            .args(device);
+        if !setup(&mut cmd) {
+            return;
+        }
+        run_ok(&mut cmd);
         let want = open(case, run);
         let got = medsa::weights::SafetensorsFile::open(&out).unwrap();
         for k in [
@@ -68,11 +72,26 @@ fn forward_reproduces_fixture_outputs() {
             "masks",
         ] {
             let (g, w) = (got.tensor(k).unwrap(), want.tensor(k).unwrap());
-            // Same tolerance and reasons as tests/fixtures.rs.
+            // Same tolerance and reasons as tests/fixtures.rs (f32 on both devices).
             compare(&format!("{case}/{run} {k}"), &g, &w, 1e-4, 1e-4 * rms(&w)).unwrap();
         }
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+#[test]
+fn forward_reproduces_fixture_outputs() {
+    check_forward("cpu", &[], |_| true);
+}
+
+/// The binary's CUDA path end to end (device selection, upload, the whole model, download), in
+/// f32: on the GPU, or on the kernel emulator without one.
+#[cfg(feature = "cuda")]
+#[test]
+fn forward_on_cuda_reproduces_fixture_outputs() {
+    check_forward("cuda", &["--device", "cuda", "--precision", "f32"], |cmd| {
+        common::kemu::cuda_command("forward_on_cuda_reproduces_fixture_outputs", cmd)
+    });
 }
 
 #[test]

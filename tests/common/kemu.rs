@@ -236,3 +236,26 @@ pub fn emulated_device(test: &str, p: Precision) -> Option<Cuda> {
         }
     }
 }
+
+/// Prepares `cmd`, a `medsa-engine` command with `--device cuda`, to run where it can: as is on
+/// a machine with a GPU driver, else on the kernel emulator (`MEDSA_CUDA_EMULATOR`); `false`,
+/// with the reason printed, when neither is available.
+pub fn cuda_command(test: &str, cmd: &mut std::process::Command) -> bool {
+    use std::io::Write;
+    if medsa::backend::cuda::driver_present() {
+        return true;
+    }
+    match library() {
+        Ok(lib) => {
+            cmd.env("MEDSA_CUDA_EMULATOR", lib);
+            true
+        }
+        Err(why) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: SKIPPED: no GPU driver, and the CUDA kernel emulator is not available: {why}"
+            );
+            false
+        }
+    }
+}

@@ -5,9 +5,14 @@
 //! predict, volume training on single slices and on depth chunks, and that bad requests fail
 //! with a message naming the problem instead of a panic.
 
+#[path = "../common/mod.rs"]
+mod common;
+
 mod adapters_and_merge;
 mod bad_requests;
 mod init_and_train;
+#[cfg(feature = "cuda")]
+mod on_cuda;
 mod resume;
 mod volumes;
 

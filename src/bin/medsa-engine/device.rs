@@ -91,6 +91,19 @@ pub(super) fn open_device(device: &str, precision: &str) -> Result<Dev> {
             #[cfg(feature = "cuda")]
             {
                 let p: medsa::backend::cuda::Precision = precision.parse()?;
+                // Tests of the CUDA paths on machines without a GPU: the backend on the CPU
+                // kernel emulator built from kernels/*.cu (tests/common/kemu.rs builds it).
+                if let Some(lib) = std::env::var_os("MEDSA_CUDA_EMULATOR") {
+                    let lib = PathBuf::from(lib);
+                    eprintln!(
+                        "--device {d}: MEDSA_CUDA_EMULATOR is set: the CUDA kernels run on the CPU emulator {}",
+                        lib.display()
+                    );
+                    return Ok(Dev::Cuda(
+                        medsa::backend::cuda::Cuda::emulated(&lib, p)
+                            .with_context(|| format!("--device {d} (MEDSA_CUDA_EMULATOR)"))?,
+                    ));
+                }
                 Ok(Dev::Cuda(
                     medsa::backend::cuda::Cuda::new(ordinal, p)
                         .with_context(|| format!("--device {d}"))?,
