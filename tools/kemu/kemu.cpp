@@ -1,7 +1,8 @@
 // kemu.cpp -- runs medsa's CUDA kernels (kernels/*.cu) on the CPU, for tests that check the
 // kernels' own code (index math, fragment layouts, options) on machines without a GPU.
 // The model and what it catches: kemu.h. tests/common/kemu.rs builds one shared library from
-// this file and, per kernels/*.cu, the kernel source followed by kemu_register.h's entry points
+// this file and, per kernels/*.cu (and tools/kemu/checks.cu, kernels wrong on purpose for the
+// emulator's own test), the kernel source followed by kemu_register.h's entry points
 // (one kemu_k_<kernel> per extern "C" kernel); the CUDA backend's emulated device
 // (src/backend/cuda/emu.rs) loads it and launches through kemu_launch below, with
 // cuLaunchKernel's arguments.
@@ -86,6 +87,7 @@ constexpr size_t SMEM_MAX = 232448;  // 227 KB: the largest opt-in of sm_90
 
 }  // namespace
 
+// One CUDA thread of the running block: a coroutine with its own stack.
 struct Thread {
     uint3 tid;
     int lane = 0, warp = 0;
@@ -98,7 +100,7 @@ struct Thread {
 
 namespace {
 
-
+// A lane's operands of a warp collective, and the warp's state while its lanes arrive.
 struct Slot {
     int op;
     uint64_t v[10];
