@@ -153,6 +153,17 @@ fn sharding_covers_every_case_exactly_once() {
     let _ = std::fs::remove_dir_all(d);
 }
 
+/// 7x6x5 volumes: a box over slices 1..=3 with the SD-Trans depth branch in chunks of 2.
+const VOLUME_ARGS: [&str; 7] = [
+    "--box",
+    "1,1,1,5,4,3",
+    "--chunk",
+    "2",
+    "--intensity",
+    "mr",
+    "--probabilities",
+];
+
 #[test]
 fn volumes_of_several_datatypes_keep_dims_and_affine() {
     let d = tmpdir("nii");
@@ -169,16 +180,7 @@ fn volumes_of_several_datatypes_keep_dims_and_affine() {
         std::fs::copy(nifti.join(f), inp.join(f)).unwrap();
     }
     let out = d.join("out");
-    // 7x6x5 volumes: a box over slices 1..=3 with the SD-Trans depth branch in chunks of 2.
-    let (ok, text) = run(segment(&inp, &out, "volume").args([
-        "--box",
-        "1,1,1,5,4,3",
-        "--chunk",
-        "2",
-        "--intensity",
-        "mr",
-        "--probabilities",
-    ]));
+    let (ok, text) = run(segment(&inp, &out, "volume").args(VOLUME_ARGS));
     assert!(ok, "{text}");
     assert!(text.contains("5 of 5 cases done"), "{text}");
     for f in [
@@ -339,5 +341,86 @@ fn jpeg_rgb_and_16_bit_grey_inputs_give_masks_at_their_size() {
     assert!(ok, "{text}");
     let b = image::open(out.join("eight.png")).unwrap().to_luma8();
     assert_eq!(a, b);
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// The batch tool on `--device cuda` in f32 (the GPU, or the kernel emulator without one)
+/// against the same runs on the CPU: a PNG folder (tiny model, batched) and NIfTI volumes
+/// (the depth branch in chunks, probabilities written). Probabilities agree to 1e-3 (f32 on
+/// both, summed in other orders); a mask may differ only where the probability is that close
+/// to 0.5.
+#[cfg(feature = "cuda")]
+#[test]
+fn batch_on_cuda_matches_the_cpu() {
+    let test = "batch_on_cuda_matches_the_cpu";
+    let d = tmpdir("on-cuda");
+    let (pngs, vols) = (d.join("pngs"), d.join("vols"));
+    png_folder(&pngs, 2, false);
+    std::fs::create_dir_all(&vols).unwrap();
+    for f in ["oblique_float32.nii", "gzip_float32.nii.gz"] {
+        std::fs::copy(common::fixtures_dir().join("nifti").join(f), vols.join(f)).unwrap();
+    }
+    let png_args = ["--point", "128,80", "--batch-size", "2"];
+    let cuda = ["--device", "cuda", "--precision", "f32"];
+    for (input, model, args) in [
+        (&pngs, "tiny", &png_args[..]),
+        (&vols, "volume", &VOLUME_ARGS[..]),
+    ] {
+        let (on_cpu, on_cuda) = (
+            d.join(format!("{model}-cpu")),
+            d.join(format!("{model}-cuda")),
+        );
+        let mut c = segment(input, &on_cuda, model);
+        c.args(args).args(cuda);
+        if !common::kemu::cuda_command(test, &mut c) {
+            return;
+        }
+        let (ok, text) = run(&mut c);
+        assert!(ok, "{text}");
+        let (ok, text) = run(segment(input, &on_cpu, model).args(args));
+        assert!(ok, "{text}");
+        if model == "tiny" {
+            for i in 0..2 {
+                let f = format!("case{i}.png");
+                let a = image::open(on_cpu.join(&f)).unwrap().to_luma8();
+                let b = image::open(on_cuda.join(&f)).unwrap().to_luma8();
+                assert_eq!(a.dimensions(), b.dimensions(), "{f}");
+                let differ = a.pixels().zip(b.pixels()).filter(|(x, y)| x != y).count();
+                // No probabilities for PNGs: allow the few pixels a 1e-5 logit change can flip.
+                assert!(
+                    differ * 1000 <= a.len(),
+                    "{f}: {differ} of {} pixels differ",
+                    a.len()
+                );
+            }
+            continue;
+        }
+        for (mask, prob) in [
+            ("oblique_float32.nii", "oblique_float32_prob.nii"),
+            ("gzip_float32.nii.gz", "gzip_float32_prob.nii.gz"),
+        ] {
+            let (pa, pb) = (
+                read_nifti(&on_cpu.join(prob)).unwrap(),
+                read_nifti(&on_cuda.join(prob)).unwrap(),
+            );
+            let (ma, mb) = (
+                read_nifti(&on_cpu.join(mask)).unwrap(),
+                read_nifti(&on_cuda.join(mask)).unwrap(),
+            );
+            assert_eq!(pb.dims, pa.dims, "{prob}");
+            assert_eq!(mb.header.affine(), ma.header.affine(), "{mask}");
+            for (i, (x, y)) in pa.data.iter().zip(&pb.data).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-3,
+                    "{prob}[{i}]: {y} on CUDA, {x} on the CPU"
+                );
+                let (a, b) = (ma.data[i], mb.data[i]);
+                assert!(
+                    a == b || (x - 0.5).abs() <= 1e-3,
+                    "{mask}[{i}]: {b} on CUDA, {a} on the CPU (probability {x})"
+                );
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(d);
 }
