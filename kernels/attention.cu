@@ -263,6 +263,12 @@ __device__ __forceinline__ void rel_terms_mma(const uint32_t (&qa)[D / 16][4],
     }
 }
 
+// The softmax's exponential: e^x (__expf), or 2^x for the log2-unit scores of the exp2 kernels.
+template <bool E2>
+__device__ __forceinline__ float softmax_exp(float x) {
+    return E2 ? ex2_approx(x) : __expf(x);
+}
+
 // Scale and rel-pos bias of one m-tile's scores on the whole-tile path (kw % 64 == 0: one ky
 // per key tile, RW rows swizzled), and the rows' running maxima. s[nt][e] is row g (e < 2) or
 // g + 8, key j0 + 8*nt + (e & 1); rw0 points at row g's RW entry for that key (row g + 8 at
@@ -544,32 +550,20 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             // finite (valid key k0); E2: the row maxima of the scores plus their folded terms
             const float mn0 = fmaxf(m0[mt], E2 ? mx0 + fo0 : mx0);
             const float mn1 = fmaxf(m1[mt], E2 ? mx1 + fo1 : mx1);
-            const float al0 = E2 ? ex2_approx(m0[mt] - mn0) : __expf(m0[mt] - mn0),
-                        al1 = E2 ? ex2_approx(m1[mt] - mn1) : __expf(m1[mt] - mn1);
+            const float al0 = softmax_exp<E2>(m0[mt] - mn0), al1 = softmax_exp<E2>(m1[mt] - mn1);
             m0[mt] = mn0;
             m1[mt] = mn1;
             float ps0 = 0.f, ps1 = 0.f;
-            if (E2) {
-                const float c0 = mn0 - fo0, c1 = mn1 - fo1;  // score - c = score + fo - max
+            // exp offsets: the row maxima; E2: minus the folded terms (score - c = score + fo - max)
+            const float c0 = E2 ? mn0 - fo0 : mn0, c1 = E2 ? mn1 - fo1 : mn1;
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    s[mt][nt][0] = ex2_approx(s[mt][nt][0] - c0);
-                    s[mt][nt][1] = ex2_approx(s[mt][nt][1] - c0);
-                    s[mt][nt][2] = ex2_approx(s[mt][nt][2] - c1);
-                    s[mt][nt][3] = ex2_approx(s[mt][nt][3] - c1);
-                    ps0 += s[mt][nt][0] + s[mt][nt][1];
-                    ps1 += s[mt][nt][2] + s[mt][nt][3];
-                }
-            } else {
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    s[mt][nt][0] = __expf(s[mt][nt][0] - mn0);
-                    s[mt][nt][1] = __expf(s[mt][nt][1] - mn0);
-                    s[mt][nt][2] = __expf(s[mt][nt][2] - mn1);
-                    s[mt][nt][3] = __expf(s[mt][nt][3] - mn1);
-                    ps0 += s[mt][nt][0] + s[mt][nt][1];
-                    ps1 += s[mt][nt][2] + s[mt][nt][3];
-                }
+            for (int nt = 0; nt < NT; ++nt) {
+                s[mt][nt][0] = softmax_exp<E2>(s[mt][nt][0] - c0);
+                s[mt][nt][1] = softmax_exp<E2>(s[mt][nt][1] - c0);
+                s[mt][nt][2] = softmax_exp<E2>(s[mt][nt][2] - c1);
+                s[mt][nt][3] = softmax_exp<E2>(s[mt][nt][3] - c1);
+                ps0 += s[mt][nt][0] + s[mt][nt][1];
+                ps1 += s[mt][nt][2] + s[mt][nt][3];
             }
             l0[mt] = l0[mt] * al0 + ps0;
             l1[mt] = l1[mt] * al1 + ps1;
