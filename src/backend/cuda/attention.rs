@@ -198,13 +198,18 @@ impl Cuda {
     /// map with its rel-pos bias (the encoder's global blocks): those asked for, where this
     /// precision, head dim and card run them.
     pub fn attention_options_for(&self, d: usize, grid: usize) -> AttentionOptions {
-        let tc = self.precision == Precision::Bf16 && (d == 64 || d == 80);
+        let tc = self.tensor_core_attention(d);
         AttentionOptions {
             q128: self.q128_applies(d, true, grid, grid),
             rel_mma: tc && self.attn.rel_mma,
             trim: tc && self.attn.trim,
             exp2: tc && self.attn.exp2,
         }
+    }
+
+    /// Whether attention with head dim `d` takes the tensor-core path (the one the options act on).
+    fn tensor_core_attention(&self, d: usize) -> bool {
+        self.precision == Precision::Bf16 && (d == 64 || d == 80)
     }
 
     fn q128_applies(&self, d: usize, rel: bool, kh: usize, kw: usize) -> bool {
@@ -314,23 +319,20 @@ impl Cuda {
             TokenMap::Windows { ws, h, w, pads } => (1, ws, h, w, w.div_ceil(ws), pads),
             TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
         };
-        let smem = attention_smem(self.precision, d, rel.is_some(), kh, kw);
         // The 128-query variant when chosen, built (bf16, d = 64) and given enough shared memory;
-        // the exp2 entries of either on the tensor-core path (bf16, d = 64 or 80).
-        let exp2 = self.attn.exp2 && self.precision == Precision::Bf16 && (d == 64 || d == 80);
-        let (kernel, rows, smem) = match (self.q128_applies(d, rel.is_some(), kh, kw), exp2) {
-            (true, false) => (
-                "attention_q128",
-                128,
-                attention_smem_q128(rel.is_some(), kh, kw),
-            ),
-            (true, true) => (
-                "attention_q128_exp2",
-                128,
-                attention_smem_q128(rel.is_some(), kh, kw),
-            ),
-            (false, false) => ("attention", 64, smem),
-            (false, true) => ("attention_exp2", 64, smem),
+        // the exp2 entries of either on the tensor-core path.
+        let q128 = self.q128_applies(d, rel.is_some(), kh, kw);
+        let exp2 = self.attn.exp2 && self.tensor_core_attention(d);
+        let (rows, smem) = if q128 {
+            (128, attention_smem_q128(rel.is_some(), kh, kw))
+        } else {
+            (64, attention_smem(self.precision, d, rel.is_some(), kh, kw))
+        };
+        let kernel = match (q128, exp2) {
+            (false, false) => "attention",
+            (false, true) => "attention_exp2",
+            (true, false) => "attention_q128",
+            (true, true) => "attention_q128_exp2",
         };
         let detail = || {
             format!(
