@@ -185,50 +185,66 @@ fn gelu_tanh(x: f32) -> f32 {
 /// The GEMM of [`GemmSpec`] with its epilogue, column-major like cuBLASLt: for every batch,
 /// `D = gelu?(alpha op(A) op(B) + C + bias)`, products summed in f64 and rounded once to the
 /// storage precision (cuBLASLt sums in f32; the difference is far inside every tolerance).
+/// Each batch's op(A) rows and op(B) columns are read into f32 once, then the columns of D
+/// are computed in parallel.
 pub(super) fn gemm(p: Precision, s: &GemmSpec, a: u64, b: u64, d: u64, epi: &Epilogue) {
     let (m, n, k) = (s.m as usize, s.n as usize, s.k as usize);
-    let el = p.size() as i64;
-    let cols: Vec<(i64, usize)> = (0..s.batch.max(1) as i64)
-        .flat_map(|bi| (0..n).map(move |j| (bi, j)))
-        .collect();
-    cols.par_iter().for_each(|&(bi, j)| {
-        let (a, b) = (
-            (a as i64 + bi * s.stride_a * el) as u64,
-            (b as i64 + bi * s.stride_b * el) as u64,
+    let (lda, ldb, ldc) = (s.lda as usize, s.ldb as usize, s.ldc as usize);
+    let batch_addr =
+        |base: u64, stride: i64, bi: i64| (base as i64 + bi * stride * p.size() as i64) as u64;
+    for bi in 0..s.batch.max(1) as i64 {
+        let (a, b, dd) = (
+            batch_addr(a, s.stride_a, bi),
+            batch_addr(b, s.stride_b, bi),
+            batch_addr(d, s.stride_c, bi),
         );
-        let dd = (d as i64 + bi * s.stride_c * el) as u64;
-        let cc = epi
-            .residual
-            .map(|c| (c as i64 + bi * s.stride_c * el) as u64);
-        for i in 0..m {
-            let mut acc = 0f64;
-            for kk in 0..k {
-                let av = if s.transa {
-                    ld(p, a, kk + i * s.lda as usize)
-                } else {
-                    ld(p, a, i + kk * s.lda as usize)
-                };
-                let bv = if s.transb {
-                    ld(p, b, j + kk * s.ldb as usize)
-                } else {
-                    ld(p, b, kk + j * s.ldb as usize)
-                };
-                acc += av as f64 * bv as f64;
-            }
-            let at = i + j * s.ldc as usize;
-            let mut v = epi.alpha as f64 * acc;
-            if let Some(c) = cc {
-                v += ld(p, c, at) as f64;
-            }
-            if let Some(bias) = epi.bias {
-                v += ld(p, bias, i) as f64;
-            }
-            let v = if epi.gelu {
-                gelu_tanh(v as f32)
+        let cc = epi.residual.map(|c| batch_addr(c, s.stride_c, bi));
+        // rows[i][kk] = op(A)[i][kk], cols[j][kk] = op(B)[kk][j]
+        let vectors = |base: u64, count: usize, index: &dyn Fn(usize, usize) -> usize| {
+            (0..count)
+                .map(|v| {
+                    (0..k)
+                        .map(|kk| ld(p, base, index(v, kk)))
+                        .collect::<Vec<f32>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        let rows = vectors(a, m, &|i, kk| {
+            if s.transa {
+                kk + i * lda
             } else {
-                v as f32
-            };
-            st(p, dd, at, v);
-        }
-    });
+                i + kk * lda
+            }
+        });
+        let cols = vectors(b, n, &|j, kk| {
+            if s.transb {
+                j + kk * ldb
+            } else {
+                kk + j * ldb
+            }
+        });
+        cols.par_iter().enumerate().for_each(|(j, col)| {
+            for (i, row) in rows.iter().enumerate() {
+                let acc: f64 = row
+                    .iter()
+                    .zip(col)
+                    .map(|(&x, &y)| x as f64 * y as f64)
+                    .sum();
+                let idx = i + j * ldc;
+                let mut v = epi.alpha as f64 * acc;
+                if let Some(c) = cc {
+                    v += ld(p, c, idx) as f64;
+                }
+                if let Some(bias) = epi.bias {
+                    v += ld(p, bias, i) as f64;
+                }
+                let v = if epi.gelu {
+                    gelu_tanh(v as f32)
+                } else {
+                    v as f32
+                };
+                st(p, dd, idx, v);
+            }
+        });
+    }
 }
