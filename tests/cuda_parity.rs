@@ -265,6 +265,38 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     );
 }
 
+/// The 128-query kernel bit-identical to the 64-query one, with the options `be` has, on packed
+/// self-attention (head dim 64) for each `(batch, grid, heads, shift-invariant tables)`.
+fn q128_same_on_grids(
+    be: &mut Cuda,
+    rng: &mut Rng,
+    cases: &[(usize, (usize, usize), usize, bool)],
+    tag: &str,
+) -> Vec<String> {
+    let d = 64;
+    let scale = (d as f32).powf(-0.5);
+    let mut failures = Vec::new();
+    for &(bsz, (gh, gw), h, si) in cases {
+        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
+        let qkv = be.upload(&r(&[bsz, gh * gw, 3 * h * d], 1.0)).unwrap();
+        let rh = be.upload(&selftest::rel_table(&mut r, gh, d, si)).unwrap();
+        let rw = be.upload(&selftest::rel_table(&mut r, gw, d, si)).unwrap();
+        let name = format!(
+            "attention_qkv b{bsz} {gh}x{gw} h{h}{} {tag}",
+            if si { " shift-invariant" } else { "" }
+        );
+        failures.extend(same_on_both_kernels(be, Variant::Q128, &name, |b| {
+            let rel = if si {
+                RelPos::shift_invariant(&rh, &rw, (gh, gw))
+            } else {
+                RelPos::within(&rh, &rw, (gh, gw))
+            };
+            b.attention_qkv(&qkv, h, scale, Some(rel))
+        }));
+    }
+    failures
+}
+
 /// The rel-pos terms on tensor cores (`MEDSA_ATTN_REL_MMA`, shift-invariant tables only):
 /// every op self-test against the CPU reference (their shift-invariant attention cases take
 /// it: plain, windowed with padding and depth maps, head dims 64 and 80, the whole-tile 64-wide
@@ -281,31 +313,18 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
     };
     be.set_attention_options(rel_mma);
     let mut checks = selftest::ops(&be, Tolerance::BF16);
-    let mut rng = Rng::new(2 * 64 - 1);
-    let mut failures = Vec::new();
-    let d = 64;
-    let scale = (d as f32).powf(-0.5);
     // The q128 variant computes each warp's rel-pos terms for the same 16 query rows as the
     // 64-query kernel does, so the outputs stay bit-identical.
-    for &(bsz, (gh, gw), h) in &[(1, (64, 64), 2), (3, (14, 14), 2), (2, (5, 7), 3)] {
-        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
-        let qkv = be.upload(&r(&[bsz, gh * gw, 3 * h * d], 1.0)).unwrap();
-        let rh = be
-            .upload(&selftest::rel_table(&mut r, gh, d, true))
-            .unwrap();
-        let rw = be
-            .upload(&selftest::rel_table(&mut r, gw, d, true))
-            .unwrap();
-        failures.extend(same_on_both_kernels(
-            &mut be,
-            Variant::Q128,
-            &format!("attention_qkv b{bsz} {gh}x{gw} h{h} shift-invariant"),
-            |b| {
-                let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
-                b.attention_qkv(&qkv, h, scale, Some(rel))
-            },
-        ));
-    }
+    let failures = q128_same_on_grids(
+        &mut be,
+        &mut Rng::new(2 * 64 - 1),
+        &[
+            (1, (64, 64), 2, true),
+            (3, (14, 14), 2, true),
+            (2, (5, 7), 3, true),
+        ],
+        "rel mma",
+    );
     for (fuse, q128) in [(false, false), (true, false), (true, true)] {
         be.set_fusion(fuse);
         be.set_attention_options(AttentionOptions { q128, ..rel_mma });
@@ -439,29 +458,12 @@ fn cuda_attention_exp2_matches_cpu_reference() {
     };
     be.set_attention_options(exp2);
     let mut checks = selftest::ops(&be, Tolerance::BF16);
-    let mut rng = Rng::new(1443);
-    let mut failures = Vec::new();
-    let d = 64;
-    let scale = (d as f32).powf(-0.5);
-    for &(bsz, (gh, gw), h, si) in &[(1, (8, 64), 2, false), (3, (14, 14), 2, true)] {
-        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
-        let qkv = be.upload(&r(&[bsz, gh * gw, 3 * h * d], 1.0)).unwrap();
-        let rh = be.upload(&selftest::rel_table(&mut r, gh, d, si)).unwrap();
-        let rw = be.upload(&selftest::rel_table(&mut r, gw, d, si)).unwrap();
-        failures.extend(same_on_both_kernels(
-            &mut be,
-            Variant::Q128,
-            &format!("attention_qkv b{bsz} {gh}x{gw} h{h} exp2"),
-            |b| {
-                let rel = if si {
-                    RelPos::shift_invariant(&rh, &rw, (gh, gw))
-                } else {
-                    RelPos::within(&rh, &rw, (gh, gw))
-                };
-                b.attention_qkv(&qkv, h, scale, Some(rel))
-            },
-        ));
-    }
+    let failures = q128_same_on_grids(
+        &mut be,
+        &mut Rng::new(1443),
+        &[(1, (8, 64), 2, false), (3, (14, 14), 2, true)],
+        "exp2",
+    );
     for fuse in [false, true] {
         be.set_fusion(fuse);
         checks.extend(tagged_model(
