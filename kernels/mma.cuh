@@ -53,9 +53,13 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
-__device__ __forceinline__ void cp_async_wait_all() {
-    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+// Waits for this thread's committed groups except the newest N (0: all of them). Copies not
+// yet committed are not waited for.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+__device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); }
 
 // ldmatrix: four 8x8 bf16 matrices; lanes 8m..8m+7 give the 16-byte row addresses of
 // matrix m, r[m] receives this lane's fragment of matrix m:
@@ -76,8 +80,12 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     kemu::cp_async16(dst, src, valid);
 }
-__device__ __forceinline__ void cp_async_commit() {}
-__device__ __forceinline__ void cp_async_wait_all() { kemu::cp_async_wait_all(); }
+__device__ __forceinline__ void cp_async_commit() { kemu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    kemu::cp_async_wait_group(N);
+}
+__device__ __forceinline__ void cp_async_wait_all() { cp_async_wait_group<0>(); }
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], uint32_t addr) { kemu::ldsm_x4(r, addr, false); }
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t r[4], uint32_t addr) {
     kemu::ldsm_x4(r, addr, true);

@@ -80,6 +80,7 @@ struct PendingCopy {
     char* dst;
     const char* src;
     bool valid;
+    int group;  // the cp.async group it joins: the issuing thread's `open_group` at issue
 };
 
 constexpr size_t STACK_BYTES = 256 * 1024;
@@ -96,6 +97,7 @@ struct Thread {
     bool done = false;
     Wait wait = W_NONE;
     std::vector<PendingCopy> pending;
+    int open_group = 0;  // groups 0 .. open_group - 1 are committed; open_group collects new copies
 };
 
 namespace {
@@ -136,15 +138,25 @@ void run_copy(const PendingCopy& c) {
         memset(c.dst, 0, 16);
 }
 
-void finish_copies(Thread& t) {
-    for (const auto& c : t.pending) run_copy(c);
-    t.pending.clear();
+// cp.async.wait_group n: every committed group but the newest n lands; copies not yet
+// committed stay pending (as on the hardware, where wait_group ignores them).
+void finish_copies(Thread& t, int n) {
+    const int upto = t.open_group - n;  // groups < upto complete
+    size_t keep = 0;
+    for (size_t i = 0; i < t.pending.size(); ++i) {
+        if (t.pending[i].group < upto)
+            run_copy(t.pending[i]);
+        else
+            t.pending[keep++] = t.pending[i];
+    }
+    t.pending.resize(keep);
 }
 
 [[noreturn]] void entry() {
     g_kernel(g_args);
     Thread* t = cur;
-    finish_copies(*t);
+    ++t->open_group;  // copies never waited for still land (nothing reads them)
+    finish_copies(*t, 0);
     t->done = true;
     --g_alive;
     // Exited threads no longer hold a barrier back.
@@ -343,6 +355,7 @@ void init_thread(Thread& t, char* stack) {
     t.done = false;
     t.wait = W_NONE;
     t.pending.clear();
+    t.open_group = 0;
     uintptr_t top = ((uintptr_t)stack + STACK_BYTES) & ~(uintptr_t)15;
     uint64_t* sp = (uint64_t*)top;
     *--sp = 0;                                // entry's (never used) return address
@@ -462,14 +475,19 @@ void ldsm_x4(uint32_t r[4], uint32_t addr, bool trans) {
 void cp_async16(uint32_t dst, const void* src, bool valid) {
     check_smem_range(dst, 16, 16, "cp.async destination");
     if (((uintptr_t)src & 15) != 0) fail("cp.async: global source not 16-byte aligned");
-    const PendingCopy c{g_smem + dst, (const char*)src, valid};
+    const PendingCopy c{g_smem + dst, (const char*)src, valid, cur->open_group};
     if (g_defer_async)
         cur->pending.push_back(c);
     else
         run_copy(c);
 }
 
-void cp_async_wait_all() { finish_copies(*cur); }
+void cp_async_commit() { ++cur->open_group; }
+
+void cp_async_wait_group(int n) {
+    if (n < 0) fail("cp.async.wait_group: negative count");
+    finish_copies(*cur, n);
+}
 
 uint32_t smem_offset(const void* p) {
     const char* c = (const char*)p;

@@ -112,7 +112,8 @@ int64_t reduce(int64_t v, bool is_max, unsigned mask);
 void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
 void ldsm_x4(uint32_t r[4], uint32_t addr, bool trans);
 void cp_async16(uint32_t dst, const void* src, bool valid);
-void cp_async_wait_all();
+void cp_async_commit();
+void cp_async_wait_group(int n);  // all committed groups but the newest n land
 uint32_t smem_offset(const void* p);  // __cvta_generic_to_shared, checked
 float4* dyn_smem_f4();
 }  // namespace kemu
