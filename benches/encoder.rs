@@ -224,6 +224,7 @@ fn cuda_ops(c: &mut Criterion) {
         ),
         ("trimmed", AttentionOptions { trim: true, ..none }),
         ("exp2 softmax", AttentionOptions { exp2: true, ..none }),
+        ("K prefetch", AttentionOptions { kpre: true, ..none }),
     ] {
         be.set_attention_options(opts);
         grp.bench_function(

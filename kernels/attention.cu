@@ -51,6 +51,9 @@
 //     masking of the whole-tile rel-pos path (kw % 64 == 0, so Lk is a multiple of 64 and no
 //     key of any tile is past Lk: the global blocks' score loop loses a compare and a select
 //     per score).
+//   ATT_OPT_KPRE (4): a second K buffer (2*64*(d+8) more bytes of shared memory, see Launch
+//     geometry), so each K tile is fetched one whole key tile ahead instead of during the
+//     previous tile's P*V alone. Same arithmetic: outputs are bit-identical.
 //
 // Launch geometry (attention_f32, attention_bf16; attention_q128_bf16 differs where noted):
 //   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
@@ -74,10 +77,13 @@
 //       e.g. kh=kw=64: 36864 + 66560 = 103424 (two blocks per SM on sm_90, one on sm_80; more
 //       than sm_86/sm_89 allow, where the launcher keeps attention_bf16);  kh=kw=14: 52224
 //       (the kernel uses 2*256*72 + (has_rel ? 4*128*(kh+1 + kw + (kw%64 ? 1 : 0)) : 0)).
+//   * with ATT_OPT_KPRE (tensor-core path), both kernels: + 2*64*(d+8) (the second K buffer),
+//       e.g. attention_bf16 d=64, kh=kw=64: 70144 (still three blocks per SM on sm_90);
+//       attention_q128_bf16 kh=kw=64: 112640 (still two on sm_90).
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
 //   attention_f32 and attention_bf16 are compiled with __launch_bounds__(128, 3) (<= 168
-//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 244-254 used,
+//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 246-255 used,
 //   no spills).
 //
 // Paths:
@@ -124,6 +130,7 @@
 #define ATT_THREADS 128
 #define ATT_OPT_REL_MMA 1
 #define ATT_OPT_TRIM 2
+#define ATT_OPT_KPRE 4
 #define ATT_LOG2E 1.4426950408889634f
 
 #include "attention_simt.cuh"
@@ -313,6 +320,10 @@ __device__ __forceinline__ void scores_whole_tile(float (&s)[NT][4], float scale
 //   wait(K_t), sync | issue V_t async | S = Q K_t^T, softmax | wait(V_t), sync |
 //   issue K_{t+1} async | O += P V_t
 // so the V load overlaps QK^T + softmax and the next K load overlaps P V.
+// ATT_OPT_KPRE (two K buffers, tile t in buffer t % 2):
+//   wait(K_t), sync | issue V_t, issue K_{t+1} (the other buffer) | S = Q K_t^T, softmax |
+//   wait(V_t) (K_{t+1} may stay in flight), sync | O += P V_t
+// so the next K load overlaps a whole tile's work instead of P V alone.
 template <int D, int MT, bool E2>
 __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ k,
@@ -341,8 +352,12 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const bool fast = has_rel && (kw % ATT_BK) == 0;
     const int RHS = kh + 1, RWS = fast ? kw : kw + 1;
     const int R = has_rel ? (RHS + RWS) : 0;  // <= kh + kw + 2
+    // ATT_OPT_KPRE: a second K buffer after the rel-pos tables, so that K tile t+1 is fetched
+    // during all of tile t (see the pipeline above).
+    const bool kpre = (opts & ATT_OPT_KPRE) != 0;
     {
-        const unsigned need = 2u * (unsigned)((BQ + 2 * ATT_BK) * QST) + 4u * (unsigned)(BQ * R);
+        const unsigned need = 2u * (unsigned)((BQ + (kpre ? 3 : 2) * ATT_BK) * QST) +
+                              4u * (unsigned)(BQ * R);
         if (dyn_smem_bytes() < need) __trap();
     }
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_f4);
@@ -351,6 +366,8 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     // byte offset 2*(BQ+128)*QST, then + 4*BQ*RHS: both multiples of 16 (QST = D + 8, D % 16 == 0)
     float* RH = reinterpret_cast<float*>(Vs + ATT_BK * QST);
     float* RW = RH + BQ * (has_rel ? RHS : 0);
+    // byte offset of RH + 4*BQ*R: a multiple of 16 (BQ is 64 or 128)
+    __nv_bfloat16* K2 = reinterpret_cast<__nv_bfloat16*>(RH + BQ * R);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -438,6 +455,8 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     //   keys 8*nt + 8*(m/2) + 0..7, cols 16*kk + 8*(m%2) + 0..7
     //   -> r[0], r[1] = b0, b1 of n-tile nt; r[2], r[3] = b0, b1 of n-tile nt+1.
     const uint32_t k_lane = smem_u32(Ks + (8 * (lane >> 4) + (lane & 7)) * QST + 8 * ((lane >> 3) & 1));
+    // ATT_OPT_KPRE: odd key tiles live in K2 (this many bytes past Ks)
+    const uint32_t k2_off = (uint32_t)((K2 - Ks) * 2);
     // V (x4.trans), k-step kk (keys 16kk..16kk+15), output n-tile pair (dt, dt+1) = (2p, 2p+1):
     //   matrix m is keys 16*kk + 8*(m%2) + 0..7, cols 8*dt + 8*(m/2) + 0..7
     //   -> r[0], r[1] = b0, b1 of n-tile dt; r[2], r[3] = b0, b1 of n-tile dt+1.
@@ -466,13 +485,22 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) act[mt] = !trim || q0 + 64 * mt + 16 * warp < Lq;
 
-    for (int k0 = 0; k0 < Lk; k0 += ATT_BK) {
+    for (int k0 = 0, it = 0; k0 < Lk; k0 += ATT_BK, ++it) {
         const int kvalid = trim ? Lk - k0 : ATT_BK;  // keys of this tile worth an mma (>= 1)
+        const bool more = k0 + ATT_BK < Lk;          // a next key tile exists
         cp_async_wait_all();  // this thread's copies of K tile k0 have landed
         __syncthreads();      // ... everyone's: Ks complete; all warps done with the previous
-                              // tile's P V (Vs free); first tile: RH/RW written
+                              // tile's P V (Vs free) and, KPRE, with its K buffer; first tile:
+                              // RH/RW written
         load_kv_tile<D>(Vs, vb, pvb, rk, k0, Lk, ri, vec, tid);
         cp_async_commit();
+        // KPRE: K tile k0 + 64 into the buffer the previous tile's Q K^T read
+        const bool odd = kpre && (it & 1);
+        if (kpre && more) {
+            load_kv_tile<D>(odd ? Ks : K2, kb, pkb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
+            cp_async_commit();
+        }
+        const uint32_t k_tile = k_lane + (odd ? k2_off : 0u);
 
         float s[MT][NT][4];
 #pragma unroll
@@ -486,7 +514,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             for (int p = 0; p < NT / 2; ++p) {
                 if (16 * p >= kvalid) continue;  // keys k0 + 16p .. +15 all past Lk: scores masked
                 uint32_t kf[4];
-                ldsm_x4(kf, k_lane + (uint32_t)((16 * p * QST + 16 * kk) * 2));
+                ldsm_x4(kf, k_tile + (uint32_t)((16 * p * QST + 16 * kk) * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     if (!act[mt]) continue;
@@ -576,9 +604,14 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             }
         }
 
-        cp_async_wait_all();  // this thread's copies of V tile k0 have landed
-        __syncthreads();      // ... everyone's: Vs complete; all warps done with Ks
-        if (k0 + ATT_BK < Lk) {
+        // this thread's copies of V tile k0 have landed (KPRE: the next K tile's, the newest
+        // group, may still be in flight)
+        if (kpre && more)
+            cp_async_wait_group<1>();
+        else
+            cp_async_wait_all();
+        __syncthreads();  // ... everyone's: Vs complete; all warps done with Ks
+        if (!kpre && more) {
             load_kv_tile<D>(Ks, kb, pkb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
             cp_async_commit();
         }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use medsa::backend::cuda::{AttentionOptions, Cuda, Precision};
+use medsa::backend::cuda::{AttentionOptions, Cuda, CudaTensor, EmuSchedule, Precision};
 use medsa::backend::{Backend, RelPos};
 use medsa::medsa::depth_branch::depth_grid;
 use medsa::sam::random::Rng;
@@ -74,6 +74,9 @@ enum Variant {
     /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`): skipped rows are never
     /// stored, skipped keys carry exact zeros.
     Trim,
+    /// Fetching each K tile a whole tile ahead (`MEDSA_ATTN_KPRE`): the same arithmetic on the
+    /// same data, from another buffer.
+    Kpre,
 }
 
 impl Variant {
@@ -87,6 +90,10 @@ impl Variant {
                 trim: on,
                 ..be.attention_options()
             }),
+            Variant::Kpre => be.set_attention_options(AttentionOptions {
+                kpre: on,
+                ..be.attention_options()
+            }),
         }
     }
 
@@ -96,11 +103,15 @@ impl Variant {
             (Variant::Q128, true) => "128-query",
             (Variant::Trim, false) => "untrimmed",
             (Variant::Trim, true) => "trimmed",
+            (Variant::Kpre, false) => "one K buffer",
+            (Variant::Kpre, true) => "two K buffers",
         }
     }
 }
 
-/// Runs `f` with `variant` off and on (restoring off) and requires bit-identical outputs.
+/// Runs `f` with `variant` off and on (restoring off) and requires bit-identical, finite
+/// outputs (the inputs are finite: a NaN is data read before it was written, which on the
+/// emulator would otherwise pass as identical on both sides).
 fn same_on_both_kernels(
     be: &mut Cuda,
     variant: Variant,
@@ -117,6 +128,12 @@ fn same_on_both_kernels(
         }
     }
     variant.set(be, false);
+    for (y, on) in outs.iter().zip([false, true]) {
+        if let Some(i) = y.data().iter().position(|x| !x.is_finite()) {
+            let (label, value) = (variant.label(on), y.data()[i]);
+            return Some(format!("{name} ({label}): output {i} is {value}"));
+        }
+    }
     let (a, b) = (outs[0].data(), outs[1].data());
     let diff = a
         .iter()
@@ -338,12 +355,97 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
     );
 }
 
+/// Inputs of the attention cases whose outputs an option promises to leave bit for bit: plain
+/// sequences with partial query and key tiles (37 queries on 53 keys, 200 on 7, 70 on 150: three
+/// key tiles, the last partial), 196-token windows with padding, the whole-tile rel-pos path of
+/// an 8 x 64 grid (eight key tiles, none partial), and a 6-slice depth map; head dim `d`.
+struct BitCases {
+    d: usize,
+    plain: Vec<(CudaTensor, CudaTensor, CudaTensor)>,
+    windows: (CudaTensor, CudaTensor),
+    grid64: CudaTensor,
+    vol: CudaTensor,
+    tables: Vec<CudaTensor>,
+}
+
+const HEADS: usize = 2;
+const DEPTH: usize = 6;
+
+impl BitCases {
+    fn new(be: &Cuda, rng: &mut Rng, d: usize) -> Self {
+        let h = HEADS;
+        let mut up = |s: &[usize]| be.upload(&rng.tensor(s, 1.0)).unwrap();
+        let plain = [(37, 53), (200, 7), (70, 150)]
+            .iter()
+            .map(|&(lq, lk)| {
+                (
+                    up(&[2, lq, h * d]),
+                    up(&[2, lk, h * d]),
+                    up(&[2, lk, h * d]),
+                )
+            })
+            .collect();
+        let windows = (up(&[1, 2 * 14 + 3, 14 + 5, 3 * h * d]), up(&[3 * h * d]));
+        let grid64 = up(&[2, 8 * 64, 3 * h * d]);
+        let vol = up(&[2 * DEPTH, 3, 5, 3 * h * d]);
+        let (gh, gw) = depth_grid(DEPTH);
+        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
+        let tables = [14, 14, 8, 64, gh, gw]
+            .iter()
+            .map(|&g| be.upload(&selftest::rel_table(&mut r, g, d, true)).unwrap())
+            .collect();
+        BitCases {
+            d,
+            plain,
+            windows,
+            grid64,
+            vol,
+            tables,
+        }
+    }
+
+    /// Every case with `variant` off and on, under `be`'s other options; the failures.
+    fn check(&self, be: &mut Cuda, variant: Variant, tag: &str) -> Vec<String> {
+        let (h, t) = (HEADS, &self.tables);
+        let scale = (self.d as f32).powf(-0.5);
+        let mut failures = Vec::new();
+        for (q, k, v) in &self.plain {
+            let name = format!(
+                "attention {}x{} d{} {tag}",
+                q.shape()[1],
+                k.shape()[1],
+                self.d
+            );
+            failures.extend(same_on_both_kernels(be, variant, &name, |b| {
+                b.attention(q, k, v, h, scale, None)
+            }));
+        }
+        let (qkv, pad) = &self.windows;
+        let name = format!("attention_qkv_windowed 31x19 ws 14 d{} {tag}", self.d);
+        failures.extend(same_on_both_kernels(be, variant, &name, |b| {
+            let rel = RelPos::shift_invariant(&t[0], &t[1], (14, 14));
+            b.attention_qkv_windowed(qkv, pad, 14, h, scale, Some(rel))
+        }));
+        let name = format!("attention_qkv 8x64 d{} {tag}", self.d);
+        failures.extend(same_on_both_kernels(be, variant, &name, |b| {
+            let rel = RelPos::shift_invariant(&t[2], &t[3], (8, 64));
+            b.attention_qkv(&self.grid64, h, scale, Some(rel))
+        }));
+        let name = format!("attention_qkv_depth 2 x 6 slices of 3x5 d{} {tag}", self.d);
+        let grid = depth_grid(DEPTH);
+        failures.extend(same_on_both_kernels(be, variant, &name, |b| {
+            let rel = RelPos::shift_invariant(&t[4], &t[5], grid);
+            b.attention_qkv_depth(&self.vol, DEPTH, h, scale, Some(rel))
+        }));
+        failures
+    }
+}
+
 /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`) leaves every output bit as it
-/// was, on both kernels and both rel-pos prologues: partial query and key tiles (196-token
-/// windows, Lq = 37 with Lk = 53, 200 queries on 7 keys, a 6-slice depth map), the unmasked
-/// whole-tile rel-pos path (an 8 x 64 grid), head dims 64 and 80. Then all the opt-in
-/// attention paths together, with fusion, against the CPU reference: the fused-op self-tests
-/// and the whole model.
+/// was ([`BitCases`]: partial query and key tiles, the unmasked whole-tile rel-pos path, head
+/// dims 64 and 80), on both kernels and both rel-pos prologues, with and without exp2. Then all
+/// the opt-in attention paths together, with fusion, against the CPU reference: the fused-op
+/// self-tests and the whole model.
 #[test]
 fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
     let Some(mut be) = device(Precision::Bf16) else {
@@ -352,27 +454,7 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
     let mut rng = Rng::new(208);
     let mut failures = Vec::new();
     for d in [64, 80] {
-        let scale = (d as f32).powf(-0.5);
-        let h = 2;
-        let mut up = |s: &[usize]| be.upload(&rng.tensor(s, 1.0)).unwrap();
-        let (q37, k53, v53) = (
-            up(&[2, 37, h * d]),
-            up(&[2, 53, h * d]),
-            up(&[2, 53, h * d]),
-        );
-        let (q200, k7, v7) = (up(&[2, 200, h * d]), up(&[2, 7, h * d]), up(&[2, 7, h * d]));
-        let qkv = up(&[1, 2 * 14 + 3, 14 + 5, 3 * h * d]);
-        let pad = up(&[3 * h * d]);
-        let depth = 6;
-        let (gh, gw) = depth_grid(depth);
-        let vol = up(&[2 * depth, 3, 5, 3 * h * d]);
-        // An 8 x 64 grid: kw a multiple of 64, the whole-tile rel-pos path, whose masking trim drops.
-        let qkv64 = up(&[2, 8 * 64, 3 * h * d]);
-        let mut r = |s: &[usize], a: f32| rng.tensor(s, a);
-        let tables: Vec<_> = [14, 14, gh, gw, 8, 64]
-            .iter()
-            .map(|&g| be.upload(&selftest::rel_table(&mut r, g, d, true)).unwrap())
-            .collect();
+        let cases = BitCases::new(&be, &mut rng, d);
         for (q128, rel_mma, exp2) in [
             (false, false, false),
             (true, false, false),
@@ -384,49 +466,11 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
             be.set_attention_options(AttentionOptions {
                 q128,
                 rel_mma,
-                trim: false,
                 exp2,
+                ..AttentionOptions::default()
             });
-            let tag = format!("d{d} q128 {q128} rel-mma {rel_mma} exp2 {exp2}");
-            failures.extend(same_on_both_kernels(
-                &mut be,
-                Variant::Trim,
-                &format!("attention 37x53 {tag}"),
-                |b| b.attention(&q37, &k53, &v53, h, scale, None),
-            ));
-            failures.extend(same_on_both_kernels(
-                &mut be,
-                Variant::Trim,
-                &format!("attention 200x7 {tag}"),
-                |b| b.attention(&q200, &k7, &v7, h, scale, None),
-            ));
-            failures.extend(same_on_both_kernels(
-                &mut be,
-                Variant::Trim,
-                &format!("attention_qkv_windowed 31x19 ws 14 {tag}"),
-                |b| {
-                    let rel = RelPos::shift_invariant(&tables[0], &tables[1], (14, 14));
-                    b.attention_qkv_windowed(&qkv, &pad, 14, h, scale, Some(rel))
-                },
-            ));
-            failures.extend(same_on_both_kernels(
-                &mut be,
-                Variant::Trim,
-                &format!("attention_qkv 8x64 {tag}"),
-                |b| {
-                    let rel = RelPos::shift_invariant(&tables[4], &tables[5], (8, 64));
-                    b.attention_qkv(&qkv64, h, scale, Some(rel))
-                },
-            ));
-            failures.extend(same_on_both_kernels(
-                &mut be,
-                Variant::Trim,
-                &format!("attention_qkv_depth 2 x 6 slices of 3x5 {tag}"),
-                |b| {
-                    let rel = RelPos::shift_invariant(&tables[2], &tables[3], (gh, gw));
-                    b.attention_qkv_depth(&vol, depth, h, scale, Some(rel))
-                },
-            ));
+            let tag = format!("q128 {q128} rel-mma {rel_mma} exp2 {exp2}");
+            failures.extend(cases.check(&mut be, Variant::Trim, &tag));
         }
     }
     be.set_attention_options(AttentionOptions {
@@ -434,6 +478,7 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
         rel_mma: true,
         trim: true,
         exp2: true,
+        kpre: true,
     });
     let failed = fused_ops_and_model(&mut be);
     assert!(
@@ -477,4 +522,41 @@ fn cuda_attention_exp2_matches_cpu_reference() {
         failures.is_empty() && failed == 0,
         "exp2 softmax: {failures:#?}, {failed} CPU parity checks failed"
     );
+}
+
+/// Fetching each K tile a whole tile ahead (`MEDSA_ATTN_KPRE`, two K buffers) leaves every output
+/// bit as it was ([`BitCases`]: one to eight key tiles, so the buffers alternate and the last
+/// tile issues no fetch; windows with padding, depth maps, head dims 64 and 80), on both
+/// kernels, with and without the other options. On the emulator the copies land only at their
+/// wait and the threads run shuffled, so a wait that does not cover the V tile, or a K buffer
+/// refilled while a warp still reads it, changes the outputs.
+#[test]
+fn cuda_attention_kpre_is_bit_identical() {
+    let Some(mut be) = device(Precision::Bf16) else {
+        return;
+    };
+    be.set_emulator_schedule(EmuSchedule::Shuffled(44));
+    let mut rng = Rng::new(4);
+    let mut failures = Vec::new();
+    for d in [64, 80] {
+        let cases = BitCases::new(&be, &mut rng, d);
+        for (q128, rel_mma, trim, exp2) in [
+            (false, false, false, false),
+            (true, false, false, false),
+            (false, true, true, true),
+            (true, true, true, true),
+        ] {
+            be.set_attention_options(AttentionOptions {
+                q128,
+                rel_mma,
+                trim,
+                exp2,
+                kpre: false,
+            });
+            let tag = format!("q128 {q128} rel-mma {rel_mma} trim {trim} exp2 {exp2}");
+            failures.extend(cases.check(&mut be, Variant::Kpre, &tag));
+        }
+    }
+    be.set_emulator_schedule(EmuSchedule::InOrder);
+    assert!(failures.is_empty(), "two K buffers: {failures:#?}");
 }

@@ -17,6 +17,8 @@ const ATTN_MAX_D: usize = 128;
 const ATT_OPT_REL_MMA: i32 = 1;
 /// `opts` bits of `kernels/attention.cu`: skip query m-tiles and key groups past the ends.
 const ATT_OPT_TRIM: i32 = 2;
+/// `opts` bits of `kernels/attention.cu`: a second K buffer, each K tile fetched a tile ahead.
+const ATT_OPT_KPRE: i32 = 4;
 
 impl Cuda {
     /// [`Backend::attention`](crate::backend::Backend::attention) on this device.
@@ -178,6 +180,10 @@ pub struct AttentionOptions {
     /// blocks' whole-tile path the row's height term folded into that offset (two instructions
     /// less per score). Separate kernel entries (`attention_exp2`, `attention_q128_exp2`).
     pub exp2: bool,
+    /// Two K buffers (`MEDSA_ATTN_KPRE=1`): each K tile is fetched during the whole previous
+    /// key tile instead of during its P*V alone, for 2 x 64 x (d + 8) bytes more shared memory
+    /// per block (outputs bit-identical either way).
+    pub kpre: bool,
 }
 
 impl AttentionOptions {
@@ -189,6 +195,7 @@ impl AttentionOptions {
             rel_mma: on("MEDSA_ATTN_REL_MMA"),
             trim: on("MEDSA_ATTN_TRIM"),
             exp2: on("MEDSA_ATTN_EXP2"),
+            kpre: on("MEDSA_ATTN_KPRE"),
         }
     }
 }
@@ -204,6 +211,7 @@ impl Cuda {
             rel_mma: tc && self.attn.rel_mma,
             trim: tc && self.attn.trim,
             exp2: tc && self.attn.exp2,
+            kpre: tc && self.attn.kpre,
         }
     }
 
@@ -212,11 +220,21 @@ impl Cuda {
         self.precision == Precision::Bf16 && (d == 64 || d == 80)
     }
 
+    /// The shared memory `ATT_OPT_KPRE` adds (its second K buffer) where it acts.
+    fn kpre_smem(&self, d: usize) -> usize {
+        if self.attn.kpre && self.tensor_core_attention(d) {
+            2 * 64 * (d + 8)
+        } else {
+            0
+        }
+    }
+
     fn q128_applies(&self, d: usize, rel: bool, kh: usize, kw: usize) -> bool {
         self.attn.q128
             && self.precision == Precision::Bf16
             && d == 64
-            && attention_smem_q128(rel, kh, kw) as i64 <= self.max_smem_optin as i64
+            && (attention_smem_q128(rel, kh, kw) + self.kpre_smem(d)) as i64
+                <= self.max_smem_optin as i64
     }
 }
 
@@ -309,7 +327,9 @@ impl Cuda {
         let rel_mma = rel
             .as_ref()
             .is_some_and(|r| r.shift_invariant && r.q_grid == r.k_grid && self.attn.rel_mma);
-        let opts = ATT_OPT_REL_MMA * rel_mma as i32 + ATT_OPT_TRIM * self.attn.trim as i32;
+        let opts = ATT_OPT_REL_MMA * rel_mma as i32
+            + ATT_OPT_TRIM * self.attn.trim as i32
+            + ATT_OPT_KPRE * self.attn.kpre as i32;
         let o = self.empty(out)?;
         if b * lq == 0 {
             return Ok(o);
@@ -328,6 +348,7 @@ impl Cuda {
         } else {
             (64, attention_smem(self.precision, d, rel.is_some(), kh, kw))
         };
+        let smem = smem + self.kpre_smem(d);
         let kernel = match (q128, exp2) {
             (false, false) => "attention",
             (false, true) => "attention_exp2",

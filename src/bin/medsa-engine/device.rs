@@ -44,15 +44,15 @@ impl Dev {
     }
 
     /// The opt-in attention kernel options in effect for an encoder with head dim `d` whose
-    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim, exp2]` (all false
+    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim, exp2, kpre]` (all false
     /// on the CPU).
-    pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 4] {
+    pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 5] {
         match self {
-            Dev::Cpu(_) => [false; 4],
+            Dev::Cpu(_) => [false; 5],
             #[cfg(feature = "cuda")]
             Dev::Cuda(c) => {
                 let o = c.attention_options_for(d, grid);
-                [o.q128, o.rel_mma, o.trim, o.exp2]
+                [o.q128, o.rel_mma, o.trim, o.exp2, o.kpre]
             }
         }
     }
