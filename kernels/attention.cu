@@ -51,9 +51,10 @@
 //     masking of the whole-tile rel-pos path (kw % 64 == 0, so Lk is a multiple of 64 and no
 //     key of any tile is past Lk: the global blocks' score loop loses a compare and a select
 //     per score).
-//   ATT_OPT_KPRE (4): a second K buffer (2*64*(d+8) more bytes of shared memory, see Launch
-//     geometry), so each K tile is fetched one whole key tile ahead instead of during the
-//     previous tile's P*V alone. Same arithmetic: outputs are bit-identical.
+//   ATT_OPT_KPRE (4): a second K buffer, so each K tile is fetched one whole key tile ahead
+//     instead of during the previous tile's P*V alone. No extra shared memory: the buffer is
+//     the Q tile's, which is dead once the key loop starts. Same arithmetic: outputs are
+//     bit-identical.
 //
 // Launch geometry (attention_f32, attention_bf16; attention_q128_bf16 differs where noted):
 //   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
@@ -77,13 +78,10 @@
 //       e.g. kh=kw=64: 36864 + 66560 = 103424 (two blocks per SM on sm_90, one on sm_80; more
 //       than sm_86/sm_89 allow, where the launcher keeps attention_bf16);  kh=kw=14: 52224
 //       (the kernel uses 2*256*72 + (has_rel ? 4*128*(kh+1 + kw + (kw%64 ? 1 : 0)) : 0)).
-//   * with ATT_OPT_KPRE (tensor-core path), both kernels: + 2*64*(d+8) (the second K buffer),
-//       e.g. attention_bf16 d=64, kh=kw=64: 70144 (still three blocks per SM on sm_90);
-//       attention_q128_bf16 kh=kw=64: 112640 (still two on sm_90).
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
 //   attention_f32 and attention_bf16 are compiled with __launch_bounds__(128, 3) (<= 168
-//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 246-255 used,
+//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 242-255 used,
 //   no spills).
 //
 // Paths:
@@ -320,7 +318,7 @@ __device__ __forceinline__ void scores_whole_tile(float (&s)[NT][4], float scale
 //   wait(K_t), sync | issue V_t async | S = Q K_t^T, softmax | wait(V_t), sync |
 //   issue K_{t+1} async | O += P V_t
 // so the V load overlaps QK^T + softmax and the next K load overlaps P V.
-// ATT_OPT_KPRE (two K buffers, tile t in buffer t % 2):
+// ATT_OPT_KPRE (two K buffers, tile t in Ks for even t and in the dead Q tile for odd t):
 //   wait(K_t), sync | issue V_t, issue K_{t+1} (the other buffer) | S = Q K_t^T, softmax |
 //   wait(V_t) (K_{t+1} may stay in flight), sync | O += P V_t
 // so the next K load overlaps a whole tile's work instead of P V alone.
@@ -352,12 +350,8 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const bool fast = has_rel && (kw % ATT_BK) == 0;
     const int RHS = kh + 1, RWS = fast ? kw : kw + 1;
     const int R = has_rel ? (RHS + RWS) : 0;  // <= kh + kw + 2
-    // ATT_OPT_KPRE: a second K buffer after the rel-pos tables, so that K tile t+1 is fetched
-    // during all of tile t (see the pipeline above).
-    const bool kpre = (opts & ATT_OPT_KPRE) != 0;
     {
-        const unsigned need = 2u * (unsigned)((BQ + (kpre ? 3 : 2) * ATT_BK) * QST) +
-                              4u * (unsigned)(BQ * R);
+        const unsigned need = 2u * (unsigned)((BQ + 2 * ATT_BK) * QST) + 4u * (unsigned)(BQ * R);
         if (dyn_smem_bytes() < need) __trap();
     }
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_f4);
@@ -366,8 +360,12 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     // byte offset 2*(BQ+128)*QST, then + 4*BQ*RHS: both multiples of 16 (QST = D + 8, D % 16 == 0)
     float* RH = reinterpret_cast<float*>(Vs + ATT_BK * QST);
     float* RW = RH + BQ * (has_rel ? RHS : 0);
-    // byte offset of RH + 4*BQ*R: a multiple of 16 (BQ is 64 or 128)
-    __nv_bfloat16* K2 = reinterpret_cast<__nv_bfloat16*>(RH + BQ * R);
+    // ATT_OPT_KPRE: the second K buffer, so that K tile t+1 is fetched during all of tile t
+    // (see the pipeline above), is Qs: Q is read only before the key loop (into the warps' Q
+    // fragments and by the rel-pos dot products), and the first fetch into K2 comes after the
+    // first tile's barrier, when every thread is done with it. BQ >= 64 rows hold a K tile.
+    const bool kpre = (opts & ATT_OPT_KPRE) != 0;
+    __nv_bfloat16* K2 = Qs;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -455,7 +453,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     //   keys 8*nt + 8*(m/2) + 0..7, cols 16*kk + 8*(m%2) + 0..7
     //   -> r[0], r[1] = b0, b1 of n-tile nt; r[2], r[3] = b0, b1 of n-tile nt+1.
     const uint32_t k_lane = smem_u32(Ks + (8 * (lane >> 4) + (lane & 7)) * QST + 8 * ((lane >> 3) & 1));
-    // ATT_OPT_KPRE: odd key tiles live in K2 (this many bytes past Ks)
+    // ATT_OPT_KPRE: odd key tiles live in K2, this many bytes from Ks (mod 2^32: K2 comes first)
     const uint32_t k2_off = (uint32_t)((K2 - Ks) * 2);
     // V (x4.trans), k-step kk (keys 16kk..16kk+15), output n-tile pair (dt, dt+1) = (2p, 2p+1):
     //   matrix m is keys 16*kk + 8*(m%2) + 0..7, cols 8*dt + 8*(m/2) + 0..7

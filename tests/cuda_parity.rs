@@ -527,25 +527,29 @@ fn cuda_attention_exp2_matches_cpu_reference() {
 /// Fetching each K tile a whole tile ahead (`MEDSA_ATTN_KPRE`, two K buffers) leaves every output
 /// bit as it was ([`BitCases`]: one to eight key tiles, so the buffers alternate and the last
 /// tile issues no fetch; windows with padding, depth maps, head dims 64 and 80), on both
-/// kernels, with and without the other options. On the emulator the copies land only at their
-/// wait and the threads run shuffled, so a wait that does not cover the V tile, or a K buffer
-/// refilled while a warp still reads it, changes the outputs.
+/// kernels, with and without the other options. The second buffer is the Q tile's shared
+/// memory, so on the emulator the cases run twice: threads in order with copies landing at
+/// once (a fetch into it while a thread still reads Q changes the outputs), and threads
+/// shuffled with copies landing only at their wait (a wait that does not cover the V tile, or
+/// a K buffer refilled while a warp still reads it, changes them).
 #[test]
 fn cuda_attention_kpre_is_bit_identical() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
     };
-    be.set_emulator_schedule(EmuSchedule::Shuffled(44));
     let mut rng = Rng::new(4);
     let mut failures = Vec::new();
     for d in [64, 80] {
         let cases = BitCases::new(&be, &mut rng, d);
-        for (q128, rel_mma, trim, exp2) in [
-            (false, false, false, false),
-            (true, false, false, false),
-            (false, true, true, true),
-            (true, true, true, true),
+        for (q128, rel_mma, trim, exp2, schedule) in [
+            (false, false, false, false, EmuSchedule::InOrder),
+            (false, false, false, false, EmuSchedule::Shuffled(44)),
+            (true, false, false, false, EmuSchedule::InOrder),
+            (true, false, false, false, EmuSchedule::Shuffled(45)),
+            (false, true, true, true, EmuSchedule::Shuffled(46)),
+            (true, true, true, true, EmuSchedule::Shuffled(47)),
         ] {
+            be.set_emulator_schedule(schedule);
             be.set_attention_options(AttentionOptions {
                 q128,
                 rel_mma,
@@ -553,7 +557,7 @@ fn cuda_attention_kpre_is_bit_identical() {
                 exp2,
                 kpre: false,
             });
-            let tag = format!("q128 {q128} rel-mma {rel_mma} trim {trim} exp2 {exp2}");
+            let tag = format!("q128 {q128} rel-mma {rel_mma} trim {trim} exp2 {exp2} {schedule:?}");
             failures.extend(cases.check(&mut be, Variant::Kpre, &tag));
         }
     }

@@ -181,8 +181,8 @@ pub struct AttentionOptions {
     /// less per score). Separate kernel entries (`attention_exp2`, `attention_q128_exp2`).
     pub exp2: bool,
     /// Two K buffers (`MEDSA_ATTN_KPRE=1`): each K tile is fetched during the whole previous
-    /// key tile instead of during its P*V alone, for 2 x 64 x (d + 8) bytes more shared memory
-    /// per block (outputs bit-identical either way).
+    /// key tile instead of during its P*V alone, the second buffer taking the Q tile's shared
+    /// memory once Q is in registers (outputs bit-identical either way).
     pub kpre: bool,
 }
 
@@ -220,21 +220,11 @@ impl Cuda {
         self.precision == Precision::Bf16 && (d == 64 || d == 80)
     }
 
-    /// The shared memory `ATT_OPT_KPRE` adds (its second K buffer) where it acts.
-    fn kpre_smem(&self, d: usize) -> usize {
-        if self.attn.kpre && self.tensor_core_attention(d) {
-            2 * 64 * (d + 8)
-        } else {
-            0
-        }
-    }
-
     fn q128_applies(&self, d: usize, rel: bool, kh: usize, kw: usize) -> bool {
         self.attn.q128
             && self.precision == Precision::Bf16
             && d == 64
-            && (attention_smem_q128(rel, kh, kw) + self.kpre_smem(d)) as i64
-                <= self.max_smem_optin as i64
+            && attention_smem_q128(rel, kh, kw) as i64 <= self.max_smem_optin as i64
     }
 }
 
@@ -348,7 +338,6 @@ impl Cuda {
         } else {
             (64, attention_smem(self.precision, d, rel.is_some(), kh, kw))
         };
-        let smem = smem + self.kpre_smem(d);
         let kernel = match (q128, exp2) {
             (false, false) => "attention",
             (false, true) => "attention_exp2",
