@@ -224,7 +224,13 @@ fn cuda_ops(c: &mut Criterion) {
         ),
         ("trimmed", AttentionOptions { trim: true, ..none }),
         ("exp2 softmax", AttentionOptions { exp2: true, ..none }),
-        ("K prefetch", AttentionOptions { kpre: true, ..none }),
+        (
+            "K/V prefetch",
+            AttentionOptions {
+                prefetch: true,
+                ..none
+            },
+        ),
     ] {
         be.set_attention_options(opts);
         grp.bench_function(

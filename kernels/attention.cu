@@ -51,10 +51,12 @@
 //     masking of the whole-tile rel-pos path (kw % 64 == 0, so Lk is a multiple of 64 and no
 //     key of any tile is past Lk: the global blocks' score loop loses a compare and a select
 //     per score).
-//   ATT_OPT_KPRE (4): a second K buffer, so each K tile is fetched one whole key tile ahead
-//     instead of during the previous tile's P*V alone. No extra shared memory: the buffer is
-//     the Q tile's, which is dead once the key loop starts. Same arithmetic: outputs are
-//     bit-identical.
+//   ATT_OPT_PREFETCH (4): second K and V buffers, so each K and V tile is fetched one whole key
+//     tile ahead (instead of during the previous tile's P*V, and during Q*K^T + softmax) and
+//     each key tile needs one block barrier instead of two. The second K buffer is the Q
+//     tile's shared memory, dead once the key loop starts, and so is the second V buffer in
+//     attention_q128_bf16 (its Q tile holds two); attention_bf16 needs 2*64*(d+8) bytes more
+//     (see Launch geometry). Same arithmetic: outputs are bit-identical.
 //
 // Launch geometry (attention_f32, attention_bf16; attention_q128_bf16 differs where noted):
 //   grid  = (ceil(Lq/64), heads, nb)      (heads <= 65535, nb <= 65535; sequences b_off .. +nb)
@@ -78,10 +80,13 @@
 //       e.g. kh=kw=64: 36864 + 66560 = 103424 (two blocks per SM on sm_90, one on sm_80; more
 //       than sm_86/sm_89 allow, where the launcher keeps attention_bf16);  kh=kw=14: 52224
 //       (the kernel uses 2*256*72 + (has_rel ? 4*128*(kh+1 + kw + (kw%64 ? 1 : 0)) : 0)).
+//   * attention_bf16 (and attention_exp2_bf16), tensor-core path, with ATT_OPT_PREFETCH:
+//       SMEM_TC + 2*64*(d+8) (the second V buffer), e.g. d=64, kh=kw=64: 70144 (still three
+//       blocks per SM on sm_90, two on sm_80, one on sm_86/89, as without it).
 //   Above 48 KB the launcher must raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
 //   The kernel reads %dynamic_smem_size and TRAPS (launch failure) if given less than needed.
 //   attention_f32 and attention_bf16 are compiled with __launch_bounds__(128, 3) (<= 168
-//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 242-255 used,
+//   registers, no spills), attention_q128_bf16 with (128, 2) (<= 255 registers; 240-254 used,
 //   no spills).
 //
 // Paths:
@@ -128,7 +133,7 @@
 #define ATT_THREADS 128
 #define ATT_OPT_REL_MMA 1
 #define ATT_OPT_TRIM 2
-#define ATT_OPT_KPRE 4
+#define ATT_OPT_PREFETCH 4
 #define ATT_LOG2E 1.4426950408889634f
 
 #include "attention_simt.cuh"
@@ -318,10 +323,11 @@ __device__ __forceinline__ void scores_whole_tile(float (&s)[NT][4], float scale
 //   wait(K_t), sync | issue V_t async | S = Q K_t^T, softmax | wait(V_t), sync |
 //   issue K_{t+1} async | O += P V_t
 // so the V load overlaps QK^T + softmax and the next K load overlaps P V.
-// ATT_OPT_KPRE (two K buffers, tile t in Ks for even t and in the dead Q tile for odd t):
-//   wait(K_t), sync | issue V_t, issue K_{t+1} (the other buffer) | S = Q K_t^T, softmax |
-//   wait(V_t) (K_{t+1} may stay in flight), sync | O += P V_t
-// so the next K load overlaps a whole tile's work instead of P V alone.
+// ATT_OPT_PREFETCH (two K and two V buffers; tile t in Ks/Vs for even t, K2/V2 for odd t):
+//   wait(K_t, V_t), sync | issue K_{t+1}, V_{t+1} (the other buffers) | S = Q K_t^T, softmax |
+//   O += P V_t
+// so both loads overlap a whole tile's work, and one barrier per tile is enough: the one at
+// the top also tells every thread that the other buffers' previous tile is done with.
 template <int D, int MT, bool E2>
 __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                                         const __nv_bfloat16* __restrict__ k,
@@ -350,8 +356,11 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     const bool fast = has_rel && (kw % ATT_BK) == 0;
     const int RHS = kh + 1, RWS = fast ? kw : kw + 1;
     const int R = has_rel ? (RHS + RWS) : 0;  // <= kh + kw + 2
+    const bool pf = (opts & ATT_OPT_PREFETCH) != 0;
+    const bool v2_extra = pf && BQ < 2 * ATT_BK;  // the Q tile holds no second V buffer
     {
-        const unsigned need = 2u * (unsigned)((BQ + 2 * ATT_BK) * QST) + 4u * (unsigned)(BQ * R);
+        const unsigned need = 2u * (unsigned)((BQ + (v2_extra ? 3 : 2) * ATT_BK) * QST) +
+                              4u * (unsigned)(BQ * R);
         if (dyn_smem_bytes() < need) __trap();
     }
     __nv_bfloat16* Qs = reinterpret_cast<__nv_bfloat16*>(smem_f4);
@@ -360,12 +369,13 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     // byte offset 2*(BQ+128)*QST, then + 4*BQ*RHS: both multiples of 16 (QST = D + 8, D % 16 == 0)
     float* RH = reinterpret_cast<float*>(Vs + ATT_BK * QST);
     float* RW = RH + BQ * (has_rel ? RHS : 0);
-    // ATT_OPT_KPRE: the second K buffer, so that K tile t+1 is fetched during all of tile t
-    // (see the pipeline above), is Qs: Q is read only before the key loop (into the warps' Q
-    // fragments and by the rel-pos dot products), and the first fetch into K2 comes after the
-    // first tile's barrier, when every thread is done with it. BQ >= 64 rows hold a K tile.
-    const bool kpre = (opts & ATT_OPT_KPRE) != 0;
+    // ATT_OPT_PREFETCH: the second K buffer is Qs: Q is read only before the key loop (into the
+    // warps' Q fragments and by the rel-pos dot products), and the first fetch into K2 comes
+    // after the first tile's barrier, when every thread is done with it. BQ >= 64 rows hold a
+    // K tile; with BQ = 128 the second V buffer is the rest of Qs, otherwise it follows the
+    // rel-pos tables (byte offset of RH + 4*BQ*R: a multiple of 16, BQ being 64 or 128).
     __nv_bfloat16* K2 = Qs;
+    __nv_bfloat16* V2 = v2_extra ? reinterpret_cast<__nv_bfloat16*>(RH + BQ * R) : Qs + ATT_BK * QST;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -386,8 +396,9 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
                        reinterpret_cast<uintptr_t>(pk) | reinterpret_cast<uintptr_t>(pv)) & 15) == 0 &&
                      (ldi % 8) == 0;
 
-    // Prefetch K tile 0 while Q and the bias tables are prepared.
+    // Prefetch K tile 0 (PREFETCH: and V tile 0) while Q and the bias tables are prepared.
     load_kv_tile<D>(Ks, kb, pkb, rk, 0, Lk, ri, vec, tid);
+    if (pf) load_kv_tile<D>(Vs, vb, pvb, rk, 0, Lk, ri, vec, tid);
     cp_async_commit();
 
     for (int e = tid; e < BQ * CH; e += ATT_THREADS) {
@@ -453,8 +464,9 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     //   keys 8*nt + 8*(m/2) + 0..7, cols 16*kk + 8*(m%2) + 0..7
     //   -> r[0], r[1] = b0, b1 of n-tile nt; r[2], r[3] = b0, b1 of n-tile nt+1.
     const uint32_t k_lane = smem_u32(Ks + (8 * (lane >> 4) + (lane & 7)) * QST + 8 * ((lane >> 3) & 1));
-    // ATT_OPT_KPRE: odd key tiles live in K2, this many bytes from Ks (mod 2^32: K2 comes first)
-    const uint32_t k2_off = (uint32_t)((K2 - Ks) * 2);
+    // ATT_OPT_PREFETCH: odd key tiles live in K2 and V2, this many bytes from Ks and Vs (mod 2^32
+    // where they come first)
+    const uint32_t k2_off = (uint32_t)((K2 - Ks) * 2), v2_off = (uint32_t)((V2 - Vs) * 2);
     // V (x4.trans), k-step kk (keys 16kk..16kk+15), output n-tile pair (dt, dt+1) = (2p, 2p+1):
     //   matrix m is keys 16*kk + 8*(m%2) + 0..7, cols 8*dt + 8*(m/2) + 0..7
     //   -> r[0], r[1] = b0, b1 of n-tile dt; r[2], r[3] = b0, b1 of n-tile dt+1.
@@ -486,19 +498,21 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
     for (int k0 = 0, it = 0; k0 < Lk; k0 += ATT_BK, ++it) {
         const int kvalid = trim ? Lk - k0 : ATT_BK;  // keys of this tile worth an mma (>= 1)
         const bool more = k0 + ATT_BK < Lk;          // a next key tile exists
-        cp_async_wait_all();  // this thread's copies of K tile k0 have landed
+        cp_async_wait_all();  // this thread's copies of K tile k0 (PREFETCH: and V) have landed
         __syncthreads();      // ... everyone's: Ks complete; all warps done with the previous
-                              // tile's P V (Vs free) and, KPRE, with its K buffer; first tile:
-                              // RH/RW written
-        load_kv_tile<D>(Vs, vb, pvb, rk, k0, Lk, ri, vec, tid);
-        cp_async_commit();
-        // KPRE: K tile k0 + 64 into the buffer the previous tile's Q K^T read
-        const bool odd = kpre && (it & 1);
-        if (kpre && more) {
+                              // tile (its P V: Vs free; PREFETCH: its K and V buffers free);
+                              // first tile: RH/RW written, Q read
+        const bool odd = pf && (it & 1);  // PREFETCH: this tile is in K2/V2
+        if (!pf) {
+            load_kv_tile<D>(Vs, vb, pvb, rk, k0, Lk, ri, vec, tid);
+            cp_async_commit();
+        } else if (more) {  // the next tile into the buffers the previous tile used
             load_kv_tile<D>(odd ? Ks : K2, kb, pkb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
+            load_kv_tile<D>(odd ? Vs : V2, vb, pvb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
             cp_async_commit();
         }
         const uint32_t k_tile = k_lane + (odd ? k2_off : 0u);
+        const uint32_t v_tile = v_lane + (odd ? v2_off : 0u);
 
         float s[MT][NT][4];
 #pragma unroll
@@ -602,16 +616,13 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
             }
         }
 
-        // this thread's copies of V tile k0 have landed (KPRE: the next K tile's, the newest
-        // group, may still be in flight)
-        if (kpre && more)
-            cp_async_wait_group<1>();
-        else
-            cp_async_wait_all();
-        __syncthreads();  // ... everyone's: Vs complete; all warps done with Ks
-        if (!kpre && more) {
-            load_kv_tile<D>(Ks, kb, pkb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
-            cp_async_commit();
+        if (!pf) {
+            cp_async_wait_all();  // this thread's copies of V tile k0 have landed
+            __syncthreads();      // ... everyone's: Vs complete; all warps done with Ks
+            if (more) {
+                load_kv_tile<D>(Ks, kb, pkb, rk, k0 + ATT_BK, Lk, ri, vec, tid);
+                cp_async_commit();
+            }
         }
 
         // O += P V  (P from the score fragments, 16 keys per k-step)
@@ -629,7 +640,7 @@ __device__ __forceinline__ void attn_tc(const __nv_bfloat16* __restrict__ q,
 #pragma unroll
             for (int p = 0; p < DT / 2; ++p) {
                 uint32_t vf[4];
-                ldsm_x4_trans(vf, v_lane + (uint32_t)((16 * kk * QST + 16 * p) * 2));
+                ldsm_x4_trans(vf, v_tile + (uint32_t)((16 * kk * QST + 16 * p) * 2));
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     if (!act[mt]) continue;

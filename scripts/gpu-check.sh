@@ -17,8 +17,8 @@
 # MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B,
 # and bf16 B=8 with MEDSA_ATTN_Q128=1 (the 128-query attention kernel), with MEDSA_ATTN_REL_MMA=1
 # (the rel-pos terms on tensor cores), with MEDSA_ATTN_TRIM=1 (no work past the sequence ends),
-# with MEDSA_ATTN_EXP2=1 (the softmax in log2 units), with MEDSA_ATTN_KPRE=1 (K tiles fetched
-# a whole tile ahead) and with all five (each opt-in until measured);
+# with MEDSA_ATTN_EXP2=1 (the softmax in log2 units), with MEDSA_ATTN_PREFETCH=1 (K and V
+# tiles fetched a whole tile ahead) and with all five (each opt-in until measured);
 # the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
 # `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
 # bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder), per-op profiles of bf16 B=8
@@ -298,8 +298,8 @@ main() {
   # of the fused ops, same binary, same card); "q128": fused path with MEDSA_ATTN_Q128=1 (the
   # A/B of the attention kernel variants); "relmma": fused path with MEDSA_ATTN_REL_MMA=1 (the
   # A/B of the rel-pos prologue); "trim": fused path with MEDSA_ATTN_TRIM=1; "exp2": with
-  # MEDSA_ATTN_EXP2=1; "kpre": with MEDSA_ATTN_KPRE=1; "all": the five
-  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "bf16 8 relmma" "bf16 8 trim" "bf16 8 exp2" "bf16 8 kpre" "bf16 8 all" "f32 1"; do
+  # MEDSA_ATTN_EXP2=1; "prefetch": with MEDSA_ATTN_PREFETCH=1; "all": the five
+  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "bf16 8 relmma" "bf16 8 trim" "bf16 8 exp2" "bf16 8 prefetch" "bf16 8 all" "f32 1"; do
     read -r prec b mode <<<"$spec"
     name="bench $prec B=$b${mode:+ $mode}"
     log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
@@ -309,7 +309,7 @@ main() {
       MEDSA_ATTN_REL_MMA="$(case $mode in relmma | all) echo 1 ;; *) echo 0 ;; esac)" \
       MEDSA_ATTN_TRIM="$(case $mode in trim | all) echo 1 ;; *) echo 0 ;; esac)" \
       MEDSA_ATTN_EXP2="$(case $mode in exp2 | all) echo 1 ;; *) echo 0 ;; esac)" \
-      MEDSA_ATTN_KPRE="$(case $mode in kpre | all) echo 1 ;; *) echo 0 ;; esac)" \
+      MEDSA_ATTN_PREFETCH="$(case $mode in prefetch | all) echo 1 ;; *) echo 0 ;; esac)" \
       "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
       --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
     rc=$?
@@ -385,7 +385,7 @@ main() {
     say "$name (optional)"
     o=$([ "$mode" = all ] && echo 1 || echo 0)
     run_step "$name" 40 0 "$log" env MEDSA_FUSE=1 MEDSA_PROFILE=1 MEDSA_ATTN_Q128="$o" \
-      MEDSA_ATTN_REL_MMA="$o" MEDSA_ATTN_TRIM="$o" MEDSA_ATTN_EXP2="$o" MEDSA_ATTN_KPRE="$o" "$BIN/medsa-engine" bench --device cuda \
+      MEDSA_ATTN_REL_MMA="$o" MEDSA_ATTN_TRIM="$o" MEDSA_ATTN_EXP2="$o" MEDSA_ATTN_PREFETCH="$o" "$BIN/medsa-engine" bench --device cuda \
       --precision bf16 --variant vit_b --size 1024 --batch 8 --repeats 3 --warmup 2
     sed -n '/^profile/,/^{/p' "$log" | head -n 32
   done
@@ -419,12 +419,12 @@ gemm = (torch_res.get("gemm") or {}).get("flops_per_s")
 card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.path.join(logs, "card.txt")) else "?"
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
-def find_medsa(prec, b, fused=True, q128=False, rel_mma=False, trim=False, exp2=False, kpre=False):
+def find_medsa(prec, b, fused=True, q128=False, rel_mma=False, trim=False, exp2=False, prefetch=False):
     for r in medsa:
         if (r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused
                 and r.get("attn_q128", False) == q128 and r.get("attn_rel_mma", False) == rel_mma
                 and r.get("attn_trim", False) == trim and r.get("attn_exp2", False) == exp2
-                and r.get("attn_kpre", False) == kpre):
+                and r.get("attn_prefetch", False) == prefetch):
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
     return None
@@ -444,7 +444,7 @@ rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
         ("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", lambda b: find_medsa("bf16", b, True, False, True)),
         ("medsa bf16 trimmed attention (MEDSA_ATTN_TRIM=1)", lambda b: find_medsa("bf16", b, True, False, False, True)),
         ("medsa bf16 exp2 softmax (MEDSA_ATTN_EXP2=1)", lambda b: find_medsa("bf16", b, True, False, False, False, True)),
-        ("medsa bf16 K prefetch (MEDSA_ATTN_KPRE=1)", lambda b: find_medsa("bf16", b, True, False, False, False, False, True)),
+        ("medsa bf16 K/V prefetch (MEDSA_ATTN_PREFETCH=1)", lambda b: find_medsa("bf16", b, True, False, False, False, False, True)),
         ("medsa bf16 all five attention options", lambda b: find_medsa("bf16", b, True, True, True, True, True, True)),
         ("medsa f32", lambda b: find_medsa("f32", b)),
         ("torch fp32", lambda b: find_torch("fp32", b)),
@@ -505,8 +505,8 @@ tr = ips.get(("medsa bf16 trimmed attention (MEDSA_ATTN_TRIM=1)", 8))
 lines.append("medsa bf16 trimmed / untrimmed attention images/s, B=8: " + (f"{tr / a:.3f}×" if a and tr else "—") + "  ")
 e2 = ips.get(("medsa bf16 exp2 softmax (MEDSA_ATTN_EXP2=1)", 8))
 lines.append("medsa bf16 exp2 / natural-exp softmax images/s, B=8: " + (f"{e2 / a:.3f}×" if a and e2 else "—") + "  ")
-kp = ips.get(("medsa bf16 K prefetch (MEDSA_ATTN_KPRE=1)", 8))
-lines.append("medsa bf16 two / one K buffers images/s, B=8: " + (f"{kp / a:.3f}×" if a and kp else "—") + "  ")
+kp = ips.get(("medsa bf16 K/V prefetch (MEDSA_ATTN_PREFETCH=1)", 8))
+lines.append("medsa bf16 K/V prefetch / none images/s, B=8: " + (f"{kp / a:.3f}×" if a and kp else "—") + "  ")
 al = ips.get(("medsa bf16 all five attention options", 8))
 lines.append("medsa bf16 all five attention options / none images/s, B=8: " + (f"{al / a:.3f}×" if a and al else "—") + "  ")
 lines.append("")

@@ -74,9 +74,9 @@ enum Variant {
     /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`): skipped rows are never
     /// stored, skipped keys carry exact zeros.
     Trim,
-    /// Fetching each K tile a whole tile ahead (`MEDSA_ATTN_KPRE`): the same arithmetic on the
-    /// same data, from another buffer.
-    Kpre,
+    /// Fetching each K and V tile a whole tile ahead (`MEDSA_ATTN_PREFETCH`): the same
+    /// arithmetic on the same data, from other buffers.
+    Prefetch,
 }
 
 impl Variant {
@@ -90,8 +90,8 @@ impl Variant {
                 trim: on,
                 ..be.attention_options()
             }),
-            Variant::Kpre => be.set_attention_options(AttentionOptions {
-                kpre: on,
+            Variant::Prefetch => be.set_attention_options(AttentionOptions {
+                prefetch: on,
                 ..be.attention_options()
             }),
         }
@@ -103,8 +103,8 @@ impl Variant {
             (Variant::Q128, true) => "128-query",
             (Variant::Trim, false) => "untrimmed",
             (Variant::Trim, true) => "trimmed",
-            (Variant::Kpre, false) => "one K buffer",
-            (Variant::Kpre, true) => "two K buffers",
+            (Variant::Prefetch, false) => "no prefetch",
+            (Variant::Prefetch, true) => "K/V prefetch",
         }
     }
 }
@@ -478,7 +478,7 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
         rel_mma: true,
         trim: true,
         exp2: true,
-        kpre: true,
+        prefetch: true,
     });
     let failed = fused_ops_and_model(&mut be);
     assert!(
@@ -524,16 +524,17 @@ fn cuda_attention_exp2_matches_cpu_reference() {
     );
 }
 
-/// Fetching each K tile a whole tile ahead (`MEDSA_ATTN_KPRE`, two K buffers) leaves every output
-/// bit as it was ([`BitCases`]: one to eight key tiles, so the buffers alternate and the last
-/// tile issues no fetch; windows with padding, depth maps, head dims 64 and 80), on both
-/// kernels, with and without the other options. The second buffer is the Q tile's shared
-/// memory, so on the emulator the cases run twice: threads in order with copies landing at
-/// once (a fetch into it while a thread still reads Q changes the outputs), and threads
-/// shuffled with copies landing only at their wait (a wait that does not cover the V tile, or
-/// a K buffer refilled while a warp still reads it, changes them).
+/// Fetching each K and V tile a whole tile ahead (`MEDSA_ATTN_PREFETCH`, two K and two V
+/// buffers, one barrier per key tile) leaves every output bit as it was ([`BitCases`]: one to
+/// eight key tiles, so the buffers alternate and the last tile issues no fetch; windows with
+/// padding, depth maps, head dims 64 and 80), on both kernels, with and without the other
+/// options. The second buffers are partly the Q tile's shared memory, so on the emulator the
+/// cases run twice: threads in order with copies landing at once (a fetch into it while a
+/// thread still reads Q changes the outputs), and threads shuffled with copies landing only at
+/// their wait (a wait that misses a tile, or a buffer refilled while a warp still reads it,
+/// changes them).
 #[test]
-fn cuda_attention_kpre_is_bit_identical() {
+fn cuda_attention_prefetch_is_bit_identical() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
     };
@@ -555,12 +556,12 @@ fn cuda_attention_kpre_is_bit_identical() {
                 rel_mma,
                 trim,
                 exp2,
-                kpre: false,
+                prefetch: false,
             });
             let tag = format!("q128 {q128} rel-mma {rel_mma} trim {trim} exp2 {exp2} {schedule:?}");
-            failures.extend(cases.check(&mut be, Variant::Kpre, &tag));
+            failures.extend(cases.check(&mut be, Variant::Prefetch, &tag));
         }
     }
     be.set_emulator_schedule(EmuSchedule::InOrder);
-    assert!(failures.is_empty(), "two K buffers: {failures:#?}");
+    assert!(failures.is_empty(), "K/V prefetch: {failures:#?}");
 }

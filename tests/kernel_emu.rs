@@ -24,7 +24,7 @@ const ALL_OPTIONS: AttentionOptions = AttentionOptions {
     rel_mma: true,
     trim: true,
     exp2: true,
-    kpre: true,
+    prefetch: true,
 };
 
 fn emulator(test: &str, p: Precision) -> Option<Cuda> {

@@ -35,6 +35,6 @@ __device__ __forceinline__ void probe(const __nv_bfloat16* q, const __nv_bfloat1
 PROBE(probe_default, 1, false, 0, 3)
 PROBE(probe_trim, 1, false, ATT_OPT_TRIM, 3)
 PROBE(probe_exp2, 1, true, 0, 3)
-PROBE(probe_kpre, 1, false, ATT_OPT_KPRE, 3)
+PROBE(probe_prefetch, 1, false, ATT_OPT_PREFETCH, 3)
 PROBE(probe_q128, 2, false, 0, 2)
-PROBE(probe_q128_all, 2, true, ATT_OPT_TRIM | ATT_OPT_KPRE | ATT_OPT_REL_MMA, 2)
+PROBE(probe_q128_all, 2, true, ATT_OPT_TRIM | ATT_OPT_PREFETCH | ATT_OPT_REL_MMA, 2)

@@ -17,8 +17,8 @@ const ATTN_MAX_D: usize = 128;
 const ATT_OPT_REL_MMA: i32 = 1;
 /// `opts` bits of `kernels/attention.cu`: skip query m-tiles and key groups past the ends.
 const ATT_OPT_TRIM: i32 = 2;
-/// `opts` bits of `kernels/attention.cu`: a second K buffer, each K tile fetched a tile ahead.
-const ATT_OPT_KPRE: i32 = 4;
+/// `opts` bits of `kernels/attention.cu`: second K and V buffers, each tile fetched a tile ahead.
+const ATT_OPT_PREFETCH: i32 = 4;
 
 impl Cuda {
     /// [`Backend::attention`](crate::backend::Backend::attention) on this device.
@@ -180,10 +180,12 @@ pub struct AttentionOptions {
     /// blocks' whole-tile path the row's height term folded into that offset (two instructions
     /// less per score). Separate kernel entries (`attention_exp2`, `attention_q128_exp2`).
     pub exp2: bool,
-    /// Two K buffers (`MEDSA_ATTN_KPRE=1`): each K tile is fetched during the whole previous
-    /// key tile instead of during its P*V alone, the second buffer taking the Q tile's shared
-    /// memory once Q is in registers (outputs bit-identical either way).
-    pub kpre: bool,
+    /// Second K and V buffers (`MEDSA_ATTN_PREFETCH=1`): each K and V tile is fetched during
+    /// the whole previous key tile, and each key tile takes one block barrier instead of two.
+    /// The second K buffer (and in the 128-query kernel the second V buffer) is the Q tile's
+    /// shared memory, dead once Q is in registers; the 64-query kernel needs 2 x 64 x (d + 8)
+    /// bytes more for its second V buffer. Outputs bit-identical either way.
+    pub prefetch: bool,
 }
 
 impl AttentionOptions {
@@ -195,7 +197,7 @@ impl AttentionOptions {
             rel_mma: on("MEDSA_ATTN_REL_MMA"),
             trim: on("MEDSA_ATTN_TRIM"),
             exp2: on("MEDSA_ATTN_EXP2"),
-            kpre: on("MEDSA_ATTN_KPRE"),
+            prefetch: on("MEDSA_ATTN_PREFETCH"),
         }
     }
 }
@@ -211,7 +213,7 @@ impl Cuda {
             rel_mma: tc && self.attn.rel_mma,
             trim: tc && self.attn.trim,
             exp2: tc && self.attn.exp2,
-            kpre: tc && self.attn.kpre,
+            prefetch: tc && self.attn.prefetch,
         }
     }
 
@@ -319,7 +321,7 @@ impl Cuda {
             .is_some_and(|r| r.shift_invariant && r.q_grid == r.k_grid && self.attn.rel_mma);
         let opts = ATT_OPT_REL_MMA * rel_mma as i32
             + ATT_OPT_TRIM * self.attn.trim as i32
-            + ATT_OPT_KPRE * self.attn.kpre as i32;
+            + ATT_OPT_PREFETCH * self.attn.prefetch as i32;
         let o = self.empty(out)?;
         if b * lq == 0 {
             return Ok(o);
@@ -336,7 +338,16 @@ impl Cuda {
         let (rows, smem) = if q128 {
             (128, attention_smem_q128(rel.is_some(), kh, kw))
         } else {
-            (64, attention_smem(self.precision, d, rel.is_some(), kh, kw))
+            // PREFETCH's second V buffer (the 128-query kernel's Q tile holds both)
+            let v2 = if self.attn.prefetch && self.tensor_core_attention(d) {
+                2 * 64 * (d + 8)
+            } else {
+                0
+            };
+            (
+                64,
+                attention_smem(self.precision, d, rel.is_some(), kh, kw) + v2,
+            )
         };
         let kernel = match (q128, exp2) {
             (false, false) => "attention",

@@ -44,7 +44,7 @@ impl Dev {
     }
 
     /// The opt-in attention kernel options in effect for an encoder with head dim `d` whose
-    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim, exp2, kpre]` (all false
+    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim, exp2, prefetch]` (all false
     /// on the CPU).
     pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 5] {
         match self {
@@ -52,7 +52,7 @@ impl Dev {
             #[cfg(feature = "cuda")]
             Dev::Cuda(c) => {
                 let o = c.attention_options_for(d, grid);
-                [o.q128, o.rel_mma, o.trim, o.exp2, o.kpre]
+                [o.q128, o.rel_mma, o.trim, o.exp2, o.prefetch]
             }
         }
     }
