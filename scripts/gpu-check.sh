@@ -102,6 +102,18 @@ run_step() {
   return "$rc"
 }
 
+# The opt-in attention options, as bench mode:variable suffix (MEDSA_ATTN_<suffix>).
+ATTN_OPTS="q128:Q128 relmma:REL_MMA trim:TRIM exp2:EXP2 prefetch:PREFETCH"
+
+# Prints MEDSA_ATTN_<X>=1 for the option MODE names (every option for "all") and =0 for the
+# others, one assignment per line.
+attn_env() { # MODE
+  local o
+  for o in $ATTN_OPTS; do
+    if [ "$1" = all ] || [ "$1" = "${o%%:*}" ]; then echo "MEDSA_ATTN_${o#*:}=1"; else echo "MEDSA_ATTN_${o#*:}=0"; fi
+  done
+}
+
 tail_on_failure() { # LOG
   echo "---- last 40 lines of $(basename "$1") ----"
   tail -n 40 "$1"
@@ -304,13 +316,9 @@ main() {
     name="bench $prec B=$b${mode:+ $mode}"
     log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
     if [ ! -x "$BIN/medsa-engine" ]; then record "$name" FAIL - 0; continue; fi
+    mapfile -t attn < <(attn_env "$mode")
     run_step "$name" 120 "$reserve" "$log" env MEDSA_FUSE="$([ "$mode" = unfused ] && echo 0 || echo 1)" \
-      MEDSA_ATTN_Q128="$(case $mode in q128 | all) echo 1 ;; *) echo 0 ;; esac)" \
-      MEDSA_ATTN_REL_MMA="$(case $mode in relmma | all) echo 1 ;; *) echo 0 ;; esac)" \
-      MEDSA_ATTN_TRIM="$(case $mode in trim | all) echo 1 ;; *) echo 0 ;; esac)" \
-      MEDSA_ATTN_EXP2="$(case $mode in exp2 | all) echo 1 ;; *) echo 0 ;; esac)" \
-      MEDSA_ATTN_PREFETCH="$(case $mode in prefetch | all) echo 1 ;; *) echo 0 ;; esac)" \
-      "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
+      "${attn[@]}" "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
       --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
     rc=$?
     reserve=$((reserve - 12))
@@ -383,9 +391,8 @@ main() {
       continue
     fi
     say "$name (optional)"
-    o=$([ "$mode" = all ] && echo 1 || echo 0)
-    run_step "$name" 40 0 "$log" env MEDSA_FUSE=1 MEDSA_PROFILE=1 MEDSA_ATTN_Q128="$o" \
-      MEDSA_ATTN_REL_MMA="$o" MEDSA_ATTN_TRIM="$o" MEDSA_ATTN_EXP2="$o" MEDSA_ATTN_PREFETCH="$o" "$BIN/medsa-engine" bench --device cuda \
+    mapfile -t attn < <(attn_env "$mode")
+    run_step "$name" 40 0 "$log" env MEDSA_FUSE=1 MEDSA_PROFILE=1 "${attn[@]}" "$BIN/medsa-engine" bench --device cuda \
       --precision bf16 --variant vit_b --size 1024 --batch 8 --repeats 3 --warmup 2
     sed -n '/^profile/,/^{/p' "$log" | head -n 32
   done
@@ -419,12 +426,19 @@ gemm = (torch_res.get("gemm") or {}).get("flops_per_s")
 card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.path.join(logs, "card.txt")) else "?"
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
-def find_medsa(prec, b, fused=True, q128=False, rel_mma=False, trim=False, exp2=False, prefetch=False):
+# The opt-in attention options: bench JSON key (attn_<key>), row label, ratio label.
+OPTIONS = [("q128", "q128 attention (MEDSA_ATTN_Q128=1)", "128-query / 64-query attention"),
+           ("rel_mma", "rel-pos mma (MEDSA_ATTN_REL_MMA=1)", "rel-pos terms mma / dot products"),
+           ("trim", "trimmed attention (MEDSA_ATTN_TRIM=1)", "trimmed / untrimmed attention"),
+           ("exp2", "exp2 softmax (MEDSA_ATTN_EXP2=1)", "exp2 / natural-exp softmax"),
+           ("prefetch", "K/V prefetch (MEDSA_ATTN_PREFETCH=1)", "K/V prefetch / none")]
+ALL = "all five attention options"  # every option of OPTIONS on
+
+def find_medsa(prec, b, fused=True, on=()):
+    """The run of this precision and batch with exactly the options `on` (keys of OPTIONS)."""
     for r in medsa:
         if (r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused
-                and r.get("attn_q128", False) == q128 and r.get("attn_rel_mma", False) == rel_mma
-                and r.get("attn_trim", False) == trim and r.get("attn_exp2", False) == exp2
-                and r.get("attn_prefetch", False) == prefetch):
+                and all(r.get("attn_" + k, False) == (k in on) for k, _, _ in OPTIONS)):
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
     return None
@@ -440,12 +454,8 @@ def find_torch(mode, b):
 
 rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
         ("medsa bf16 unfused (MEDSA_FUSE=0)", lambda b: find_medsa("bf16", b, False)),
-        ("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", lambda b: find_medsa("bf16", b, True, True)),
-        ("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", lambda b: find_medsa("bf16", b, True, False, True)),
-        ("medsa bf16 trimmed attention (MEDSA_ATTN_TRIM=1)", lambda b: find_medsa("bf16", b, True, False, False, True)),
-        ("medsa bf16 exp2 softmax (MEDSA_ATTN_EXP2=1)", lambda b: find_medsa("bf16", b, True, False, False, False, True)),
-        ("medsa bf16 K/V prefetch (MEDSA_ATTN_PREFETCH=1)", lambda b: find_medsa("bf16", b, True, False, False, False, False, True)),
-        ("medsa bf16 all five attention options", lambda b: find_medsa("bf16", b, True, True, True, True, True, True)),
+        *[(f"medsa bf16 {label}", lambda b, k=k: find_medsa("bf16", b, on=(k,))) for k, label, _ in OPTIONS],
+        (f"medsa bf16 {ALL}", lambda b: find_medsa("bf16", b, on=[k for k, _, _ in OPTIONS])),
         ("medsa f32", lambda b: find_medsa("f32", b)),
         ("torch fp32", lambda b: find_torch("fp32", b)),
         ("torch bf16 autocast", lambda b: find_torch("bf16_autocast", b)),
@@ -497,18 +507,9 @@ for ref in ("torch bf16 autocast", "torch bf16 autocast + SDPA"):
     lines.append(f"medsa bf16 / {ref} images/s: " + ", ".join(parts) + "  ")
 a, u = ips.get(("medsa bf16", 8)), ips.get(("medsa bf16 unfused (MEDSA_FUSE=0)", 8))
 lines.append("medsa bf16 fused / unfused images/s, B=8: " + (f"{a / u:.3f}×" if a and u else "—") + "  ")
-q = ips.get(("medsa bf16 q128 attention (MEDSA_ATTN_Q128=1)", 8))
-lines.append("medsa bf16 128-query / 64-query attention images/s, B=8: " + (f"{q / a:.3f}×" if a and q else "—") + "  ")
-rm = ips.get(("medsa bf16 rel-pos mma (MEDSA_ATTN_REL_MMA=1)", 8))
-lines.append("medsa bf16 rel-pos terms mma / dot products images/s, B=8: " + (f"{rm / a:.3f}×" if a and rm else "—") + "  ")
-tr = ips.get(("medsa bf16 trimmed attention (MEDSA_ATTN_TRIM=1)", 8))
-lines.append("medsa bf16 trimmed / untrimmed attention images/s, B=8: " + (f"{tr / a:.3f}×" if a and tr else "—") + "  ")
-e2 = ips.get(("medsa bf16 exp2 softmax (MEDSA_ATTN_EXP2=1)", 8))
-lines.append("medsa bf16 exp2 / natural-exp softmax images/s, B=8: " + (f"{e2 / a:.3f}×" if a and e2 else "—") + "  ")
-kp = ips.get(("medsa bf16 K/V prefetch (MEDSA_ATTN_PREFETCH=1)", 8))
-lines.append("medsa bf16 K/V prefetch / none images/s, B=8: " + (f"{kp / a:.3f}×" if a and kp else "—") + "  ")
-al = ips.get(("medsa bf16 all five attention options", 8))
-lines.append("medsa bf16 all five attention options / none images/s, B=8: " + (f"{al / a:.3f}×" if a and al else "—") + "  ")
+for label, ratio in [(label, ratio) for _, label, ratio in OPTIONS] + [(ALL, f"{ALL} / none")]:
+    x = ips.get((f"medsa bf16 {label}", 8))
+    lines.append(f"medsa bf16 {ratio} images/s, B=8: " + (f"{x / a:.3f}×" if a and x else "—") + "  ")
 lines.append("")
 
 # ---- training (issue 4) ----

@@ -1,6 +1,7 @@
 //! The CUDA backend against the CPU reference: every op on fresh random inputs, then the whole
-//! model on the golden fixtures, in f32 and bf16 storage. Without a CUDA driver or device these
-//! tests print why and return (CI has no GPU; `scripts/gpu-check.sh` runs them on one).
+//! model on the golden fixtures, in f32 and bf16 storage. Without a CUDA driver or device they
+//! run on the CPU kernel emulator (`tests/common/kemu.rs`, as in CI) or, without a C++
+//! compiler, print why and return; `scripts/gpu-check.sh` runs them on a GPU.
 #![cfg(feature = "cuda")]
 
 mod common;

@@ -338,15 +338,10 @@ impl Cuda {
         let (rows, smem) = if q128 {
             (128, attention_smem_q128(rel.is_some(), kh, kw))
         } else {
-            // PREFETCH's second V buffer (the 128-query kernel's Q tile holds both)
-            let v2 = if self.attn.prefetch && self.tensor_core_attention(d) {
-                2 * 64 * (d + 8)
-            } else {
-                0
-            };
+            let prefetch = self.attn.prefetch;
             (
                 64,
-                attention_smem(self.precision, d, rel.is_some(), kh, kw) + v2,
+                attention_smem(self.precision, d, rel.is_some(), kh, kw, prefetch),
             )
         };
         let kernel = match (q128, exp2) {
@@ -412,12 +407,22 @@ impl Cuda {
 /// Dynamic shared memory of `attention`, the formula of `kernels/attention.cu`'s header: the
 /// bf16 tensor-core path (d = 64 or 80) stages bf16 Q/K/V tiles; the SIMT path stages f32 tiles
 /// padded to the compile-time head dim; both keep `64 x (kh + kw)` rel-pos terms in f32.
-fn attention_smem(precision: Precision, d: usize, rel: bool, kh: usize, kw: usize) -> usize {
+/// `prefetch` (`ATT_OPT_PREFETCH`) adds the tensor-core path's second V buffer (its second K
+/// buffer is the Q tile); the SIMT path ignores the option.
+fn attention_smem(
+    precision: Precision,
+    d: usize,
+    rel: bool,
+    kh: usize,
+    kw: usize,
+    prefetch: bool,
+) -> usize {
     let r = if rel { kh + kw } else { 0 };
     if precision == Precision::Bf16 && (d == 64 || d == 80) {
         // Bias rows padded by one element each (bank-conflict-free reads).
         let rp = if rel { r + 2 } else { 0 };
-        return 2 * (2 * 64 * (d + 8) + d * 72) + 4 * 64 * rp;
+        let v2 = if prefetch { 2 * 64 * (d + 8) } else { 0 };
+        return 2 * (2 * 64 * (d + 8) + d * 72) + 4 * 64 * rp + v2;
     }
     let dp = match d {
         0..=16 => 16,

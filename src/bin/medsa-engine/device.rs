@@ -44,8 +44,8 @@ impl Dev {
     }
 
     /// The opt-in attention kernel options in effect for an encoder with head dim `d` whose
-    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim, exp2, prefetch]` (all false
-    /// on the CPU).
+    /// global blocks attend over a `grid x grid` map, `[q128, rel_mma, trim, exp2, prefetch]`
+    /// (all false on the CPU).
     pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 5] {
         match self {
             Dev::Cpu(_) => [false; 5],
