@@ -26,14 +26,14 @@ pub enum Error {
         msg: String,
     },
     /// A checkpoint lacks a tensor the model needs.
-    #[error("{path}: missing tensor `{key}` (expected shape {expected:?})")]
+    #[error("{path}: missing tensor `{key}`{}", expected_shape(expected))]
     MissingKey {
         /// The checkpoint.
         path: PathBuf,
         /// The key that is absent.
         key: String,
-        /// The shape the model expects.
-        expected: Vec<usize>,
+        /// The shape the model expects, when the caller knows it.
+        expected: Option<Vec<usize>>,
     },
     /// A checkpoint has tensors the model does not know.
     #[error("{path}: unexpected tensor(s) {keys:?}")]
@@ -56,7 +56,7 @@ pub enum Error {
         found: Vec<usize>,
     },
     /// A tensor has a dtype we cannot load.
-    #[error("{path}: tensor `{key}` has dtype {found}, expected one of F32, F16, BF16")]
+    #[error("{path}: tensor `{key}` has dtype {found}, expected one of {expected}")]
     DType {
         /// The file.
         path: PathBuf,
@@ -64,6 +64,8 @@ pub enum Error {
         key: String,
         /// The dtype found.
         found: String,
+        /// The dtypes this reader accepts.
+        expected: &'static str,
     },
     /// The checkpoint's tensors do not describe a consistent model.
     #[error("{path}: {msg}")]
@@ -113,5 +115,14 @@ impl Error {
             op,
             msg: msg.into(),
         }
+    }
+}
+
+/// The `(expected shape [..])` suffix of a missing-key message, or nothing when the shape is not
+/// known at the point of the lookup.
+fn expected_shape(expected: &Option<Vec<usize>>) -> String {
+    match expected {
+        Some(s) => format!(" (expected shape {s:?})"),
+        None => String::new(),
     }
 }

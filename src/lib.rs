@@ -17,6 +17,7 @@ pub mod train;
 pub use error::{Error, Result};
 pub use tensor::Tensor;
 pub mod medsa;
+pub mod meta;
 pub mod metrics;
 pub mod nn;
 pub mod pipeline;

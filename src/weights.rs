@@ -80,31 +80,52 @@ impl SafetensorsFile {
 
     /// Reads `key` as an f32 tensor (F32, F16 and BF16 are accepted).
     pub fn tensor(&self, key: &str) -> Result<Tensor> {
+        self.read(key, false)
+    }
+
+    /// Reads `key` as an f32 tensor from a floating-point or integer dtype (F32, F16, BF16,
+    /// I8, I16, I32, I64, U8, U16, U32): model inputs as PyTorch code writes them, e.g. point
+    /// labels as `torch.int`. Integers convert exactly up to 2^24 in magnitude, far beyond any
+    /// label, depth or coordinate.
+    pub fn tensor_numeric(&self, key: &str) -> Result<Tensor> {
+        self.read(key, true)
+    }
+
+    fn read(&self, key: &str, integers: bool) -> Result<Tensor> {
         let info = self.infos.get(key).ok_or_else(|| Error::MissingKey {
             path: self.path.clone(),
             key: key.to_string(),
-            expected: vec![],
+            expected: None,
         })?;
         let (a, b) = info.data_offsets;
         let bytes = &self.mmap[self.header_len + a..self.header_len + b];
+        fn conv<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+            bytes
+                .chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunk of N bytes")))
+                .collect()
+        }
         let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => conv(bytes, f32::from_le_bytes),
+            Dtype::F16 => conv(bytes, |c| half::f16::from_le_bytes(c).to_f32()),
+            Dtype::BF16 => conv(bytes, |c| half::bf16::from_le_bytes(c).to_f32()),
+            Dtype::I8 if integers => conv(bytes, |c| i8::from_le_bytes(c) as f32),
+            Dtype::I16 if integers => conv(bytes, |c| i16::from_le_bytes(c) as f32),
+            Dtype::I32 if integers => conv(bytes, |c| i32::from_le_bytes(c) as f32),
+            Dtype::I64 if integers => conv(bytes, |c| i64::from_le_bytes(c) as f32),
+            Dtype::U8 if integers => conv(bytes, |c: [u8; 1]| c[0] as f32),
+            Dtype::U16 if integers => conv(bytes, |c| u16::from_le_bytes(c) as f32),
+            Dtype::U32 if integers => conv(bytes, |c| u32::from_le_bytes(c) as f32),
             other => {
                 return Err(Error::DType {
                     path: self.path.clone(),
                     key: key.to_string(),
                     found: format!("{other:?}"),
+                    expected: if integers {
+                        "F32, F16, BF16, I8, I16, I32, I64, U8, U16, U32"
+                    } else {
+                        "F32, F16, BF16"
+                    },
                 })
             }
         };
@@ -307,7 +328,7 @@ impl WeightStore {
         self.shape_of(key).ok_or_else(|| Error::MissingKey {
             path: self.path().to_path_buf(),
             key: key.to_string(),
-            expected: vec![],
+            expected: None,
         })
     }
 
@@ -321,7 +342,7 @@ impl WeightStore {
         let found = self.shape_of(key).ok_or_else(|| Error::MissingKey {
             path: self.path().to_path_buf(),
             key: key.to_string(),
-            expected: expected.to_vec(),
+            expected: Some(expected.to_vec()),
         })?;
         if found != expected {
             return Err(Error::ShapeMismatch {

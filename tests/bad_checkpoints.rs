@@ -47,6 +47,19 @@ fn missing_key_is_named() {
         "{e}"
     );
     assert!(e.contains(&p.display().to_string()), "{e}");
+    // The model knows the bias's shape: the error says it (and never an empty `[]`).
+    assert!(e.contains("(expected shape [32])"), "{e}");
+    // A key looked up by shape inference has no known shape: none is claimed.
+    let t: Vec<_> = tiny()
+        .into_iter()
+        .filter(|(k, _)| k != "prompt_encoder.mask_downscaling.3.weight")
+        .collect();
+    let e = load_err(&write("missing-shape", &t)).to_string();
+    assert!(
+        e.contains("missing tensor `prompt_encoder.mask_downscaling.3.weight`")
+            && !e.contains("expected shape"),
+        "{e}"
+    );
 }
 
 #[test]

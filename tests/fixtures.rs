@@ -1,6 +1,6 @@
 //! Golden tests: every stage of the CPU forward pass against the PyTorch oracle
 //! (`tools/reference/write_fixtures.py`: the official segment-anything modules plus our PyTorch
-//! reading of SPEC sections 2-4).
+//! reading of SPEC sections 2-4 and 7).
 //!
 //! Tolerance: `|a - b| <= atol + rtol * |ref|` with rtol 1e-4. Both sides compute in f32 but sum
 //! in different orders (blocked GEMMs, tiled softmax), which gives relative errors of ~1e-6 per
@@ -29,6 +29,13 @@ fn run_case(case: &str, run: &str) {
     let images = f.tensor("images").unwrap();
     let prompts = Prompts::read(&f).unwrap();
     let multimask = meta["multimask_output"] == "true";
+    // Med-SA multi-class runs name their class count (mask tokens 0..n); absent or 0: SAM's switch.
+    let classes: usize = meta.get("classes").map_or(0, |s| s.parse().unwrap());
+    let output = if classes > 0 {
+        MaskOutput::Classes(classes)
+    } else {
+        MaskOutput::from_multimask(multimask)
+    };
     let d: usize = meta["depth"].parse().unwrap();
     let depth = (d > 0).then(|| DepthSpec {
         d,
@@ -40,14 +47,7 @@ fn run_case(case: &str, run: &str) {
     });
     let mut trace = Trace::on();
     let out = model
-        .forward(
-            &be,
-            &images,
-            &prompts,
-            MaskOutput::from_multimask(multimask),
-            depth,
-            &mut trace,
-        )
+        .forward(&be, &images, &prompts, output, depth, &mut trace)
         .unwrap_or_else(|e| panic!("{case}/{run}: {e}"));
     let low = be.upload(&out.low_res_masks).unwrap();
     let s = images.shape();
@@ -145,4 +145,23 @@ fn volume_depth_branch_reference_compat() {
 #[test]
 fn tiny_plain_official_sam() {
     run_case("tiny_plain", "points");
+}
+
+// A checkpoint saved by the public Med-SA training code (SPEC 7): reference decoder blocks
+// (`mlp.layers.0.0` / `mlp.fc`, the reference's self-attention step) with decoder adapters,
+// `pos_embed` stored at 64x64 and resized to the 6x6 grid, rel-pos tables sized for 96x96.
+
+#[test]
+fn reference_decoder_points_box_int_labels_batch2() {
+    run_case("reference", "points_box");
+}
+
+#[test]
+fn reference_decoder_two_classes() {
+    run_case("reference", "classes");
+}
+
+#[test]
+fn reference_decoder_volume_compat_mixed_windows() {
+    run_case("reference", "volume_compat");
 }

@@ -94,9 +94,10 @@ fn ckpt_names(map: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
     out
 }
 
-fn check_gradients<B: Backend>(be: &B, case: &str) {
+/// Gradients of the trainable set `set` against `grad.*` of the golden file.
+fn check_gradients<B: Backend>(be: &B, case: &str, set: &str) {
     let (model, batch, g) = setup(be, case);
-    let mut grads = Grads::<B>::new(Arc::new(Trainable::parse("all").unwrap()));
+    let mut grads = Grads::<B>::new(Arc::new(Trainable::parse(set).unwrap()));
     let (parts, logits) = forward_backward(
         be,
         &model,
@@ -128,14 +129,32 @@ fn check_gradients<B: Backend>(be: &B, case: &str) {
         .filter_map(|k| k.strip_prefix("grad.").map(String::from))
         .filter(|k| k != "image_embeddings")
         .collect();
+    // Trainable tensors the forward does not use (the reference case's Depth_Adapter in a 2D
+    // batch): PyTorch leaves their gradient None and the file stores zeros; computing none is
+    // right too.
+    let unreached: Vec<&str> = g
+        .metadata()
+        .get("unreached")
+        .map_or(vec![], |s| s.split(',').collect());
     let mut failures = Vec::new();
     for k in &theirs {
+        let want = g.tensor(&format!("grad.{k}")).unwrap();
+        // Attention key biases have an exactly-zero true gradient (softmax ignores a constant
+        // added to every key): both sides hold f32 rounding noise, which grows with the size of
+        // the gradients flowing through the attention (about 1e-7 in `reference`, whose loss
+        // starts near 10). Only its size is checked.
+        let atol = if k.ends_with("k_proj.bias") {
+            1e-6
+        } else {
+            1e-7
+        };
         match ours.get(k) {
             Some(t) => {
-                if let Err(e) = close(k, t, &g.tensor(&format!("grad.{k}")).unwrap(), 1e-3, 1e-7) {
+                if let Err(e) = close(k, t, &want, 1e-3, atol) {
                     failures.push(e);
                 }
             }
+            None if unreached.contains(&k.as_str()) && want.data().iter().all(|v| *v == 0.0) => {}
             None => failures.push(format!("{k}: no gradient computed")),
         }
     }
@@ -155,12 +174,19 @@ fn check_gradients<B: Backend>(be: &B, case: &str) {
 
 #[test]
 fn gradients_match_pytorch_tiny() {
-    check_gradients(&Cpu::new(), "tiny");
+    check_gradients(&Cpu::new(), "tiny", "all");
 }
 
 #[test]
 fn gradients_match_pytorch_volume() {
-    check_gradients(&Cpu::new(), "volume");
+    check_gradients(&Cpu::new(), "volume", "all");
+}
+
+/// A checkpoint saved by the public Med-SA code (reference decoder blocks, SPEC 7), trained as
+/// that code trains it: adapters plus the whole decoder.
+#[test]
+fn gradients_match_pytorch_reference() {
+    check_gradients(&Cpu::new(), "reference", "adapters+decoder");
 }
 
 fn check_trajectory<B: Backend>(
@@ -250,6 +276,18 @@ fn adamw_trajectory_matches_pytorch_volume() {
 }
 
 #[test]
+fn adamw_trajectory_matches_pytorch_reference() {
+    check_trajectory(
+        &Cpu::new(),
+        "reference",
+        "adam",
+        "adapters+decoder",
+        10,
+        false,
+    );
+}
+
+#[test]
 fn adapters_only_trajectory_matches_pytorch_with_recomputation() {
     // Frozen decoder, encoder adapters trained through recomputed blocks.
     let be = Cpu::new();
@@ -267,8 +305,9 @@ fn cuda() -> Option<medsa::backend::cuda::Cuda> {
 #[test]
 fn cuda_gradients_match_pytorch() {
     let Some(be) = cuda() else { return };
-    check_gradients(&be, "tiny");
-    check_gradients(&be, "volume");
+    check_gradients(&be, "tiny", "all");
+    check_gradients(&be, "volume", "all");
+    check_gradients(&be, "reference", "adapters+decoder");
 }
 
 #[cfg(feature = "cuda")]

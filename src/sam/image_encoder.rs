@@ -289,10 +289,8 @@ impl<B: Backend> ImageEncoder<B> {
     pub fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig) -> Result<Self> {
         let d = cfg.embed_dim;
         let p = cfg.patch;
-        let pos_embed_host = ws.take(
-            "image_encoder.pos_embed",
-            &[1, cfg.pos_grid.0, cfg.pos_grid.1, d],
-        )?;
+        let pg = cfg.pos_embed_grid();
+        let pos_embed_host = ws.take("image_encoder.pos_embed", &[1, pg.0, pg.1, d])?;
         let neck_w = ws.take("image_encoder.neck.0.weight", &[cfg.out_chans, d, 1, 1])?;
         Ok(ImageEncoder {
             patch_embed: Conv2d::load(

@@ -9,10 +9,11 @@ pub mod model;
 pub mod prompt_encoder;
 pub mod random;
 pub mod rel_pos;
+pub mod two_way;
 
-pub use config::SamConfig;
+pub use config::{DecoderFlavour, SamConfig};
 pub use image_encoder::DepthSpec;
-pub use model::{MaskOutput, Sam, SamOutput};
+pub use model::{LoadOptions, MaskOutput, Sam, SamOutput};
 pub use prompt_encoder::Prompts;
 
 use crate::backend::Backend;

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::sam::config::SamConfig;
+use crate::sam::config::{DecoderFlavour, SamConfig};
 use crate::sam::image_encoder::{DepthSpec, ImageEncoder};
 use crate::sam::mask_decoder::MaskDecoder;
 use crate::sam::prompt_encoder::{PromptEncoder, Prompts};
@@ -58,6 +58,13 @@ pub struct SamOutput {
     pub iou_predictions: Tensor,
 }
 
+/// How a checkpoint becomes a model beyond what its tensors say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Run this decoder flavour whatever the key names imply (`None`: inferred, SPEC 7).
+    pub decoder_flavour: Option<DecoderFlavour>,
+}
+
 /// SAM + Med-SA on a backend.
 pub struct Sam<B: Backend> {
     /// The inferred configuration.
@@ -80,8 +87,22 @@ impl<B: Backend> Sam<B> {
 
     /// Builds the model from any weight store (file or in-memory), checking every key is used.
     pub fn from_store(be: &B, ws: &mut WeightStore) -> Result<Self> {
+        Self::from_store_with(be, ws, &LoadOptions::default())
+    }
+
+    /// [`Sam::load`] with options.
+    pub fn load_with(be: &B, path: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let mut ws = WeightStore::open(path)?;
+        Self::from_store_with(be, &mut ws, opts)
+    }
+
+    /// [`Sam::from_store`] with options that override what the tensors imply.
+    pub fn from_store_with(be: &B, ws: &mut WeightStore, opts: &LoadOptions) -> Result<Self> {
         let ws = &mut *ws;
-        let config = SamConfig::infer(ws)?;
+        let mut config = SamConfig::infer(ws)?;
+        if let Some(f) = opts.decoder_flavour {
+            config.decoder_flavour = f;
+        }
         let image_encoder = ImageEncoder::load(be, ws, &config)?;
         let prompt_encoder = PromptEncoder::load(be, ws, &config)?;
         let mask_decoder = MaskDecoder::load(be, ws, &config)?;

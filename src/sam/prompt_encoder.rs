@@ -34,17 +34,28 @@ pub struct Prompts {
 impl Prompts {
     /// Reads the optional prompt tensors of an inputs file (`point_coords`, `point_labels`,
     /// `boxes`, `mask_inputs`), as `medsa-engine forward` and the golden files store them.
+    /// Any float or integer dtype is accepted (SAM's predictor passes `torch.int` labels); a
+    /// point label must be a whole number, and the error names the tensor, index and value.
     pub fn read(f: &crate::weights::SafetensorsFile) -> Result<Self> {
         let get = |k: &str| -> Result<Option<Tensor>> {
             if f.contains(k) {
-                f.tensor(k).map(Some)
+                f.tensor_numeric(k).map(Some)
             } else {
                 Ok(None)
             }
         };
+        let point_labels = get("point_labels")?;
+        if let Some(l) = &point_labels {
+            if let Some((i, v)) = l.data().iter().enumerate().find(|(_, v)| v.fract() != 0.0) {
+                return Err(Error::Input(format!(
+                    "{}: tensor `point_labels` element {i} is {v}: expected a whole number (1 foreground, 0 background, -1 ignore)",
+                    f.path().display()
+                )));
+            }
+        }
         Ok(Prompts {
             point_coords: get("point_coords")?,
-            point_labels: get("point_labels")?,
+            point_labels,
             boxes: get("boxes")?,
             mask_inputs: get("mask_inputs")?,
         })

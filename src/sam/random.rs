@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::sam::config::{BlockConfig, DecoderLayerConfig, SamConfig};
+use crate::sam::config::{BlockConfig, DecoderFlavour, DecoderLayerConfig, SamConfig};
 use crate::tensor::Tensor;
 
 /// A small deterministic generator (xorshift64*), enough for weights and test inputs.
@@ -63,6 +63,7 @@ impl SamConfig {
             heads,
             mlp_dim: 4 * d,
             pos_grid: (64, 64),
+            pos_embed_grid: None,
             blocks,
             out_chans: 256,
             adapter_dim: adapters.then_some(d / 4),
@@ -74,6 +75,7 @@ impl SamConfig {
             decoder_layers: vec![DecoderLayerConfig::default(); 2],
             num_mask_tokens: 4,
             iou_head: (256, 3),
+            decoder_flavour: Default::default(),
         })
     }
 }
@@ -123,10 +125,10 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
         cfg.patch,
         true,
     );
-    m.insert(
-        "image_encoder.pos_embed".into(),
-        rng.tensor(&[1, cfg.pos_grid.0, cfg.pos_grid.1, d], 0.1),
-    );
+    m.insert("image_encoder.pos_embed".into(), {
+        let g = cfg.pos_embed_grid();
+        rng.tensor(&[1, g.0, g.1, d], 0.1)
+    });
     for (i, b) in cfg.blocks.iter().enumerate() {
         let p = format!("image_encoder.blocks.{i}");
         ln(&mut m, &mut rng, &format!("{p}.norm1"), d);
@@ -274,10 +276,15 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
         for n in 1..=4 {
             ln(&mut m, &mut rng, &format!("{p}.norm{n}"), pd);
         }
+        // The reference flavour is stored under the reference code's names, as it saves them.
+        let (lin1, lin2) = match cfg.decoder_flavour {
+            DecoderFlavour::Sam => ("mlp.lin1", "mlp.lin2"),
+            DecoderFlavour::Medsa => ("mlp.layers.0.0", "mlp.fc"),
+        };
         lin(
             &mut m,
             &mut rng,
-            &format!("{p}.mlp.lin1"),
+            &format!("{p}.{lin1}"),
             pd,
             cfg.decoder_mlp_dim,
             true,
@@ -285,7 +292,7 @@ pub fn random_checkpoint(cfg: &SamConfig, seed: u64) -> BTreeMap<String, Tensor>
         lin(
             &mut m,
             &mut rng,
-            &format!("{p}.mlp.lin2"),
+            &format!("{p}.{lin2}"),
             cfg.decoder_mlp_dim,
             pd,
             true,

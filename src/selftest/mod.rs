@@ -555,6 +555,10 @@ pub fn model<B: Backend>(be: &B, fixtures: &Path, tol: Tolerance) -> Vec<Check> 
         ("volume", "per_token"),
         ("volume", "compat"),
         ("tiny_plain", "points"),
+        // A checkpoint in the public Med-SA code's layout: its decoder flavour (SPEC 7).
+        ("reference", "points_box"),
+        ("reference", "classes"),
+        ("reference", "volume_compat"),
     ] {
         let name = format!("model {case}/{run}");
         let res = (|| -> Result<Vec<Check>> {
@@ -571,14 +575,15 @@ pub fn model<B: Backend>(be: &B, fixtures: &Path, tol: Tolerance) -> Vec<Check> 
                 crate::medsa::depth_branch::DepthMode::PerToken
             };
             let depth = (d > 0).then_some(DepthSpec { d, mode });
-            let o = model.forward(
-                be,
-                &images,
-                &prompts,
-                MaskOutput::from_multimask(multimask),
-                depth,
-                &mut Trace::off(),
-            )?;
+            let classes: usize = meta
+                .get("classes")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let output = match classes {
+                0 => MaskOutput::from_multimask(multimask),
+                n => MaskOutput::Classes(n),
+            };
+            let o = model.forward(be, &images, &prompts, output, depth, &mut Trace::off())?;
             let pair = |k: &str| -> (usize, usize) {
                 let v: Vec<usize> = meta
                     .get(k)

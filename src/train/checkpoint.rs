@@ -53,14 +53,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::batch::Intensity;
 use crate::error::{Error, Result};
 use crate::pipeline::Preset;
-use crate::sam::config::{BlockConfig, DecoderLayerConfig, SamConfig};
+use crate::sam::config::SamConfig;
 use crate::sam::random::Rng;
 use crate::tensor::Tensor;
+pub use crate::train::config_json::{config_from_json, config_to_json};
 use crate::train::sha256::sha256_file;
 use crate::weights::{write_atomic, SafetensorsFile, WeightStore};
 
@@ -126,124 +127,6 @@ pub fn intensity_name(i: Intensity) -> String {
         Intensity::Percentile(a, b) => format!("mr:{a},{b}"),
         Intensity::None => "none".into(),
     }
-}
-
-/// A [`SamConfig`] as JSON (field names as in the struct).
-pub fn config_to_json(cfg: &SamConfig) -> Value {
-    json!({
-        "patch": cfg.patch,
-        "embed_dim": cfg.embed_dim,
-        "heads": cfg.heads,
-        "mlp_dim": cfg.mlp_dim,
-        "pos_grid": [cfg.pos_grid.0, cfg.pos_grid.1],
-        "blocks": cfg.blocks.iter().map(|b| json!({
-            "window": b.window,
-            "space_adapter": b.space_adapter,
-            "mlp_adapter": b.mlp_adapter,
-            "depth_adapter": b.depth_adapter,
-            "medsa_rel_names": b.medsa_rel_names,
-        })).collect::<Vec<_>>(),
-        "out_chans": cfg.out_chans,
-        "adapter_dim": cfg.adapter_dim,
-        "prompt_dim": cfg.prompt_dim,
-        "mask_in_chans": cfg.mask_in_chans,
-        "decoder_mlp_dim": cfg.decoder_mlp_dim,
-        "decoder_heads": cfg.decoder_heads,
-        "attention_downsample": cfg.attention_downsample,
-        "decoder_layers": cfg.decoder_layers.iter().map(|l| json!({
-            "hyper": l.hyper,
-            "mlp": l.mlp,
-            "cross": l.cross,
-        })).collect::<Vec<_>>(),
-        "num_mask_tokens": cfg.num_mask_tokens,
-        "iou_head": [cfg.iou_head.0, cfg.iou_head.1],
-    })
-}
-
-/// Reads [`config_to_json`]'s output; the error names the field (`config.blocks[3].window`).
-pub fn config_from_json(v: &Value) -> std::result::Result<SamConfig, String> {
-    fn field<'a>(v: &'a Value, ctx: &str, k: &str) -> std::result::Result<&'a Value, String> {
-        v.get(k).ok_or_else(|| format!("{ctx}.{k} is missing"))
-    }
-    fn num(v: &Value, ctx: &str, k: &str) -> std::result::Result<usize, String> {
-        field(v, ctx, k)?
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| format!("{ctx}.{k}: expected a non-negative integer"))
-    }
-    fn flag(v: &Value, ctx: &str, k: &str) -> std::result::Result<bool, String> {
-        field(v, ctx, k)?
-            .as_bool()
-            .ok_or_else(|| format!("{ctx}.{k}: expected true or false"))
-    }
-    fn pair(v: &Value, ctx: &str, k: &str) -> std::result::Result<(usize, usize), String> {
-        match field(v, ctx, k)?.as_array().map(|a| a.as_slice()) {
-            Some([a, b]) => match (a.as_u64(), b.as_u64()) {
-                (Some(a), Some(b)) => Ok((a as usize, b as usize)),
-                _ => Err(format!("{ctx}.{k}: expected two non-negative integers")),
-            },
-            _ => Err(format!("{ctx}.{k}: expected two non-negative integers")),
-        }
-    }
-    fn list<'a>(v: &'a Value, ctx: &str, k: &str) -> std::result::Result<&'a [Value], String> {
-        field(v, ctx, k)?
-            .as_array()
-            .map(|a| a.as_slice())
-            .ok_or_else(|| format!("{ctx}.{k}: expected a list"))
-    }
-    let c = "config";
-    let blocks = list(v, c, "blocks")?
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let ctx = format!("config.blocks[{i}]");
-            Ok(BlockConfig {
-                window: num(b, &ctx, "window")?,
-                space_adapter: flag(b, &ctx, "space_adapter")?,
-                mlp_adapter: flag(b, &ctx, "mlp_adapter")?,
-                depth_adapter: flag(b, &ctx, "depth_adapter")?,
-                medsa_rel_names: flag(b, &ctx, "medsa_rel_names")?,
-            })
-        })
-        .collect::<std::result::Result<_, String>>()?;
-    let decoder_layers = list(v, c, "decoder_layers")?
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let ctx = format!("config.decoder_layers[{i}]");
-            Ok(DecoderLayerConfig {
-                hyper: flag(l, &ctx, "hyper")?,
-                mlp: flag(l, &ctx, "mlp")?,
-                cross: flag(l, &ctx, "cross")?,
-            })
-        })
-        .collect::<std::result::Result<_, String>>()?;
-    let adapter_dim = match field(v, c, "adapter_dim")? {
-        Value::Null => None,
-        x => Some(
-            x.as_u64()
-                .ok_or("config.adapter_dim: expected null or a non-negative integer")?
-                as usize,
-        ),
-    };
-    Ok(SamConfig {
-        patch: num(v, c, "patch")?,
-        embed_dim: num(v, c, "embed_dim")?,
-        heads: num(v, c, "heads")?,
-        mlp_dim: num(v, c, "mlp_dim")?,
-        pos_grid: pair(v, c, "pos_grid")?,
-        blocks,
-        out_chans: num(v, c, "out_chans")?,
-        adapter_dim,
-        prompt_dim: num(v, c, "prompt_dim")?,
-        mask_in_chans: num(v, c, "mask_in_chans")?,
-        decoder_mlp_dim: num(v, c, "decoder_mlp_dim")?,
-        decoder_heads: num(v, c, "decoder_heads")?,
-        attention_downsample: num(v, c, "attention_downsample")?,
-        decoder_layers,
-        num_mask_tokens: num(v, c, "num_mask_tokens")?,
-        iou_head: pair(v, c, "iou_head")?,
-    })
 }
 
 fn safetensors_err(path: &Path, msg: impl std::fmt::Display) -> Error {

@@ -4,6 +4,7 @@
 
 mod cases;
 pub mod checkpoint;
+pub mod config_json;
 pub mod data;
 mod evaluate;
 mod loader;

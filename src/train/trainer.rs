@@ -72,8 +72,12 @@ pub struct TrainConfig {
     pub data_opts: DataOptions,
     /// Positive clicks, negative clicks and box jitter (`None`: no box) per image.
     pub prompts: (usize, usize, Option<u32>),
-    /// Depth-branch mode for depth chunks.
-    pub depth_mode: crate::medsa::depth_branch::DepthMode,
+    /// Depth-branch mode for depth chunks (`None`: the base checkpoint's metadata, else
+    /// `compat` for the reference decoder flavour and `per-token` otherwise).
+    pub depth_mode: Option<crate::medsa::depth_branch::DepthMode>,
+    /// Decoder flavour to train (`None`: the base checkpoint's metadata, else inferred from
+    /// its keys, SPEC section 7).
+    pub decoder_flavour: Option<crate::sam::DecoderFlavour>,
     /// Random left-right flips of training samples (p = 0.5, prompts and targets flipped
     /// with them); for anatomy that is roughly mirror-symmetric.
     pub flip: bool,
@@ -350,7 +354,14 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
         }
     }
     let mut ws = WeightStore::from_tensors(&cfg.base.display().to_string(), tensors);
-    let mut model = Sam::from_store(be, &mut ws)?;
+    let base_meta = crate::meta::ModelMeta::of_checkpoint(&cfg.base)?;
+    let load = crate::sam::LoadOptions {
+        decoder_flavour: cfg.decoder_flavour.or(base_meta.decoder_flavour),
+    };
+    let mut model = Sam::from_store_with(be, &mut ws, &load)?;
+    let depth_mode = cfg
+        .depth_mode
+        .unwrap_or_else(|| base_meta.depth_mode_or(model.config.decoder_flavour));
     if cfg.data_opts.depth.is_some() && !model.config.has_depth_branch() {
         return Err(Error::Input(
             "depth chunks need Depth_Adapter weights: add them (--add-adapters depth) or train on \
@@ -358,7 +369,7 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
                 .into(),
         ));
     }
-    let native = model.config.pos_grid.0 * model.config.patch;
+    let native = model.config.img_size().0;
     let mut dopts = cfg.data_opts.clone();
     if dopts.size == 0 {
         dopts.size = native;
@@ -473,6 +484,14 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
                 "depth".to_string(),
                 dopts.depth.map(|v| v.to_string()).unwrap_or_default(),
             ),
+            (
+                "depth_mode".to_string(),
+                crate::meta::depth_mode_name(depth_mode).to_string(),
+            ),
+            (
+                "decoder_flavour".to_string(),
+                model_config.decoder_flavour.name().to_string(),
+            ),
             ("lr".to_string(), cfg.adamw.lr.to_string()),
             ("loss_kind".to_string(), format!("{:?}", cfg.loss.kind)),
         ]
@@ -489,7 +508,7 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
                 cfg.seed ^ 0x5eed,
                 cfg.prompts,
                 &cfg.loss,
-                cfg.depth_mode,
+                depth_mode,
             )
             .map(Some),
             None => Ok(None),
@@ -520,7 +539,7 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
             let b = loader.next_batch()?.ok_or_else(|| {
                 Error::Input("the training data has no image with foreground".into())
             })?;
-            let mut sb = to_step_batch(&b, grid, cfg.depth_mode)?;
+            let mut sb = to_step_batch(&b, grid, depth_mode)?;
             if cfg.flip {
                 flip_batch(&mut sb, b.depth.unwrap_or(1), &mut flip_rng)?;
             }

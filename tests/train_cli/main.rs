@@ -13,6 +13,7 @@ mod bad_requests;
 mod init_and_train;
 #[cfg(feature = "cuda")]
 mod on_cuda;
+mod reference_flavour;
 mod resume;
 mod volumes;
 

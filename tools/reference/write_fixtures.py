@@ -3,12 +3,14 @@
 
 The oracle is the official `segment_anything.modeling` package (SAM) plus a
 small PyTorch implementation, written for this project, of the Med-SA parts
-described in shared/SPEC.md sections 2-4:
+described in shared/SPEC.md sections 2-4 and 7:
 
   * Med-SA encoder blocks (Space / MLP adapters, section 2),
   * the SD-Trans depth branch (Depth adapter, section 3), in two flavours:
     `per_token` (our semantics) and `compat` (the public reference code),
-  * decoder adapters (HyP-Adpt / MLP / Cross, section 4).
+  * decoder adapters (HyP-Adpt / MLP / Cross, section 4),
+  * the two-way block of the decoder that the public Med-SA code builds, in
+    its key layout (section 7), for checkpoints saved by that code.
 
 Every case builds a small model with random (but non-trivial) weights, runs
 it on CPU in float32, and writes
@@ -307,6 +309,105 @@ class AdaptedTwoWayBlock(TwoWayAttentionBlock):
         return queries, keys
 
 
+class ReferenceMLP(nn.Module):
+    """The block MLP of the public Med-SA decoder, in its key layout (SPEC 7):
+    `layers.0.0` = SAM's lin1 (C -> mlp_dim, ReLU after it), `fc` = SAM's lin2."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())])
+        self.fc = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.fc(x)
+
+
+class ReferenceTwoWayBlock(TwoWayAttentionBlock):
+    """Two-way block of the decoder that the public Med-SA code builds (SPEC 7),
+    optionally with our decoder adapters (SPEC 4) where AdaptedTwoWayBlock has
+    them.  Only the self-attention step differs from SAM's:
+
+      first block:  queries = queries + self_attn(queries, queries, queries)
+      later blocks: queries = queries + pe
+                    queries = queries + self_attn(queries, queries, queries)
+
+    then norm1; the rest is SAM's block.  `reference_self_attn = False` switches
+    back to SAM's self-attention step (used by the self-checks and to measure
+    how far the two flavours are apart)."""
+
+    def __init__(self, embedding_dim, num_heads, mlp_dim, skip_first_layer_pe, adapters):
+        super().__init__(
+            embedding_dim=embedding_dim,
+            num_heads=num_heads,
+            mlp_dim=mlp_dim,
+            activation=nn.ReLU,
+            attention_downsample_rate=2,
+            skip_first_layer_pe=skip_first_layer_pe,
+        )
+        # Replaces SAM's MLPBlock in place (same position in the state dict).
+        self.mlp = ReferenceMLP(embedding_dim, mlp_dim)
+        if adapters:
+            self.Hyper_Adapter = HyperAdapter(embedding_dim)
+            self.MLP_Adapter = Adapter(embedding_dim, skip=False)
+            self.Cross_Adapter = Adapter(embedding_dim, skip=True)
+        else:
+            self.Hyper_Adapter = self.MLP_Adapter = self.Cross_Adapter = None
+        self.reference_self_attn = True
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        prompts = query_pe[:, N_OUTPUT_TOKENS:, :]
+
+        # 1. self-attention over the tokens
+        if self.reference_self_attn:
+            if not self.skip_first_layer_pe:
+                queries = queries + query_pe
+            queries = queries + self.self_attn(q=queries, k=queries, v=queries)
+        elif self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            qp = queries + query_pe
+            queries = queries + self.self_attn(q=qp, k=qp, v=queries)
+        queries = self.norm1(queries)
+
+        # 2. tokens -> image cross attention (then HyP-Adpt)
+        qp = queries + query_pe
+        kp = keys + key_pe
+        queries = queries + self.cross_attn_token_to_image(q=qp, k=kp, v=keys)
+        if self.Hyper_Adapter is not None:
+            queries = self.Hyper_Adapter(queries, prompts)
+        queries = self.norm2(queries)
+
+        # 3. MLP (with the parallel adapter)
+        if self.MLP_Adapter is not None:
+            queries = queries + self.mlp(queries) + 0.5 * self.MLP_Adapter(queries)
+        else:
+            queries = queries + self.mlp(queries)
+        queries = self.norm3(queries)
+
+        # 4. image -> tokens cross attention (then the Cross adapter on keys)
+        qp = queries + query_pe
+        kp = keys + key_pe
+        keys = keys + self.cross_attn_image_to_token(q=kp, k=qp, v=queries)
+        if self.Cross_Adapter is not None:
+            keys = self.Cross_Adapter(keys)
+        keys = self.norm4(keys)
+        return queries, keys
+
+
+def reference_block_key(official_key):
+    """Key of a SAM (or AdaptedTwoWayBlock) two-way block parameter in the
+    reference layout: mlp.lin1 -> mlp.layers.0.0, mlp.lin2 -> mlp.fc."""
+    return official_key.replace("mlp.lin1.", "mlp.layers.0.0.").replace("mlp.lin2.", "mlp.fc.")
+
+
+def set_reference_self_attn(sam, on):
+    for layer in sam.mask_decoder.transformer.layers:
+        if isinstance(layer, ReferenceTwoWayBlock):
+            layer.reference_self_attn = on
+
+
 # --------------------------------------------------------------------------
 # model construction
 # --------------------------------------------------------------------------
@@ -329,10 +430,20 @@ def build_model(cfg):
         adapter_blocks=range(nblocks) if cfg["enc_adapters"] else (),
         depth_adapters=cfg.get("depth_adapters", False),
     )
+    if cfg.get("pos_grid"):
+        # The reference stores pos_embed at its fixed 1024 // 16 grid whatever the
+        # training size (the rel-pos tables keep the size of `img`); the forward
+        # resizes it to the token grid.
+        pg = cfg["pos_grid"]
+        enc.pos_embed = nn.Parameter(torch.zeros(1, pg, pg, cfg["embed"]))
     pe = PromptEncoder(embed_dim=C, image_embedding_size=(grid, grid),
                        input_image_size=(cfg["img"], cfg["img"]), mask_in_chans=16)
     transformer = TwoWayTransformer(depth=2, embedding_dim=C, mlp_dim=cfg["mlp"], num_heads=8)
-    if cfg["dec_adapters"]:
+    if cfg.get("reference_decoder"):
+        for i in range(len(transformer.layers)):
+            transformer.layers[i] = ReferenceTwoWayBlock(C, 8, cfg["mlp"], skip_first_layer_pe=(i == 0),
+                                                         adapters=cfg["dec_adapters"])
+    elif cfg["dec_adapters"]:
         for i in range(len(transformer.layers)):
             transformer.layers[i] = AdaptedTwoWayBlock(C, 8, cfg["mlp"], skip_first_layer_pe=(i == 0))
     dec = MaskDecoder(transformer_dim=C, transformer=transformer, num_multimask_outputs=3,
@@ -396,7 +507,8 @@ def export_state_dict(sam, cfg):
 # byte-reproducible safetensors writer
 # --------------------------------------------------------------------------
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int32: "I32", torch.int64: "I64"}
 
 
 def save_file(tensors, path, metadata):
@@ -472,12 +584,19 @@ def run_case(sam, cfg, run):
     B = images.shape[0]
     assert sparse.shape[0] == B, (sparse.shape, B)
 
+    classes = run.get("classes", 0)
     lows, ious = [], []
     for b in range(B):  # sample b uses image embedding b
-        low, iou = dec(image_embeddings=emb[b:b + 1], image_pe=dense_pe,
-                       sparse_prompt_embeddings=sparse[b:b + 1],
-                       dense_prompt_embeddings=dense[b:b + 1],
-                       multimask_output=run["multimask"])
+        args = dict(image_embeddings=emb[b:b + 1], image_pe=dense_pe,
+                    sparse_prompt_embeddings=sparse[b:b + 1],
+                    dense_prompt_embeddings=dense[b:b + 1])
+        if classes > 0:
+            # Med-SA multi-class output (SPEC 5): mask tokens 0..classes-1.
+            low, iou = dec.predict_masks(**args)
+            assert classes <= low.shape[1], (classes, low.shape)
+            low, iou = low[:, :classes], iou[:, :classes]
+        else:
+            low, iou = dec(**args, multimask_output=run["multimask"])
         lows.append(low)
         ious.append(iou)
     low = torch.cat(lows, 0)
@@ -595,6 +714,36 @@ def tiny_plain_runs():
         multimask=True, input_size=(64, 48), original_size=(120, 90))]
 
 
+def reference_runs():
+    runs = []
+    torch.manual_seed(511)
+    runs.append(dict(
+        name="points_box", seed=511,
+        images=make_images(2, 96, 96, (96, 96)),
+        point_coords=torch.tensor([[[30.0, 24.0], [70.0, 64.0]], [[48.0, 50.0], [15.0, 80.0]]]),
+        # integer labels, as SAM's predictor passes them (torch.int)
+        point_labels=torch.tensor([[1, 0], [1, 1]], dtype=torch.int32),
+        boxes=torch.tensor([[12.0, 8.0, 84.0, 88.0], [20.0, 30.0, 76.0, 70.0]]),
+        multimask=False, input_size=(96, 96), original_size=(100, 100)))
+    torch.manual_seed(512)
+    runs.append(dict(
+        name="classes", seed=512,
+        images=make_images(1, 96, 96, (96, 96)),
+        point_coords=torch.tensor([[[40.0, 52.0], [60.0, 30.0]]]),
+        point_labels=torch.tensor([[1.0, 0.0]]),
+        multimask=False, classes=2, input_size=(96, 96), original_size=(64, 64)))
+    d = 6
+    torch.manual_seed(513)
+    runs.append(dict(
+        name="volume_compat", seed=513,
+        images=make_images(d, 96, 96, (96, 96)),
+        point_coords=torch.tensor([[[10.0 + 13 * s, 80.0 - 11 * s]] for s in range(d)]),
+        point_labels=torch.ones(d, 1),
+        multimask=False, input_size=(96, 96), original_size=(48, 48),
+        depth=d, mode="compat"))
+    return runs
+
+
 CASES = {
     "tiny": dict(
         weights_seed=1, img=96, embed=32, depth=2, heads=2, window=4, global_=[1],
@@ -612,6 +761,14 @@ CASES = {
         weights_seed=4, img=64, embed=32, depth=2, heads=4, window=3, global_=[1],
         C=32, mlp=64, enc_adapters=False, dec_adapters=False, medsa_names=False,
         dtype=torch.float32, official=True, runs=tiny_plain_runs),
+    # A checkpoint as the public Med-SA training code saves it (SPEC 7): reference
+    # decoder blocks (mlp.layers.0.0 / mlp.fc), pos_embed at the fixed 64x64 grid,
+    # rel-pos tables sized for the 96x96 training input (global: 2*6-1 = 11 rows).
+    "reference": dict(
+        weights_seed=5, img=96, embed=32, depth=2, heads=2, window=4, global_=[1],
+        C=32, mlp=64, enc_adapters=True, depth_adapters=True, dec_adapters=True,
+        reference_decoder=True, pos_grid=1024 // 16, medsa_names=True,
+        dtype=torch.float32, official=False, runs=reference_runs),
 }
 for _c in CASES.values():
     _c["global"] = _c.pop("global_")
@@ -691,6 +848,36 @@ def self_checks():
             h = torch.relu(F.layer_norm(h @ Wi, (ha.r,), ha.norm.weight, ha.norm.bias, 1e-5))
         assert torch.allclose(got[b], xq[b] + h @ ha.D_fc2.weight.T + ha.D_fc2.bias, atol=1e-5)
     assert torch.allclose(ha(xq, pr[:, :0]), xq + ha.D_fc2(ha.D_fc1(xq)), atol=1e-6)
+    # (g) The reference decoder block (SPEC 7).  Loaded with the weights of an
+    #     official block (no adapters) or of an AdaptedTwoWayBlock (non-neutral
+    #     adapters), key-mapped to the reference layout, it must equal that block
+    #     once its two self-attention changes are undone, and differ from it with
+    #     them (so the fixture can tell the flavours apart).
+    for first in (True, False):
+        for adapters in (False, True):
+            if adapters:
+                src = AdaptedTwoWayBlock(dim, 8, 64, skip_first_layer_pe=first)
+            else:
+                src = TwoWayAttentionBlock(dim, 8, 64, activation=nn.ReLU,
+                                           attention_downsample_rate=2,
+                                           skip_first_layer_pe=first)
+            randomize(src)
+            rb = ReferenceTwoWayBlock(dim, 8, 64, skip_first_layer_pe=first, adapters=adapters)
+            sd = {reference_block_key(k): v for k, v in src.state_dict().items()}
+            assert set(sd) == set(rb.state_dict()), sorted(set(sd) ^ set(rb.state_dict()))
+            assert "mlp.layers.0.0.weight" in sd and "mlp.fc.bias" in sd
+            rb.load_state_dict(sd, strict=True)
+            q, k = torch.randn(2, 7, dim), torch.randn(2, 20, dim)
+            qpe, kpe = torch.randn(2, 7, dim), torch.randn(2, 20, dim)
+            want = src(q, k, qpe, kpe)
+            rb.reference_self_attn = False
+            got = rb(q, k, qpe, kpe)
+            assert all(torch.allclose(g, w, atol=1e-6, rtol=1e-6) for g, w in zip(got, want)), \
+                ("reference block, changes undone", first, adapters)
+            rb.reference_self_attn = True
+            got = rb(q, k, qpe, kpe)
+            diff = min((g - w).abs().max().item() for g, w in zip(got, want))
+            assert diff > 1e-2, ("reference block does not differ from SAM's", first, adapters, diff)
     # (f) depth_grid reproduces the documented factorisations.
     want = {96: (8, 12), 4: (1, 4), 9: (1, 9), 16: (2, 8), 64: (4, 16), 6: (2, 3), 7: (1, 7),
             1: (1, 1)}
@@ -699,6 +886,9 @@ def self_checks():
 
 
 # --------------------------------------------------------------------------
+
+
+CAP_BYTES = 26e6
 
 
 def main():
@@ -716,7 +906,7 @@ def main():
     with torch.no_grad():
         self_checks()
 
-    summary = []
+    summary, flavour_diffs = [], []
     for case, cfg in CASES.items():
         if args.only and case not in args.only:
             continue
@@ -740,26 +930,48 @@ def main():
                     "run": run["name"],
                     "seed": str(run["seed"]),
                 }
+                if run.get("classes"):
+                    meta["classes"] = str(run["classes"])
                 rpath = os.path.join(cdir, run["name"] + ".safetensors")
                 save_file(tensors, rpath, metadata=meta)
                 m = tensors["masks"]
                 info = "masks %s range [%.2f, %.2f] std %.2f; iou %s" % (
                     tuple(m.shape), m.min().item(), m.max().item(), m.std().item(),
                     [round(v, 3) for v in tensors["iou_predictions"].flatten()[:4].tolist()])
+                if cfg.get("reference_decoder"):
+                    # The same model and inputs with SAM's self-attention step: the
+                    # fixture must tell the two decoder flavours apart.
+                    set_reference_self_attn(sam, False)
+                    other = run_case(sam, cfg, run)
+                    set_reference_self_attn(sam, True)
+                    dm = (other["masks"] - m).abs().max().item()
+                    di = (other["iou_predictions"] - tensors["iou_predictions"]).abs().max().item()
+                    assert torch.equal(other["image_embeddings"], tensors["image_embeddings"])
+                    assert dm > 0.1, ("reference and SAM decoders agree", case, run["name"], dm)
+                    info += "; max |ref - SAM decoder|: masks %.3f, iou %.3f" % (dm, di)
+                    flavour_diffs.append((case, run["name"], dm, di))
+                if run.get("mode") == "compat" and run.get("depth", 0) > 0:
+                    other = run_case(sam, cfg, dict(run, mode="per_token"))
+                    de = max((other[k] - tensors[k]).abs().max().item()
+                             for k in tensors if k.startswith("enc.blocks."))
+                    info += "; max |compat - per_token| enc.blocks %.3f" % de
                 summary.append((case, run["name"], os.path.getsize(rpath), info))
 
+    # The cap covers this script's case folders (every case, written now or
+    # before), not the other scripts' folders under tests/fixtures.
     total_all = 0
-    for root, _, files in os.walk(args.out):
-        for f in files:
-            total_all += os.path.getsize(os.path.join(root, f))
-    print("%-11s %-11s %10s  %s" % ("case", "file", "bytes", "check"))
+    for case in CASES:
+        for root, _, files in os.walk(os.path.join(args.out, case)):
+            for f in files:
+                total_all += os.path.getsize(os.path.join(root, f))
+    print("%-11s %-13s %10s  %s" % ("case", "file", "bytes", "check"))
     for case, name, size, info in summary:
-        print("%-11s %-11s %10d  %s" % (case, name, size, info))
-    print("cases: %d, files: %d, written bytes: %d, fixture folder total: %d bytes (%.2f MB)" % (
+        print("%-11s %-13s %10d  %s" % (case, name, size, info))
+    print("cases: %d, files: %d, written bytes: %d, case folders total: %d bytes (%.2f MB)" % (
         len({s[0] for s in summary}), len(summary), sum(s[2] for s in summary),
         total_all, total_all / 1e6))
-    if total_all > 25e6:
-        print("ERROR: fixtures exceed 25 MB", file=sys.stderr)
+    if total_all > CAP_BYTES:
+        print("ERROR: fixtures exceed %.0f MB" % (CAP_BYTES / 1e6), file=sys.stderr)
         sys.exit(1)
 
 

@@ -8,8 +8,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
 
+use medsa::meta::ModelMeta;
 use medsa::sam::random::random_checkpoint;
-use medsa::sam::SamConfig;
+use medsa::sam::{DecoderFlavour, SamConfig};
 use medsa::weights::{save_safetensors, save_safetensors_as, ParamCounts, WeightStore};
 use medsa::Tensor;
 
@@ -82,9 +83,21 @@ pub(super) fn convert(input: &Path, output: &Path, dtype: DtypeArg) -> Result<()
     Ok(())
 }
 
-pub(super) fn info(path: &Path) -> Result<()> {
+pub(super) fn info(path: &Path, flavour: Option<DecoderFlavour>) -> Result<()> {
     let ws = WeightStore::open(path)?;
-    let cfg = SamConfig::infer(&ws)?;
+    let mut cfg = SamConfig::infer(&ws)?;
+    let meta = ModelMeta::of_checkpoint(path)?;
+    let flavour_from = match (flavour, meta.decoder_flavour) {
+        (Some(_), _) => "forced by --decoder-flavour",
+        (None, Some(_)) => "from the checkpoint's metadata",
+        (None, None) if cfg.decoder_flavour == DecoderFlavour::Medsa => {
+            "inferred: block MLPs named mlp.layers.0.0 / mlp.fc, as the public Med-SA code saves them"
+        }
+        (None, None) => "inferred: SAM's key names",
+    };
+    if let Some(f) = flavour.or(meta.decoder_flavour) {
+        cfg.decoder_flavour = f;
+    }
     let pc = ParamCounts::of(&ws)?;
     let (ih, iw) = cfg.img_size();
     println!("checkpoint      {}", path.display());
@@ -98,14 +111,28 @@ pub(super) fn info(path: &Path) -> Result<()> {
         cfg.mlp_dim
     );
     println!(
-        "input           {ih}x{iw} px, patch {}, token grid {}x{}",
+        "input           {ih}x{iw} px (native), patch {}, token grid {}x{}",
         cfg.patch, cfg.pos_grid.0, cfg.pos_grid.1
     );
+    if let Some((gh, gw)) = cfg.pos_embed_grid {
+        println!(
+            "pos embed       stored at {gh}x{gw} tokens (as the public Med-SA code saves it), resized to the token grid at run time"
+        );
+    }
     println!(
         "attention       window {}, global blocks {:?}",
         cfg.window(),
         cfg.global_blocks()
     );
+    let windows: Vec<String> = cfg
+        .blocks
+        .iter()
+        .map(|b| match b.window {
+            0 => "global".to_string(),
+            w => w.to_string(),
+        })
+        .collect();
+    println!("  per block     [{}]", windows.join(", "));
     let count = |f: fn(&medsa::sam::config::BlockConfig) -> bool| {
         cfg.blocks.iter().filter(|b| f(b)).count()
     };
@@ -122,7 +149,8 @@ pub(super) fn info(path: &Path) -> Result<()> {
     println!("neck / prompt   {} channels", cfg.out_chans);
     let dl = &cfg.decoder_layers;
     println!(
-        "decoder         {} layers, {} heads, mlp {}, {} mask tokens; adapters hyper {} / mlp {} / cross {}",
+        "decoder         {} flavour ({flavour_from}), {} layers, {} heads, mlp {}, {} mask tokens; adapters hyper {} / mlp {} / cross {}",
+        cfg.decoder_flavour,
         dl.len(),
         cfg.decoder_heads,
         cfg.decoder_mlp_dim,
@@ -131,6 +159,11 @@ pub(super) fn info(path: &Path) -> Result<()> {
         dl.iter().filter(|l| l.mlp).count(),
         dl.iter().filter(|l| l.cross).count()
     );
+    let recorded = meta.to_metadata();
+    if !recorded.is_empty() {
+        let kv: Vec<String> = recorded.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("metadata        {}", kv.join(", "));
+    }
     let m = |n: usize| format!("{:>12} ({:.2} M)", n, n as f64 / 1e6);
     println!("parameters");
     println!("  total           {}", m(pc.total));
@@ -180,6 +213,7 @@ pub(super) fn init_cmd(a: &InitArgs) -> Result<()> {
         heads: a.heads,
         mlp_dim: 4 * a.embed,
         pos_grid: (grid, grid),
+        pos_embed_grid: None,
         blocks: (0..a.depth)
             .map(|i| BlockConfig {
                 window: if global.contains(&i) { 0 } else { a.window },
@@ -199,6 +233,7 @@ pub(super) fn init_cmd(a: &InitArgs) -> Result<()> {
         decoder_layers: vec![DecoderLayerConfig::default(); 2],
         num_mask_tokens: 4,
         iou_head: (a.prompt_dim, 3),
+        decoder_flavour: Default::default(),
     };
     let tensors: Vec<(String, Tensor)> = random_checkpoint(&cfg, a.seed).into_iter().collect();
     let n: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
@@ -216,7 +251,13 @@ pub(super) fn init_cmd(a: &InitArgs) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn merge_cmd(checkpoint: &Path, adapter: &Path, out: &Path, allow: bool) -> Result<()> {
+pub(super) fn merge_cmd(
+    checkpoint: &Path,
+    adapter: &Path,
+    out: &Path,
+    allow: bool,
+    flavour: Option<DecoderFlavour>,
+) -> Result<()> {
     let (mut ws, meta) = medsa::train::checkpoint::apply_adapter(checkpoint, adapter, allow)?;
     let mut tensors = Vec::new();
     for k in ws.keys() {
@@ -224,7 +265,16 @@ pub(super) fn merge_cmd(checkpoint: &Path, adapter: &Path, out: &Path, allow: bo
         let t = ws.take(&k, &shape)?;
         tensors.push((k, t));
     }
-    let mut m = HashMap::new();
+    // The merged model is run as its adapter was trained: its preprocessing, label, depth mode
+    // and decoder flavour travel with it (`medsa::meta`); facts the base recorded and the
+    // adapter does not are kept.
+    let mut recorded = ModelMeta::of_checkpoint(checkpoint)?.to_metadata();
+    let mut from_adapter = ModelMeta::of_adapter(adapter, &meta)?;
+    if flavour.is_some() {
+        from_adapter.decoder_flavour = flavour;
+    }
+    recorded.extend(from_adapter.to_metadata());
+    let mut m: HashMap<String, String> = recorded.into_iter().collect();
     m.insert(
         "medsa_merged".to_string(),
         format!(

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use medsa::medsa::depth_branch::DepthMode;
 use medsa::pipeline::Preset;
+use medsa::sam::DecoderFlavour;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +27,15 @@ pub(super) enum DepthModeArg {
     PerToken,
     /// The public Med-SA code's regrouping, for adapters trained with it.
     Compat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(super) enum FlavourArg {
+    /// SAM's two-way block.
+    Sam,
+    /// The public Med-SA code's two-way block (its checkpoints name the block MLP
+    /// `mlp.layers.0.0` / `mlp.fc`).
+    Medsa,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -60,6 +70,10 @@ pub(super) enum Cmd {
     Info {
         /// A .safetensors checkpoint (official SAM or Med-SA key names).
         checkpoint: PathBuf,
+        /// Decoder flavour (SPEC section 7); default: the checkpoint's metadata, else inferred
+        /// from its key names.
+        #[arg(long, value_enum)]
+        decoder_flavour: Option<FlavourArg>,
     },
     /// Run the model on raw input tensors and write every output tensor.
     Forward {
@@ -83,13 +97,22 @@ pub(super) enum Cmd {
         /// metadata, else off).
         #[arg(long)]
         multimask: Option<bool>,
+        /// Return mask tokens 0..N-1 as N classes (Med-SA multi-class heads); default: the
+        /// inputs' `classes` metadata, else the model's recorded class count if above 1.
+        #[arg(long)]
+        classes: Option<usize>,
         /// Slices per volume (the batch is volumes x slices); default: a `depth` tensor or
         /// metadata in the inputs, else 2D.
         #[arg(long)]
         depth: Option<usize>,
-        /// Depth-branch semantics for windowed blocks.
-        #[arg(long, value_enum, default_value = "per-token")]
-        depth_mode: DepthModeArg,
+        /// Depth-branch semantics for windowed blocks (default: the checkpoint's metadata, else
+        /// compat for the medsa decoder flavour, else per-token).
+        #[arg(long, value_enum)]
+        depth_mode: Option<DepthModeArg>,
+        /// Decoder flavour (SPEC section 7); default: the checkpoint's metadata, else inferred
+        /// from its key names.
+        #[arg(long, value_enum)]
+        decoder_flavour: Option<FlavourArg>,
         /// Resized image size before padding, "h,w" (default: metadata, else the input size).
         #[arg(long)]
         input_size: Option<String>,
@@ -158,6 +181,9 @@ pub(super) enum Cmd {
         /// Accept an adapter trained on a different base file.
         #[arg(long)]
         allow_base_mismatch: bool,
+        /// Record this decoder flavour in the merged model (default: the adapter's).
+        #[arg(long, value_enum)]
+        decoder_flavour: Option<FlavourArg>,
     },
     /// Time the image encoder (or, with --train, a training step) of a random-weight model
     /// (median of repeats).
@@ -298,6 +324,15 @@ pub(super) struct TrainArgs {
     /// Recompute encoder blocks in backward (less memory, ~1/3 more compute).
     #[arg(long)]
     pub(super) recompute: bool,
+    /// Depth-branch semantics for --depth chunks (default: the base checkpoint's metadata,
+    /// else compat for the medsa decoder flavour, else per-token).
+    #[arg(long, value_enum)]
+    pub(super) depth_mode: Option<DepthModeArg>,
+    /// Decoder flavour (SPEC section 7); default: the checkpoint's metadata, else inferred
+    /// from its key names.
+    #[arg(long, value_enum)]
+    pub(super) decoder_flavour: Option<FlavourArg>,
+
     /// Continue from OUT/last.safetensors and its optimiser state.
     #[arg(long)]
     pub(super) resume: bool,
@@ -418,9 +453,15 @@ pub(super) struct SegmentArgs {
     /// Slices per encoder pass for volumes (the SD-Trans depth window); chunks do not overlap.
     #[arg(long, default_value_t = 8)]
     pub(super) chunk: usize,
-    /// Depth-branch semantics for windowed blocks.
-    #[arg(long, value_enum, default_value = "per-token")]
-    pub(super) depth_mode: DepthModeArg,
+    /// Depth-branch semantics for windowed blocks (default: the model's metadata, else compat
+    /// for the medsa decoder flavour, else per-token).
+    #[arg(long, value_enum)]
+    pub(super) depth_mode: Option<DepthModeArg>,
+    /// Decoder flavour (SPEC section 7); default: the checkpoint's metadata, else inferred
+    /// from its key names.
+    #[arg(long, value_enum)]
+    pub(super) decoder_flavour: Option<FlavourArg>,
+
     /// 2D images per encoder pass.
     #[arg(long, default_value_t = 1)]
     pub(super) batch_size: usize,
@@ -455,6 +496,14 @@ pub(super) fn depth_mode_of(m: DepthModeArg) -> DepthMode {
     match m {
         DepthModeArg::PerToken => DepthMode::PerToken,
         DepthModeArg::Compat => DepthMode::Compat,
+    }
+}
+
+/// The library's decoder flavour for a `--decoder-flavour` value.
+pub(super) fn flavour_of(f: FlavourArg) -> DecoderFlavour {
+    match f {
+        FlavourArg::Sam => DecoderFlavour::Sam,
+        FlavourArg::Medsa => DecoderFlavour::Medsa,
     }
 }
 

@@ -10,9 +10,10 @@ use anyhow::{anyhow, bail, Result};
 
 use medsa::backend::cpu::Cpu;
 use medsa::backend::Backend;
-use medsa::sam::Sam;
+use medsa::meta::ModelMeta;
+use medsa::sam::{DecoderFlavour, LoadOptions, Sam};
 
-use crate::cli::SegmentArgs;
+use crate::cli::{flavour_of, SegmentArgs};
 
 /// The backend chosen on the command line.
 #[allow(clippy::large_enum_variant)] // one value per process
@@ -124,6 +125,8 @@ pub(super) struct ModelSource {
     pub(super) checkpoint: PathBuf,
     pub(super) adapter: Option<PathBuf>,
     pub(super) allow_base_mismatch: bool,
+    /// `--decoder-flavour`: wins over metadata and key names.
+    pub(super) decoder_flavour: Option<DecoderFlavour>,
 }
 
 impl ModelSource {
@@ -132,12 +135,29 @@ impl ModelSource {
             checkpoint: a.checkpoint.clone(),
             adapter: a.adapter.clone(),
             allow_base_mismatch: a.allow_base_mismatch,
+            decoder_flavour: a.decoder_flavour.map(flavour_of),
         }
     }
 
+    /// What the model's files record about running it: the adapter's training metadata when
+    /// there is an adapter, else the checkpoint's own (a merged model keeps its adapter's).
+    pub(super) fn meta(&self) -> Result<ModelMeta> {
+        Ok(match &self.adapter {
+            Some(a) => {
+                let (_, m) = medsa::train::checkpoint::load_adapter(a)?;
+                ModelMeta::of_adapter(a, &m)?
+            }
+            None => ModelMeta::of_checkpoint(&self.checkpoint)?,
+        })
+    }
+
     pub(super) fn load<B: Backend>(&self, be: &B) -> Result<Sam<B>> {
+        let meta = self.meta()?;
+        let opts = LoadOptions {
+            decoder_flavour: self.decoder_flavour.or(meta.decoder_flavour),
+        };
         match &self.adapter {
-            None => Ok(Sam::load(be, &self.checkpoint)?),
+            None => Ok(Sam::load_with(be, &self.checkpoint, &opts)?),
             Some(a) => {
                 let (mut ws, meta) = medsa::train::checkpoint::apply_adapter(
                     &self.checkpoint,
@@ -152,7 +172,7 @@ impl ModelSource {
                     medsa::train::checkpoint::preset_name(meta.preset),
                     meta.model_size
                 );
-                Ok(Sam::from_store(be, &mut ws)?)
+                Ok(Sam::from_store_with(be, &mut ws, &opts)?)
             }
         }
     }

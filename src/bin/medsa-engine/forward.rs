@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 
 use medsa::backend::Backend;
+use medsa::medsa::depth_branch::DepthMode;
 use medsa::sam::model::postprocess_masks;
 use medsa::sam::{DepthSpec, MaskOutput, Prompts, Trace};
 use medsa::weights::{save_safetensors, SafetensorsFile};
@@ -36,12 +37,14 @@ pub(super) fn forward<B: Backend>(
     inputs: &Path,
     out: &Path,
     multimask: Option<bool>,
+    classes: Option<usize>,
     depth: Option<usize>,
-    depth_mode: DepthModeArg,
+    depth_mode: Option<DepthModeArg>,
     input_size: Option<String>,
     original_size: Option<String>,
 ) -> Result<()> {
     let model = src.load(be)?;
+    let model_meta = src.meta()?;
     let f = SafetensorsFile::open(inputs)?;
     let meta = f.metadata().clone();
     let get = |k: &str| -> Result<Option<Tensor>> {
@@ -87,15 +90,47 @@ pub(super) fn forward<B: Backend>(
     );
     let d = match depth {
         Some(d) => d,
-        None => match get("depth")? {
-            Some(t) => t.data().first().copied().unwrap_or(0.0) as usize,
-            None => meta.get("depth").and_then(|v| v.parse().ok()).unwrap_or(0),
+        None => match f.contains("depth") {
+            // Any float or integer dtype, as the reference code writes it; one whole number.
+            true => {
+                let t = f.tensor_numeric("depth")?;
+                match t.data() {
+                    [v] if v.fract() == 0.0 && *v >= 0.0 => *v as usize,
+                    other => bail!(
+                        "{}: tensor `depth` is {other:?}: expected one whole number of slices per volume",
+                        inputs.display()
+                    ),
+                }
+            }
+            false => meta.get("depth").and_then(|v| v.parse().ok()).unwrap_or(0),
         },
     };
-    let depth = (d > 0).then_some(DepthSpec {
-        d,
-        mode: depth_mode_of(depth_mode),
-    });
+    let mode = match (depth_mode, meta.get("depth_mode").map(|s| s.as_str())) {
+        (Some(m), _) => depth_mode_of(m),
+        (None, Some("compat")) => DepthMode::Compat,
+        (None, Some("per_token" | "per-token")) => DepthMode::PerToken,
+        (None, _) => model_meta.depth_mode_or(model.config.decoder_flavour),
+    };
+    let depth = (d > 0).then_some(DepthSpec { d, mode });
+    // Classes: the option, else the inputs' `classes` metadata, else the model's recorded
+    // class count when it has more than one; otherwise SAM's single / multimask output.
+    let classes = match classes {
+        Some(n) => n,
+        None => match meta.get("classes") {
+            Some(v) => v.parse().map_err(|_| {
+                anyhow!(
+                    "{}: metadata `classes` = \"{v}\": expected a whole number",
+                    inputs.display()
+                )
+            })?,
+            None => model_meta.num_classes.filter(|&n| n > 1).unwrap_or(0),
+        },
+    };
+    let output = if classes > 0 {
+        MaskOutput::Classes(classes)
+    } else {
+        MaskOutput::from_multimask(multimask)
+    };
     let hw = (s[2], s[3]);
     let pick = |arg: Option<String>, key: &str| -> Result<(usize, usize)> {
         match arg.or_else(|| meta.get(key).cloned()) {
@@ -106,19 +141,19 @@ pub(super) fn forward<B: Backend>(
     let input_size = pick(input_size, "input_size")?;
     let original_size = pick(original_size, "original_size")?;
     let t0 = Instant::now();
-    let o = model.forward(
-        be,
-        &images,
-        &prompts,
-        MaskOutput::from_multimask(multimask),
-        depth,
-        &mut Trace::off(),
-    )?;
+    let o = model.forward(be, &images, &prompts, output, depth, &mut Trace::off())?;
     let low = be.upload(&o.low_res_masks)?;
     let masks = be.download(&postprocess_masks(be, &low, hw, input_size, original_size)?)?;
     let mut md = HashMap::new();
     md.insert("multimask_output".to_string(), multimask.to_string());
+    md.insert("classes".to_string(), classes.to_string());
     md.insert("depth".to_string(), d.to_string());
+    if let Some(dp) = depth {
+        md.insert(
+            "depth_mode".to_string(),
+            medsa::meta::depth_mode_name(dp.mode).to_string(),
+        );
+    }
     md.insert(
         "input_size".to_string(),
         format!("{},{}", input_size.0, input_size.1),

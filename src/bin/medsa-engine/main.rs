@@ -17,7 +17,7 @@ use clap::Parser;
 use crate::bench::{bench, bench_train};
 use crate::checkpoints::{convert, info, init_cmd, merge_cmd};
 use crate::checks::{eval, selftest};
-use crate::cli::{Cli, Cmd};
+use crate::cli::{flavour_of, Cli, Cmd};
 use crate::device::{on_device, open_device, ModelSource};
 use crate::forward::forward;
 use crate::segment::segment_cmd;
@@ -33,7 +33,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Info { checkpoint } => info(&checkpoint),
+        Cmd::Info {
+            checkpoint,
+            decoder_flavour,
+        } => info(&checkpoint, decoder_flavour.map(flavour_of)),
         Cmd::Convert {
             input,
             output,
@@ -46,20 +49,29 @@ fn run(cli: Cli) -> Result<()> {
             inputs,
             out,
             multimask,
+            classes,
             depth,
             depth_mode,
             input_size,
             original_size,
+            decoder_flavour,
             device,
             precision,
         } => {
             let dev = open_device(&device, &precision)?;
+            let src = ModelSource {
+                checkpoint,
+                adapter,
+                allow_base_mismatch,
+                decoder_flavour: decoder_flavour.map(flavour_of),
+            };
             on_device!(&dev, be => forward(
                 be,
-                &ModelSource { checkpoint: checkpoint.clone(), adapter: adapter.clone(), allow_base_mismatch },
+                &src,
                 &inputs,
                 &out,
                 multimask,
+                classes,
                 depth,
                 depth_mode,
                 input_size,
@@ -91,7 +103,14 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             out,
             allow_base_mismatch,
-        } => merge_cmd(&checkpoint, &adapter, &out, allow_base_mismatch),
+            decoder_flavour,
+        } => merge_cmd(
+            &checkpoint,
+            &adapter,
+            &out,
+            allow_base_mismatch,
+            decoder_flavour.map(flavour_of),
+        ),
         Cmd::Bench {
             variant,
             size,

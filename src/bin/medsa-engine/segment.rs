@@ -36,11 +36,11 @@ fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
 }
 
 pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
-    // An adapter records how its training data was preprocessed; that is the default here.
-    let meta = match &a.adapter {
-        Some(p) => Some(medsa::train::checkpoint::load_adapter(p)?.1),
-        None => None,
-    };
+    // An adapter (or a merged model) records how its training data was preprocessed; that is
+    // the default here.
+    let src = ModelSource::of(a);
+    let meta = src.meta()?;
+    let meta_preset = meta.preset.map(preset_arg);
     if let Some(image) = &a.image {
         let out = a
             .out
@@ -51,16 +51,13 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         }
         return segment(
             be,
-            &ModelSource::of(a),
+            &src,
             image,
             &a.points,
             a.bbox.as_deref(),
             out,
             a.multimask,
-            a.preset.unwrap_or(
-                meta.as_ref()
-                    .map_or(PresetArg::Sam, |m| preset_arg(m.preset)),
-            ),
+            a.preset.or(meta_preset).unwrap_or(PresetArg::Sam),
         );
     }
     let input = a.input.as_ref().ok_or_else(|| {
@@ -91,29 +88,24 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
             [v[0], v[1], v[2], v[3], v[4], v[5]]
         });
     }
-    if a.prompt_from_label.is_some() && a.label_id.is_none() {
-        bail!("--prompt-from-label needs --label-id N");
+    let label_id = a.label_id.or(meta.label_id);
+    if a.prompt_from_label.is_some() && label_id.is_none() {
+        bail!("--prompt-from-label needs --label-id N (the model's metadata names no label)");
     }
+    let model = src.load(be)?;
     let opts = batch::JobOptions {
-        preset: preset_of(
-            a.preset.unwrap_or(
-                meta.as_ref()
-                    .map_or(PresetArg::Sam, |m| preset_arg(m.preset)),
-            ),
-        ),
-        volume_preset: preset_of(
-            a.volume_preset.unwrap_or(
-                meta.as_ref()
-                    .map_or(PresetArg::Medsa, |m| preset_arg(m.preset)),
-            ),
-        ),
-        intensity: match (&a.intensity, meta.as_ref().and_then(|m| m.intensity)) {
+        preset: preset_of(a.preset.or(meta_preset).unwrap_or(PresetArg::Sam)),
+        volume_preset: preset_of(a.volume_preset.or(meta_preset).unwrap_or(PresetArg::Medsa)),
+        intensity: match (&a.intensity, meta.intensity) {
             (Some(i), _) => batch::Intensity::parse(i)?,
             (None, Some(i)) => i,
             (None, None) => batch::Intensity::parse("ct")?,
         },
         chunk: a.chunk,
-        depth_mode: depth_mode_of(a.depth_mode),
+        depth_mode: match a.depth_mode {
+            Some(m) => depth_mode_of(m),
+            None => meta.depth_mode_or(model.config.decoder_flavour),
+        },
         batch_size: a.batch_size,
         skip_existing: a.skip_existing,
         multimask: a.multimask,
@@ -127,14 +119,43 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         global_from_label: a
             .prompt_from_label
             .clone()
-            .map(|p| (p, a.label_id.unwrap_or(1), a.click)),
+            .map(|p| (p, label_id.unwrap_or(1), a.click)),
         labels: a.labels.clone(),
-        label_id: a.label_id,
+        label_id,
         quiet: a.quiet,
     };
+    // Say which defaults the model's own metadata supplied, so a run is never silently fed
+    // differently from how the model was trained (or from what the user assumed).
+    let mut from_meta = Vec::new();
+    if a.intensity.is_none() {
+        if let Some(i) = meta.intensity {
+            from_meta.push(format!(
+                "intensity {}",
+                medsa::train::checkpoint::intensity_name(i)
+            ));
+        }
+    }
+    if a.preset.is_none() && a.volume_preset.is_none() {
+        if let Some(p) = meta.preset {
+            from_meta.push(format!(
+                "preset {}",
+                medsa::train::checkpoint::preset_name(p)
+            ));
+        }
+    }
+    if a.label_id.is_none() {
+        if let Some(l) = meta.label_id {
+            from_meta.push(format!("label id {l}"));
+        }
+    }
+    if !from_meta.is_empty() {
+        eprintln!(
+            "segment: from the model's metadata: {} (the options --intensity, --preset / --volume-preset, --label-id override them)",
+            from_meta.join(", ")
+        );
+    }
     let cases = batch::shard(batch::discover(input, out_dir)?, a.num_parts, a.part_id)?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("{}", out_dir.display()))?;
-    let model = ModelSource::of(a).load(be)?;
     let job = batch::Job::new(be, &model, opts)?;
     let n = cases.len();
     let summary = job.run(cases);

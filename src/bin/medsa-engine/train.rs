@@ -5,9 +5,8 @@ use anyhow::{bail, Result};
 
 use medsa::backend::Backend;
 use medsa::batch;
-use medsa::medsa::depth_branch::DepthMode;
 
-use crate::cli::{preset_of, TrainArgs};
+use crate::cli::{depth_mode_of, flavour_of, preset_of, TrainArgs};
 
 pub(super) fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
     use medsa::train::checkpoint::AdapterChoice;
@@ -79,7 +78,8 @@ pub(super) fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
             depth: a.depth,
         },
         prompts: (a.pos_clicks, a.neg_clicks, a.box_jitter),
-        depth_mode: DepthMode::PerToken,
+        depth_mode: a.depth_mode.map(depth_mode_of),
+        decoder_flavour: a.decoder_flavour.map(flavour_of),
         flip: a.flip,
         recompute: a.recompute,
         resume: a.resume,
