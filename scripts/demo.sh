@@ -18,7 +18,8 @@ model=examples/models/mni152_gm.safetensors
 val=examples/data/mni152_val
 mkdir -p examples/out
 "$bin" info "$model"
+# The model's metadata supplies what it was trained with: intensity window 0..255, the medsa
+# preset and label id 2 (grey matter); segment says so on standard error.
 "$bin" segment --checkpoint "$model" -i "$val/images" -o examples/out \
-  --prompt-from-label "$val/labels" --label-id 2 --click --labels "$val/labels" \
-  --volume-preset medsa --intensity window:0,255 --overview
+  --prompt-from-label "$val/labels" --click --labels "$val/labels" --overview
 echo "outputs: examples/out/mni152.nii.gz (grey matter, label 1), mni152_overview.png, metrics.csv"

@@ -6,6 +6,7 @@ scripts/fetch-example.sh) and writes
 
     examples/data/mni152_train/{images,labels}/mni152.nii.gz
     examples/data/mni152_val/{images,labels}/mni152.nii.gz
+    examples/data/mni152_labels.nii.gz   (the labels of the whole, uncut volume)
 
 Labels: 1 = white matter (WM map >= 50%), 2 = grey matter (GM map >= 50%), 0 otherwise.
 Split along the third (axial) axis in slabs of 4 slices, in a period of 6 slabs: slabs 0-2 go
@@ -60,6 +61,10 @@ def main():
     nx, ny, nz = shape
     plane = nx * ny
     labels = bytes(1 if w >= 128 else (2 if g >= 128 else 0) for w, g in zip(wm, gm))
+    full = os.path.join(ROOT, "mni152_labels.nii.gz")
+    if not os.path.exists(full):
+        write_nifti(full, t1_h, shape, labels)
+        print(f"{full}: labels of the whole {nx}x{ny}x{nz} volume")
     parts = {"mni152_train": TRAIN, "mni152_val": VAL}
     for name, slabs in parts.items():
         out = os.path.join(ROOT, name)

@@ -7,6 +7,11 @@ cd "$(dirname "$0")/.."
 # The default build includes the CUDA backend, whose kernels are compiled at build time: fetch
 # nvcc 13.0 from PyPI into .tools/ (once; no GPU needed). GPU tests skip without a device.
 bash scripts/setup-cuda.sh
+# The real example volume (MNI152, from the nilearn wheel on PyPI, once, into examples/data/):
+# a CLI test segments it with the bundled model; with MEDSA_EXAMPLE_DATA set, its absence fails.
+bash scripts/fetch-example.sh
+python3 scripts/prepare-mni152.py >/dev/null
+export MEDSA_EXAMPLE_DATA=1
 
 if cargo fmt --version >/dev/null 2>&1; then
   echo "== cargo fmt --check"
