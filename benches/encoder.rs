@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 
 use medsa::backend::cpu::Cpu;
-use medsa::backend::{Act, Backend, RelPos};
+use medsa::backend::{Act, Backend, RelPos, Tokens};
 use medsa::sam::random::{random_checkpoint, Rng};
 use medsa::sam::{Sam, SamConfig, Trace};
 use medsa::weights::WeightStore;
@@ -67,13 +67,21 @@ fn cuda_ops(c: &mut Criterion) {
         eprintln!("cuda benches skipped: no NVIDIA driver on this machine");
         return;
     }
-    let be = match Cuda::new(0, Precision::Bf16) {
+    let mut be = match Cuda::new(0, Precision::Bf16) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("cuda benches skipped: {e}");
             return;
         }
     };
+    // The "fused" rows below time the opt-in kernels too: the GELU epilogue and, in the first
+    // group's layer_norm, the warp-per-row kernel.
+    be.set_run_options(&medsa::backend::RunOptions {
+        gelu_tanh_epilogue: true,
+        layernorm_rows: true,
+        ..Default::default()
+    });
+    let be = be;
     let mut rng = Rng::new(3);
     let mut up = |s: &[usize], a: f32| be.upload(&rng.tensor(s, a)).unwrap();
     let x = up(&[8 * 4096, 768], 1.0);
@@ -94,7 +102,8 @@ fn cuda_ops(c: &mut Criterion) {
     grp.bench_function("attention_qkv global b8 4096 tok 12x64 relpos", |bch| {
         bch.iter(|| {
             let rel = RelPos::within(&rh, &rw, (64, 64));
-            be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
+            be.attention_qkv(&qkv, Tokens::Sequences, 12, 0.125, Some(rel))
+                .unwrap();
             be.synchronize().unwrap()
         })
     });
@@ -129,7 +138,9 @@ fn cuda_ops(c: &mut Criterion) {
                 let p = be.window_partition(&xmap, 14).unwrap();
                 let q = be.linear(&p, &w, Some(&b), Act::None).unwrap();
                 let q = be.reshape(&q, &[8 * 25, 196, 2304]).unwrap();
-                let o = be.attention_qkv(&q, 12, 0.125, rel14()).unwrap();
+                let o = be
+                    .attention_qkv(&q, Tokens::Sequences, 12, 0.125, rel14())
+                    .unwrap();
                 let o = be.reshape(&o, &[8 * 25, 14, 14, 768]).unwrap();
                 be.window_unpartition(&o, 14, (64, 64)).unwrap();
                 be.synchronize().unwrap()
@@ -141,8 +152,14 @@ fn cuda_ops(c: &mut Criterion) {
         |bch| {
             bch.iter(|| {
                 let q = be.linear(&xmap, &w, Some(&b), Act::None).unwrap();
-                be.attention_qkv_windowed(&q, &pad, 14, 12, 0.125, rel14())
-                    .unwrap();
+                be.attention_qkv(
+                    &q,
+                    Tokens::Windows { ws: 14, pad: &pad },
+                    12,
+                    0.125,
+                    rel14(),
+                )
+                .unwrap();
                 be.synchronize().unwrap()
             })
         },
@@ -195,7 +212,7 @@ fn cuda_ops(c: &mut Criterion) {
     });
     grp.finish();
 
-    // The attention kernel options (MEDSA_ATTN_*), each against none, on vit_b's global and
+    // The attention kernel options (RunOptions::attention), each against none, on vit_b's global and
     // windowed attentions at batch 8 with SAM's shift-invariant rel-pos tables: 128 query rows
     // per block instead of 64; the rel-pos terms on tensor cores instead of per-row dot
     // products; no mma work past the sequence ends (the partial tiles of the 196-token
@@ -238,7 +255,8 @@ fn cuda_ops(c: &mut Criterion) {
             |bch| {
                 bch.iter(|| {
                     let rel = RelPos::shift_invariant(&gh64, &gw64, (64, 64));
-                    be.attention_qkv(&qkv, 12, 0.125, Some(rel)).unwrap();
+                    be.attention_qkv(&qkv, Tokens::Sequences, 12, 0.125, Some(rel))
+                        .unwrap();
                     be.synchronize().unwrap()
                 })
             },
@@ -248,8 +266,14 @@ fn cuda_ops(c: &mut Criterion) {
             |bch| {
                 bch.iter(|| {
                     let rel = RelPos::shift_invariant(&gh14, &gw14, (14, 14));
-                    be.attention_qkv_windowed(&qkv_map, &pad, 14, 12, 0.125, Some(rel))
-                        .unwrap();
+                    be.attention_qkv(
+                        &qkv_map,
+                        Tokens::Windows { ws: 14, pad: &pad },
+                        12,
+                        0.125,
+                        Some(rel),
+                    )
+                    .unwrap();
                     be.synchronize().unwrap()
                 })
             },

@@ -13,12 +13,12 @@
 #   .device/build-root                   the repo path the tests were compiled in
 #
 # Steps: card, CUDA libraries (LD_LIBRARY_PATH), test binaries, `medsa-engine selftest`, medsa
-# benchmarks with MEDSA_FUSE=1, the fused encoder path (bf16 B=1,8; f32 B=1), and bf16 B=8 with
-# MEDSA_FUSE=0, the op-by-op path (CUDA's default until the fused one is verified), as the A/B,
-# and bf16 B=8 with MEDSA_ATTN_Q128=1 (the 128-query attention kernel), with MEDSA_ATTN_REL_MMA=1
-# (the rel-pos terms on tensor cores), with MEDSA_ATTN_TRIM=1 (no work past the sequence ends),
-# with MEDSA_ATTN_EXP2=1 (the softmax in log2 units), with MEDSA_ATTN_PREFETCH=1 (K and V
-# tiles fetched a whole tile ahead) and with all five (each opt-in until measured);
+# benchmarks with the default options (the fused encoder path; bf16 B=1,8; f32 B=1), and bf16 B=8
+# with --fused off (the op-by-op path) as the A/B, with --gelu-tanh-epilogue --layernorm-rows (the
+# two opt-in kernel choices, "kernels"), and with --attention-options q128 (the 128-query
+# attention kernel), rel-mma (the rel-pos terms on tensor cores), trim (no work past the
+# sequence ends), exp2 (the softmax in log2 units), prefetch (K and V tiles fetched a whole tile
+# ahead) and all five (each opt-in until measured);
 # the PyTorch baseline (tools/reference/bench_gpu.py), the training benchmark (issue 4:
 # `medsa-engine bench --train` bf16 B=2,8 and f32 B=2 against tools/reference/bench_train.py,
 # bf16 autocast and fp32, B=2,8; vit_b 1024, adapters+decoder), per-op profiles of bf16 B=8
@@ -102,15 +102,20 @@ run_step() {
   return "$rc"
 }
 
-# The opt-in attention options, as bench mode:variable suffix (MEDSA_ATTN_<suffix>).
-ATTN_OPTS="q128:Q128 relmma:REL_MMA trim:TRIM exp2:EXP2 prefetch:PREFETCH"
+# The opt-in attention options, as bench mode:--attention-options name.
+ATTN_OPTS="q128:q128 relmma:rel-mma trim:trim exp2:exp2 prefetch:prefetch"
 
-# Prints MEDSA_ATTN_<X>=1 for the option MODE names (every option for "all") and =0 for the
-# others, one assignment per line.
-attn_env() { # MODE
+# Prints the medsa-engine options of bench MODE, one per line: --fused off for "unfused", the two
+# opt-in kernels for "kernels", --attention-options with the MODE's option (every one for "all").
+mode_flags() { # MODE
   local o
+  case "$1" in
+    unfused) echo "--fused"; echo "off"; return ;;
+    kernels) echo "--gelu-tanh-epilogue"; echo "--layernorm-rows"; return ;;
+    all) echo "--attention-options"; echo "all"; return ;;
+  esac
   for o in $ATTN_OPTS; do
-    if [ "$1" = all ] || [ "$1" = "${o%%:*}" ]; then echo "MEDSA_ATTN_${o#*:}=1"; else echo "MEDSA_ATTN_${o#*:}=0"; fi
+    if [ "$1" = "${o%%:*}" ]; then echo "--attention-options"; echo "${o#*:}"; fi
   done
 }
 
@@ -306,20 +311,18 @@ main() {
   say "medsa benchmarks"
   : >"$OUT/bench.jsonl"
   local reserve=$((227 + TRAIN_S))
-  # MEDSA_FUSE=1: the fused encoder path; "unfused": MEDSA_FUSE=0, the op-by-op path (the A/B
-  # of the fused ops, same binary, same card); "q128": fused path with MEDSA_ATTN_Q128=1 (the
-  # A/B of the attention kernel variants); "relmma": fused path with MEDSA_ATTN_REL_MMA=1 (the
-  # A/B of the rel-pos prologue); "trim": fused path with MEDSA_ATTN_TRIM=1; "exp2": with
-  # MEDSA_ATTN_EXP2=1; "prefetch": with MEDSA_ATTN_PREFETCH=1; "all": the five
-  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 q128" "bf16 8 relmma" "bf16 8 trim" "bf16 8 exp2" "bf16 8 prefetch" "bf16 8 all" "f32 1"; do
+  # No mode: the defaults (the fused encoder path); "unfused": --fused off, the op-by-op path (the
+  # A/B of the fused ops, same binary, same card); "kernels": the tanh-GELU epilogue and the
+  # warp-per-row LayerNorm; "q128", "relmma", "trim", "exp2", "prefetch": that attention option
+  # (the A/B of the attention kernel variants); "all": the five
+  for spec in "bf16 1" "bf16 8" "bf16 8 unfused" "bf16 8 kernels" "bf16 8 q128" "bf16 8 relmma" "bf16 8 trim" "bf16 8 exp2" "bf16 8 prefetch" "bf16 8 all" "f32 1"; do
     read -r prec b mode <<<"$spec"
     name="bench $prec B=$b${mode:+ $mode}"
     log="$LOGS/bench-$prec-b$b${mode:+-$mode}.log"
     if [ ! -x "$BIN/medsa-engine" ]; then record "$name" FAIL - 0; continue; fi
-    mapfile -t attn < <(attn_env "$mode")
-    run_step "$name" 120 "$reserve" "$log" env MEDSA_FUSE="$([ "$mode" = unfused ] && echo 0 || echo 1)" \
-      "${attn[@]}" "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
-      --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3
+    mapfile -t flags < <(mode_flags "$mode")
+    run_step "$name" 120 "$reserve" "$log" "$BIN/medsa-engine" bench --device cuda --precision "$prec" \
+      --variant vit_b --size 1024 --batch "$b" --repeats 10 --warmup 3 "${flags[@]}"
     rc=$?
     reserve=$((reserve - 12))
     if [ "$rc" -eq 0 ]; then
@@ -391,9 +394,9 @@ main() {
       continue
     fi
     say "$name (optional)"
-    mapfile -t attn < <(attn_env "$mode")
-    run_step "$name" 40 0 "$log" env MEDSA_FUSE=1 MEDSA_PROFILE=1 "${attn[@]}" "$BIN/medsa-engine" bench --device cuda \
-      --precision bf16 --variant vit_b --size 1024 --batch 8 --repeats 3 --warmup 2
+    mapfile -t flags < <(mode_flags "$mode")
+    run_step "$name" 40 0 "$log" env MEDSA_PROFILE=1 "$BIN/medsa-engine" bench --device cuda \
+      --precision bf16 --variant vit_b --size 1024 --batch 8 --repeats 3 --warmup 2 "${flags[@]}"
     sed -n '/^profile/,/^{/p' "$log" | head -n 32
   done
 
@@ -427,17 +430,20 @@ card = open(os.path.join(logs, "card.txt")).read().strip() if os.path.exists(os.
 steps = [l.rstrip("\n").split("\t") for l in open(os.path.join(logs, "steps.tsv"))] if os.path.exists(os.path.join(logs, "steps.tsv")) else []
 
 # The opt-in attention options: bench JSON key (attn_<key>), row label, ratio label.
-OPTIONS = [("q128", "q128 attention (MEDSA_ATTN_Q128=1)", "128-query / 64-query attention"),
-           ("rel_mma", "rel-pos mma (MEDSA_ATTN_REL_MMA=1)", "rel-pos terms mma / dot products"),
-           ("trim", "trimmed attention (MEDSA_ATTN_TRIM=1)", "trimmed / untrimmed attention"),
-           ("exp2", "exp2 softmax (MEDSA_ATTN_EXP2=1)", "exp2 / natural-exp softmax"),
-           ("prefetch", "K/V prefetch (MEDSA_ATTN_PREFETCH=1)", "K/V prefetch / none")]
+OPTIONS = [("q128", "q128 attention (--attention-options q128)", "128-query / 64-query attention"),
+           ("rel_mma", "rel-pos mma (--attention-options rel-mma)", "rel-pos terms mma / dot products"),
+           ("trim", "trimmed attention (--attention-options trim)", "trimmed / untrimmed attention"),
+           ("exp2", "exp2 softmax (--attention-options exp2)", "exp2 / natural-exp softmax"),
+           ("prefetch", "K/V prefetch (--attention-options prefetch)", "K/V prefetch / none")]
+UNFUSED = "unfused (--fused off)"
+KERNELS = "tanh-GELU epilogue + row LayerNorm (--gelu-tanh-epilogue --layernorm-rows)"
 ALL = "all five attention options"  # every option of OPTIONS on
 
-def find_medsa(prec, b, fused=True, on=()):
+def find_medsa(prec, b, fused=True, on=(), kernels=False):
     """The run of this precision and batch with exactly the options `on` (keys of OPTIONS)."""
     for r in medsa:
         if (r.get("precision") == prec and int(r.get("batch", -1)) == b and r.get("fused", True) == fused
+                and r.get("gelu_tanh_epilogue", False) == kernels and r.get("layernorm_rows", False) == kernels
                 and all(r.get("attn_" + k, False) == (k in on) for k, _, _ in OPTIONS)):
             return {"median_s": r.get("median_s"), "images_per_s": r.get("images_per_s"),
                     "peak_bytes": r.get("peak_bytes")}
@@ -453,7 +459,8 @@ def find_torch(mode, b):
     return None
 
 rows = [("medsa bf16", lambda b: find_medsa("bf16", b)),
-        ("medsa bf16 unfused (MEDSA_FUSE=0)", lambda b: find_medsa("bf16", b, False)),
+        (f"medsa bf16 {UNFUSED}", lambda b: find_medsa("bf16", b, False)),
+        (f"medsa bf16 {KERNELS}", lambda b: find_medsa("bf16", b, kernels=True)),
         *[(f"medsa bf16 {label}", lambda b, k=k: find_medsa("bf16", b, on=(k,))) for k, label, _ in OPTIONS],
         (f"medsa bf16 {ALL}", lambda b: find_medsa("bf16", b, on=[k for k, _, _ in OPTIONS])),
         ("medsa f32", lambda b: find_medsa("f32", b)),
@@ -477,7 +484,8 @@ if torch_res:
 lines.append("")
 lines.append("vit_b image encoder, 1024×1024, random weights; median of 10 runs after 3 warm-up runs. "
              f"GEMM fraction = {FLOPS_PER_IMAGE / 1e9:.0f} GFLOP × batch / median / GEMM rate. "
-             "medsa rows run the fused encoder path (MEDSA_FUSE=1) unless marked unfused.")
+             "medsa rows run the default options (the fused encoder path, exact GELU, block-per-row "
+             "LayerNorm, no attention option) plus what the row names.")
 lines.append("")
 lines.append("| impl | batch | ms / batch (median) | images/s | peak MiB | fraction of bf16 GEMM rate |")
 lines.append("|---|---:|---:|---:|---:|---:|")
@@ -505,8 +513,10 @@ for ref in ("torch bf16 autocast", "torch bf16 autocast + SDPA"):
         a, t = ips.get(("medsa bf16", b)), ips.get((ref, b))
         parts.append(f"B={b}: " + (f"{a / t:.2f}×" if a and t else "—"))
     lines.append(f"medsa bf16 / {ref} images/s: " + ", ".join(parts) + "  ")
-a, u = ips.get(("medsa bf16", 8)), ips.get(("medsa bf16 unfused (MEDSA_FUSE=0)", 8))
+a, u = ips.get(("medsa bf16", 8)), ips.get((f"medsa bf16 {UNFUSED}", 8))
 lines.append("medsa bf16 fused / unfused images/s, B=8: " + (f"{a / u:.3f}×" if a and u else "—") + "  ")
+k = ips.get((f"medsa bf16 {KERNELS}", 8))
+lines.append("medsa bf16 opt-in kernels / default images/s, B=8: " + (f"{k / a:.3f}×" if a and k else "—") + "  ")
 for label, ratio in [(label, ratio) for _, label, ratio in OPTIONS] + [(ALL, f"{ALL} / none")]:
     x = ips.get((f"medsa bf16 {label}", 8))
     lines.append(f"medsa bf16 {ratio} images/s, B=8: " + (f"{x / a:.3f}×" if a and x else "—") + "  ")

@@ -7,8 +7,9 @@
 //! drops ([`crate::tensor::Tensor`]); the CPU backend takes buffers of the size it needs from
 //! here first. A model repeats the same shapes block after block, so exact sizes match.
 //!
-//! Only buffers of at least [`MIN_BYTES`] are kept, at most `MEDSA_HOST_POOL_MB` MiB in all
-//! (default 512; 0 turns the pool off), oldest dropped first.
+//! Only buffers of at least [`MIN_BYTES`] are kept, at most [`set_cap_mb`] MiB in all (default
+//! [`DEFAULT_CAP_MB`]; 0 turns the pool off; `RunOptions::host_pool_mb` on the command line),
+//! oldest dropped first.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, OnceLock};
@@ -17,7 +18,7 @@ use std::sync::{Mutex, OnceLock};
 pub const MIN_BYTES: usize = 1 << 20;
 
 /// Default cap on the bytes held, in MiB.
-const DEFAULT_CAP_MB: usize = 512;
+pub const DEFAULT_CAP_MB: usize = 512;
 
 /// The pool's state: a FIFO of free buffers and their total size.
 #[derive(Debug, Default)]
@@ -75,13 +76,20 @@ impl Pool {
 
 fn global() -> &'static Mutex<Pool> {
     static POOL: OnceLock<Mutex<Pool>> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let mb = std::env::var("MEDSA_HOST_POOL_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .unwrap_or(DEFAULT_CAP_MB);
-        Mutex::new(Pool::new(mb.saturating_mul(1 << 20)))
-    })
+    POOL.get_or_init(|| Mutex::new(Pool::new(DEFAULT_CAP_MB << 20)))
+}
+
+/// Sets the process-wide pool's cap to `mb` MiB (0: no pool), dropping the oldest buffers held
+/// beyond it.
+pub fn set_cap_mb(mb: usize) {
+    let mut p = global().lock().unwrap_or_else(|e| e.into_inner());
+    p.cap = mb.saturating_mul(1 << 20);
+    while p.bytes > p.cap {
+        match p.free.pop_front() {
+            Some(old) => p.bytes -= old.capacity() * 4,
+            None => break,
+        }
+    }
 }
 
 /// A buffer for `n` floats from the process-wide pool (length 0), if one is free.

@@ -88,6 +88,10 @@ fn forward_reproduces_fixture_outputs() {
 /// f32: on the GPU, or on the kernel emulator without one.
 #[cfg(feature = "cuda")]
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn forward_on_cuda_reproduces_fixture_outputs() {
     check_forward("cuda", &["--device", "cuda", "--precision", "f32"], |cmd| {
         common::kemu::cuda_command("forward_on_cuda_reproduces_fixture_outputs", cmd)

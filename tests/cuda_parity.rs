@@ -7,7 +7,7 @@
 mod common;
 
 use medsa::backend::cuda::{AttentionOptions, Cuda, CudaTensor, EmuSchedule, Precision};
-use medsa::backend::{Backend, RelPos};
+use medsa::backend::{Backend, RelPos, Tokens};
 use medsa::medsa::depth_branch::depth_grid;
 use medsa::sam::random::Rng;
 use medsa::selftest::{self, Tolerance};
@@ -20,9 +20,9 @@ fn device(p: Precision) -> Option<Cuda> {
 fn check(p: Precision, op_tol: Tolerance, model_tol: Tolerance) {
     let Some(mut be) = device(p) else { return };
     let mut checks = selftest::ops(&be, op_tol);
-    // The whole model on both encoder paths: op by op, and fused (MEDSA_FUSE=1).
+    // The whole model on both encoder paths: op by op, and fused (with the opt-in kernels).
     for fuse in [false, true] {
-        be.set_fusion(fuse);
+        common::set_fused_all(&mut be, fuse);
         checks.extend(tagged_model(
             &be,
             model_tol,
@@ -48,11 +48,19 @@ fn tagged_model(be: &Cuda, tol: Tolerance, tag: &str) -> Vec<selftest::Check> {
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_f32_matches_cpu_reference() {
     check(Precision::F32, Tolerance::F32, Tolerance::F32);
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_bf16_matches_cpu_reference() {
     check(Precision::Bf16, Tolerance::BF16, Tolerance::BF16_MODEL);
 }
@@ -69,13 +77,13 @@ fn missing_device_is_an_error_not_a_panic() {
 /// An attention kernel option that must not change a single output bit.
 #[derive(Clone, Copy)]
 enum Variant {
-    /// The 128-query kernel (`MEDSA_ATTN_Q128`) against the 64-query one: it changes which warp
+    /// The 128-query kernel (`--attention-options q128`) against the 64-query one: it changes which warp
     /// computes a row, not a single operation of that row's arithmetic.
     Q128,
-    /// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`): skipped rows are never
+    /// Trimming the work past the sequence ends (`--attention-options trim`): skipped rows are never
     /// stored, skipped keys carry exact zeros.
     Trim,
-    /// Fetching each K and V tile a whole tile ahead (`MEDSA_ATTN_PREFETCH`): the same
+    /// Fetching each K and V tile a whole tile ahead (`--attention-options prefetch`): the same
     /// arithmetic on the same data, from other buffers.
     Prefetch,
 }
@@ -162,10 +170,10 @@ fn same_on_both_kernels(
 }
 
 /// The fused-op self-tests and the whole model on the fixtures against the CPU reference, with
-/// fusion on (which also selects the warp-per-row LayerNorm kernels) and whatever attention
+/// fusion on (with the tanh-GELU epilogue and the warp-per-row LayerNorm kernels) and whatever attention
 /// options `be` has; prints the table and returns the number of failed checks.
 fn fused_ops_and_model(be: &mut Cuda) -> usize {
-    be.set_fusion(true);
+    common::set_fused_all(be, true);
     let mut checks = selftest::fused_ops(be, Tolerance::BF16);
     checks.extend(selftest::model(
         be,
@@ -176,6 +184,10 @@ fn fused_ops_and_model(be: &mut Cuda) -> usize {
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
@@ -246,7 +258,13 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
         "attention_qkv_windowed 2x20x23 ws 7",
         |b| {
             let rel = RelPos::within(&rh, &rw, (7, 7));
-            b.attention_qkv_windowed(&qkv, &pad, 7, h, scale, Some(rel))
+            b.attention_qkv(
+                &qkv,
+                Tokens::Windows { ws: 7, pad: &pad },
+                h,
+                scale,
+                Some(rel),
+            )
         },
     ));
     let depth = 6;
@@ -264,7 +282,7 @@ fn cuda_attention_q128_is_bit_identical_to_the_64_query_kernel() {
         "attention_qkv_depth 2 volumes x 6 slices of 6x7",
         |b| {
             let rel = RelPos::within(&dh, &dw, (gh, gw));
-            b.attention_qkv_depth(&vol, depth, h, scale, Some(rel))
+            b.attention_qkv(&vol, Tokens::Depth { depth }, h, scale, Some(rel))
         },
     ));
     // And against the CPU reference: the variant through the fused-op self-tests (windowed
@@ -309,18 +327,22 @@ fn q128_same_on_grids(
             } else {
                 RelPos::within(&rh, &rw, (gh, gw))
             };
-            b.attention_qkv(&qkv, h, scale, Some(rel))
+            b.attention_qkv(&qkv, Tokens::Sequences, h, scale, Some(rel))
         }));
     }
     failures
 }
 
-/// The rel-pos terms on tensor cores (`MEDSA_ATTN_REL_MMA`, shift-invariant tables only):
+/// The rel-pos terms on tensor cores (`--attention-options rel-mma`, shift-invariant tables only):
 /// every op self-test against the CPU reference (their shift-invariant attention cases take
 /// it: plain, windowed with padding and depth maps, head dims 64 and 80, the whole-tile 64-wide
 /// grids and grids spanning several rows per warp), the 128-query variant bit-identical to the
 /// 64-query kernel with it, and the whole model on both encoder paths.
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_attention_rel_mma_matches_cpu_reference() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
@@ -344,7 +366,7 @@ fn cuda_attention_rel_mma_matches_cpu_reference() {
         "rel mma",
     );
     for (fuse, q128) in [(false, false), (true, false), (true, true)] {
-        be.set_fusion(fuse);
+        common::set_fused_all(&mut be, fuse);
         be.set_attention_options(AttentionOptions { q128, ..rel_mma });
         let tag = format!("rel mma, fused {fuse}, q128 {q128}");
         checks.extend(tagged_model(&be, Tolerance::BF16_MODEL, &tag));
@@ -425,29 +447,39 @@ impl BitCases {
         let name = format!("attention_qkv_windowed 31x19 ws 14 d{} {tag}", self.d);
         failures.extend(same_on_both_kernels(be, variant, &name, |b| {
             let rel = RelPos::shift_invariant(&t[0], &t[1], (14, 14));
-            b.attention_qkv_windowed(qkv, pad, 14, h, scale, Some(rel))
+            b.attention_qkv(qkv, Tokens::Windows { ws: 14, pad }, h, scale, Some(rel))
         }));
         let name = format!("attention_qkv 8x64 d{} {tag}", self.d);
         failures.extend(same_on_both_kernels(be, variant, &name, |b| {
             let rel = RelPos::shift_invariant(&t[2], &t[3], (8, 64));
-            b.attention_qkv(&self.grid64, h, scale, Some(rel))
+            b.attention_qkv(&self.grid64, Tokens::Sequences, h, scale, Some(rel))
         }));
         let name = format!("attention_qkv_depth 2 x 6 slices of 3x5 d{} {tag}", self.d);
         let grid = depth_grid(DEPTH);
         failures.extend(same_on_both_kernels(be, variant, &name, |b| {
             let rel = RelPos::shift_invariant(&t[4], &t[5], grid);
-            b.attention_qkv_depth(&self.vol, DEPTH, h, scale, Some(rel))
+            b.attention_qkv(
+                &self.vol,
+                Tokens::Depth { depth: DEPTH },
+                h,
+                scale,
+                Some(rel),
+            )
         }));
         failures
     }
 }
 
-/// Trimming the work past the sequence ends (`MEDSA_ATTN_TRIM`) leaves every output bit as it
+/// Trimming the work past the sequence ends (`--attention-options trim`) leaves every output bit as it
 /// was ([`BitCases`]: partial query and key tiles, the unmasked whole-tile rel-pos path, head
 /// dims 64 and 80), on both kernels and both rel-pos prologues, with and without exp2. Then all
 /// the opt-in attention paths together, with fusion, against the CPU reference: the fused-op
 /// self-tests and the whole model.
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
@@ -488,12 +520,16 @@ fn cuda_attention_trim_is_bit_identical_and_all_options_match_cpu() {
     );
 }
 
-/// The softmax in log2 units (`MEDSA_ATTN_EXP2`, the `attention_exp2` and `attention_q128_exp2`
+/// The softmax in log2 units (`--attention-options exp2`, the `attention_exp2` and `attention_q128_exp2`
 /// kernels): every op self-test against the CPU reference (plain, windowed and depth attention,
 /// arbitrary and shift-invariant tables, head dims 64 and 80, the whole-tile path whose height
 /// term it folds into the row offsets), the 128-query kernel bit-identical to the 64-query one
 /// with it, and the whole model on both encoder paths.
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_attention_exp2_matches_cpu_reference() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;
@@ -511,7 +547,7 @@ fn cuda_attention_exp2_matches_cpu_reference() {
         "exp2",
     );
     for fuse in [false, true] {
-        be.set_fusion(fuse);
+        common::set_fused_all(&mut be, fuse);
         checks.extend(tagged_model(
             &be,
             Tolerance::BF16_MODEL,
@@ -525,7 +561,7 @@ fn cuda_attention_exp2_matches_cpu_reference() {
     );
 }
 
-/// Fetching each K and V tile a whole tile ahead (`MEDSA_ATTN_PREFETCH`, two K and two V
+/// Fetching each K and V tile a whole tile ahead (`--attention-options prefetch`, two K and two V
 /// buffers, one barrier per key tile) leaves every output bit as it was ([`BitCases`]: one to
 /// eight key tiles, so the buffers alternate and the last tile issues no fetch; windows with
 /// padding, depth maps, head dims 64 and 80), on both kernels, with and without the other
@@ -535,6 +571,10 @@ fn cuda_attention_exp2_matches_cpu_reference() {
 /// their wait (a wait that misses a tile, or a buffer refilled while a warp still reads it,
 /// changes them).
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_attention_prefetch_is_bit_identical() {
     let Some(mut be) = device(Precision::Bf16) else {
         return;

@@ -14,7 +14,7 @@
 mod common;
 
 use medsa::backend::cuda::{AttentionOptions, Cuda, CudaTensor, EmuSchedule, Precision};
-use medsa::backend::{Backend, RelPos};
+use medsa::backend::{Backend, RelPos, Tokens};
 use medsa::sam::random::Rng;
 use medsa::selftest::{self, Tolerance};
 use medsa::Tensor;
@@ -42,7 +42,7 @@ fn self_tests_shuffled(p: Precision, tol: Tolerance, seed: u64) {
     let Some(mut be) = emulator(&test, p) else {
         return;
     };
-    be.set_fusion(true);
+    common::set_fused_all(&mut be, true);
     be.set_attention_options(ALL_OPTIONS);
     be.set_emulator_schedule(EmuSchedule::Shuffled(seed));
     let failed = selftest::report(&selftest::ops(&be, tol));
@@ -53,11 +53,19 @@ fn self_tests_shuffled(p: Precision, tol: Tolerance, seed: u64) {
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn op_self_tests_pass_under_shuffled_schedules_f32() {
     self_tests_shuffled(Precision::F32, Tolerance::F32, 7);
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn op_self_tests_pass_under_shuffled_schedules_bf16() {
     self_tests_shuffled(Precision::Bf16, Tolerance::BF16, 11);
 }
@@ -96,17 +104,22 @@ fn staged_ops(be: &Cuda, rng: &mut Rng) -> Vec<(String, Op)> {
             format!("attention_qkv 12x10 rel d{d}"),
             Box::new(move |b| {
                 let rel = RelPos::within(&rh, &rw, (12, 10));
-                Ok(vec![b.attention_qkv(&qkv, h, scale, Some(rel))?])
+                Ok(vec![b.attention_qkv(
+                    &qkv,
+                    Tokens::Sequences,
+                    h,
+                    scale,
+                    Some(rel),
+                )?])
             }),
         ));
         ops.push((
             format!("attention_qkv_windowed 17x15 ws7 d{d}"),
             Box::new(move |b| {
                 let rel = RelPos::within(&wh, &ww, (7, 7));
-                Ok(vec![b.attention_qkv_windowed(
+                Ok(vec![b.attention_qkv(
                     &map,
-                    &pad,
-                    7,
+                    Tokens::Windows { ws: 7, pad: &pad },
                     h,
                     scale,
                     Some(rel),
@@ -117,7 +130,13 @@ fn staged_ops(be: &Cuda, rng: &mut Rng) -> Vec<(String, Op)> {
             format!("attention_qkv_depth 6 slices d{d}"),
             Box::new(move |b| {
                 let rel = RelPos::within(&dh, &dw, (2, 3));
-                Ok(vec![b.attention_qkv_depth(&vol, 6, h, scale, Some(rel))?])
+                Ok(vec![b.attention_qkv(
+                    &vol,
+                    Tokens::Depth { depth: 6 },
+                    h,
+                    scale,
+                    Some(rel),
+                )?])
             }),
         ));
     }
@@ -140,12 +159,16 @@ fn bits(be: &Cuda, ts: &[CudaTensor]) -> Vec<Tensor> {
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn staged_kernels_give_the_same_bits_in_every_thread_order() {
     let test = "staged_kernels_give_the_same_bits_in_every_thread_order";
     let Some(mut be) = emulator(test, Precision::Bf16) else {
         return;
     };
-    be.set_fusion(true);
+    common::set_fused_all(&mut be, true);
     let mut failures = Vec::new();
     for opts in [AttentionOptions::default(), ALL_OPTIONS] {
         be.set_attention_options(opts);
@@ -186,6 +209,10 @@ struct Buf([f32; 64]);
 /// tools/kemu/checks.cu, are reported; and its mma.sync, fed through mma.cuh's fragment layout,
 /// computes the plain product.
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn the_emulator_reports_planted_faults_and_multiplies_right() {
     let test = "the_emulator_reports_planted_faults_and_multiplies_right";
     let Some(be) = emulator(test, Precision::F32) else {

@@ -351,6 +351,10 @@ fn jpeg_rgb_and_16_bit_grey_inputs_give_masks_at_their_size() {
 /// to 0.5.
 #[cfg(feature = "cuda")]
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn batch_on_cuda_matches_the_cpu() {
     let test = "batch_on_cuda_matches_the_cpu";
     let d = tmpdir("on-cuda");

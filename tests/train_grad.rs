@@ -55,6 +55,27 @@ const LOSS: LossConfig = LossConfig {
     iou_weight: 1.0,
 };
 
+/// One forward-backward step of the tiny models' loss (single mask).
+fn step<B: Backend>(
+    be: &B,
+    model: &Sam<B>,
+    batch: &Batch,
+    grads: &mut Grads<B>,
+    recompute: bool,
+) -> (medsa::train::step::LossParts, Tensor) {
+    forward_backward(
+        be,
+        model,
+        batch,
+        MaskOutput::Single,
+        &LOSS,
+        grads,
+        1.0,
+        recompute,
+    )
+    .unwrap()
+}
+
 fn close(name: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<(), String> {
     if got.shape() != want.shape() {
         return Err(format!(
@@ -98,17 +119,7 @@ fn ckpt_names(map: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
 fn check_gradients<B: Backend>(be: &B, case: &str, set: &str) {
     let (model, batch, g) = setup(be, case);
     let mut grads = Grads::<B>::new(Arc::new(Trainable::parse(set).unwrap()));
-    let (parts, logits) = forward_backward(
-        be,
-        &model,
-        &batch,
-        MaskOutput::Single,
-        &LOSS,
-        &mut grads,
-        1.0,
-        false,
-    )
-    .unwrap();
+    let (parts, logits) = step(be, &model, &batch, &mut grads, false);
     close(
         "low_res_masks",
         &logits,
@@ -209,17 +220,7 @@ fn check_trajectory<B: Backend>(
     let want = g.tensor(&format!("{prefix}.loss")).unwrap();
     assert_eq!(want.numel(), steps);
     for (i, w) in want.data().iter().enumerate() {
-        let (parts, _) = forward_backward(
-            be,
-            &model,
-            &batch,
-            MaskOutput::Single,
-            &LOSS,
-            &mut grads,
-            1.0,
-            recompute,
-        )
-        .unwrap();
+        let (parts, _) = step(be, &model, &batch, &mut grads, recompute);
         let w = *w as f64;
         assert!(
             (parts.total - w).abs() <= 1e-4 * w.abs(),
@@ -303,6 +304,10 @@ fn cuda() -> Option<medsa::backend::cuda::Cuda> {
 
 #[cfg(feature = "cuda")]
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_gradients_match_pytorch() {
     let Some(be) = cuda() else { return };
     check_gradients(&be, "tiny", "all");
@@ -312,8 +317,57 @@ fn cuda_gradients_match_pytorch() {
 
 #[cfg(feature = "cuda")]
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn cuda_adamw_trajectories_match_pytorch() {
     let Some(be) = cuda() else { return };
     check_trajectory(&be, "tiny", "adam", "adapters+decoder", 10, false);
     check_trajectory(&be, "volume", "adam_adapters", "adapters", 3, true);
+}
+
+/// Recomputation repeats the forward bit for bit: with `recompute` every block keeps only its
+/// input and runs again in backward, and the logits and every gradient must equal those of a
+/// run that kept its caches exactly (same ops, same order, so no tolerance). `be` should fuse
+/// its inference path where it can, which is where forward and recompute could once differ.
+fn check_recompute_is_exact<B: Backend>(be: &B, case: &str, set: &str) {
+    let (model, batch, _) = setup(be, case);
+    let run = |recompute: bool| {
+        let mut grads = Grads::<B>::new(Arc::new(Trainable::parse(set).unwrap()));
+        let (parts, logits) = step(be, &model, &batch, &mut grads, recompute);
+        (parts.total, logits, to_ckpt_map(be, &grads.map))
+    };
+    let (l0, y0, g0) = run(false);
+    let (l1, y1, g1) = run(true);
+    assert_eq!(l0.to_bits(), l1.to_bits(), "{case}: loss {l0} vs {l1}");
+    assert_eq!(y0.data(), y1.data(), "{case}: logits differ");
+    assert_eq!(g0.keys().collect::<Vec<_>>(), g1.keys().collect::<Vec<_>>());
+    for (k, a) in &g0 {
+        assert!(a.data() == g1[k].data(), "{case}: gradient {k} differs");
+    }
+}
+
+#[test]
+fn recomputation_repeats_the_forward_bit_for_bit() {
+    let be = Cpu::new();
+    assert!(be.fused(), "the CPU fuses by default: the case to check");
+    check_recompute_is_exact(&be, "tiny", "all");
+    check_recompute_is_exact(&be, "volume", "adapters");
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
+fn cuda_recomputation_repeats_the_forward_bit_for_bit() {
+    // bf16 with the fused path: the tanh-GELU epilogue once made the recomputed forward differ.
+    let Some(mut be) = common::cuda_device("train_grad", medsa::backend::cuda::Precision::Bf16)
+    else {
+        return;
+    };
+    common::set_fused_all(&mut be, true);
+    check_recompute_is_exact(&be, "tiny", "all");
 }

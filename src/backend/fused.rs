@@ -1,10 +1,10 @@
 //! The plain op sequences behind the fused ops of [`Backend`]: the defaults of
-//! `linear_residual`, `add_layer_norm`, `attention_qkv_windowed` and `attention_qkv_depth`.
+//! `linear_residual`, `add_layer_norm` and `attention_qkv` (its three token maps).
 //!
 //! They are the definition of those ops (the CPU reference runs exactly these), and a backend
 //! that overrides an op can still call them, e.g. when it was asked not to fuse.
 
-use super::{Act, Backend, RelPos};
+use super::{Act, Backend, RelPos, Tokens};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -63,7 +63,7 @@ fn qkv_map_dims(
     Ok((s[0], s[1], s[2], s[3]))
 }
 
-/// The shape checks of [`Backend::attention_qkv_windowed`] (every backend's): returns
+/// The shape checks of [`Tokens::Windows`] attention (every backend's): returns
 /// `(B, H, W, 3 * heads * d)` for `qkv` `s`, a pad row of `pad_len` elements and window `ws`.
 pub(crate) fn windowed_dims(
     s: &[usize],
@@ -81,7 +81,7 @@ pub(crate) fn windowed_dims(
     Ok(d)
 }
 
-/// The shape checks of [`Backend::attention_qkv_depth`] (every backend's): returns
+/// The shape checks of [`Tokens::Depth`] attention (every backend's): returns
 /// `(V * depth, h, w, 3 * heads * d)` for `qkv` `s`.
 pub(crate) fn depth_dims(
     s: &[usize],
@@ -101,8 +101,31 @@ pub(crate) fn depth_dims(
     Ok(d)
 }
 
-/// Window partition of a packed projection whose padding tokens are `pad`, attention per window,
-/// unpartition.
+/// [`Tokens::Sequences`]: the packed projection split into q, k and v, then
+/// [`Backend::attention`].
+pub fn attention_qkv_sequences<B: Backend + ?Sized>(
+    be: &B,
+    qkv: &B::Tensor,
+    heads: usize,
+    scale: f32,
+    rel: Option<RelPos<'_, B::Tensor>>,
+) -> Result<B::Tensor> {
+    let s = be.dims(qkv).to_vec();
+    if s.len() != 3 || s[2] % 3 != 0 {
+        return Err(Error::shape(
+            "attention_qkv",
+            format!("{s:?} is not [B, L, 3*D]"),
+        ));
+    }
+    let d = s[2] / 3;
+    let q = be.narrow(qkv, 2, 0, d)?;
+    let k = be.narrow(qkv, 2, d, d)?;
+    let v = be.narrow(qkv, 2, 2 * d, d)?;
+    be.attention(&q, &k, &v, heads, scale, rel)
+}
+
+/// [`Tokens::Windows`]: window partition of a packed projection whose padding tokens are
+/// `pad`, attention per window, unpartition.
 ///
 /// [`Backend::window_partition`] pads with zeros; the padding rows are then set to `pad` by adding
 /// the outer product `mask x pad` (mask = 1 on padding rows). Both terms are exact: a real row
@@ -139,12 +162,13 @@ pub fn attention_qkv_windowed<B: Backend + ?Sized>(
         p = be.add_scaled(&p, 1.0, &fill, 1.0)?;
     }
     let p = be.reshape(&p, &[b * nh * nw, ws * ws, c3])?;
-    let o = be.attention_qkv(&p, heads, scale, rel)?;
+    let o = be.attention_qkv(&p, Tokens::Sequences, heads, scale, rel)?;
     let o = be.reshape(&o, &[b * nh * nw, ws, ws, c3 / 3])?;
     be.window_unpartition(&o, ws, (h, w))
 }
 
-/// Slice-major -> depth-major, attention over each token's slices, back to slice-major.
+/// [`Tokens::Depth`]: slice-major -> depth-major, attention over each token's slices, back to
+/// slice-major.
 pub fn attention_qkv_depth<B: Backend + ?Sized>(
     be: &B,
     qkv: &B::Tensor,
@@ -158,7 +182,7 @@ pub fn attention_qkv_depth<B: Backend + ?Sized>(
     let x = be.reshape(qkv, &[v, depth, h * w, c3])?;
     let x = be.permute(&x, &[0, 2, 1, 3])?;
     let x = be.reshape(&x, &[v * h * w, depth, c3])?;
-    let o = be.attention_qkv(&x, heads, scale, rel)?;
+    let o = be.attention_qkv(&x, Tokens::Sequences, heads, scale, rel)?;
     let o = be.reshape(&o, &[v, h * w, depth, c3 / 3])?;
     let o = be.permute(&o, &[0, 2, 1, 3])?;
     be.reshape(&o, &[n, h, w, c3 / 3])

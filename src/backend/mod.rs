@@ -14,6 +14,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fused;
+pub mod options;
+pub use options::{AttentionOptions, RunOptions};
 
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -54,6 +56,27 @@ pub struct RelPos<'a, T> {
     /// either way. False promises give wrong biases, so set it only through
     /// [`RelPos::shift_invariant`] on tables built that way.
     pub shift_invariant: bool,
+}
+
+/// Which tokens of a packed qkv projection attend to which ([`Backend::attention_qkv`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Tokens<'a, T> {
+    /// `[B, L, 3C]`: each of the `B` sequences attends within itself.
+    Sequences,
+    /// `[B, H, W, 3C]`: each `ws x ws` window of each map attends within itself; padding tokens
+    /// have the projection `pad` `[3C]`.
+    Windows {
+        /// Window side.
+        ws: usize,
+        /// The projection of a padding token.
+        pad: &'a T,
+    },
+    /// `[V * depth, h, w, 3C]`: each spatial token of each volume attends over its `depth`
+    /// slices.
+    Depth {
+        /// Slices per volume.
+        depth: usize,
+    },
 }
 
 impl<'a, T> RelPos<'a, T> {
@@ -123,6 +146,11 @@ pub trait Backend: Send + Sync {
     /// Same data, new shape (no copy). Element counts must match.
     fn reshape(&self, t: &Self::Tensor, shape: &[usize]) -> Result<Self::Tensor>;
 
+    // Each op is followed by its backward: the gradients of the op's inputs given the gradient
+    // of its output (`dy`). Ops that only some callers need (a frozen weight's gradient) take
+    // flags so nothing is computed for them. Backward defaults are compositions of the forward
+    // ops, correct on any backend; backends override them where a dedicated kernel is faster.
+
     // ----- layout ----------------------------------------------------------------------------
 
     /// `y = x.permute(perm)`, materialised contiguously. `y.shape[i] = x.shape[perm[i]]`.
@@ -166,191 +194,6 @@ pub trait Backend: Send + Sync {
     ) -> Result<Self::Tensor>;
     /// `y = act(x)`.
     fn activate(&self, x: &Self::Tensor, act: Act) -> Result<Self::Tensor>;
-
-    // ----- linear algebra --------------------------------------------------------------------
-
-    /// `y = act(x @ w^T + b)`: `x` is `[.., K]`, `w` is `[N, K]` (PyTorch's Linear layout), `b` is
-    /// `[N]`; `y` is `[.., N]`.
-    fn linear(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-        act: Act,
-    ) -> Result<Self::Tensor>;
-    /// Batched matrix product: `a` is `[Bt, M, K]`; `b` is `[Bt, K, N]`, or `[Bt, N, K]` when
-    /// `trans_b`; `y[t] = a[t] @ b[t]` (or `a[t] @ b[t]^T`) is `[Bt, M, N]`.
-    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, trans_b: bool) -> Result<Self::Tensor>;
-
-    // ----- normalisation ---------------------------------------------------------------------
-
-    /// LayerNorm over the last dimension: `y = (x - mean) / sqrt(var + eps) * g + b`, biased
-    /// variance. Channels-last LayerNorm2d is the same op.
-    fn layer_norm(
-        &self,
-        x: &Self::Tensor,
-        g: &Self::Tensor,
-        b: &Self::Tensor,
-        eps: f32,
-    ) -> Result<Self::Tensor>;
-
-    // ----- attention -------------------------------------------------------------------------
-
-    /// Multi-head attention: `q` is `[B, Lq, heads * d]`, `k` and `v` are `[B, Lk, heads * d]`;
-    /// for each batch and head `o = softmax(scale * q k^T + bias) v`, where `bias` is the
-    /// decomposed relative-position bias when `rel` is given (else zero). Output
-    /// `[B, Lq, heads * d]`. The `Lq x Lk` score matrix need not be materialised.
-    fn attention(
-        &self,
-        q: &Self::Tensor,
-        k: &Self::Tensor,
-        v: &Self::Tensor,
-        heads: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, Self::Tensor>>,
-    ) -> Result<Self::Tensor>;
-
-    /// Self-attention on a packed projection: `qkv` is `[B, L, 3 * heads * d]` with q, k and v
-    /// in that order along the last dimension (a qkv linear layer's output). Same result as
-    /// splitting it and calling [`Backend::attention`]; backends read the slices in place.
-    fn attention_qkv(
-        &self,
-        qkv: &Self::Tensor,
-        heads: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, Self::Tensor>>,
-    ) -> Result<Self::Tensor> {
-        let s = self.dims(qkv).to_vec();
-        if s.len() != 3 || s[2] % 3 != 0 {
-            return Err(crate::Error::shape(
-                "attention_qkv",
-                format!("{s:?} is not [B, L, 3*D]"),
-            ));
-        }
-        let d = s[2] / 3;
-        let q = self.narrow(qkv, 2, 0, d)?;
-        let k = self.narrow(qkv, 2, d, d)?;
-        let v = self.narrow(qkv, 2, 2 * d, d)?;
-        self.attention(&q, &k, &v, heads, scale, rel)
-    }
-
-    // ----- fused inference ops ---------------------------------------------------------------
-    //
-    // One op where the plain sequence takes several passes over memory (DESIGN principle 6).
-    // The defaults are those sequences (free functions in [`fused`], so a backend can still run
-    // them when asked not to fuse); the CPU reference keeps them, faster backends override.
-
-    /// Whether the model takes its fused inference path (these ops, one call where the plain
-    /// path makes several). The two paths agree up to the storage precision's rounding; a backend
-    /// returns `false` only to expose the plain sequence, e.g. for an A/B benchmark.
-    fn fused(&self) -> bool {
-        true
-    }
-
-    /// `y = r + alpha * (x @ w^T + b)`: a linear layer whose output is added to a residual
-    /// stream `r` (`[.., N]`, the shape of the output) in the same pass.
-    fn linear_residual(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-        r: &Self::Tensor,
-        alpha: f32,
-    ) -> Result<Self::Tensor> {
-        fused::linear_residual(self, x, w, b, r, alpha)
-    }
-
-    /// Residual add then LayerNorm: `s = a + beta * b` (same shapes), `y = layer_norm(s)`.
-    /// Returns `(s, y)`: the new residual stream and its normalised copy.
-    fn add_layer_norm(
-        &self,
-        a: &Self::Tensor,
-        b: &Self::Tensor,
-        beta: f32,
-        g: &Self::Tensor,
-        bias: &Self::Tensor,
-        eps: f32,
-    ) -> Result<(Self::Tensor, Self::Tensor)> {
-        fused::add_layer_norm(self, a, b, beta, g, bias, eps)
-    }
-
-    /// Windowed self-attention read straight from an unpartitioned packed projection.
-    ///
-    /// `qkv` `[B, H, W, 3 * heads * d]` is the qkv projection of every token of a `H x W` map.
-    /// The map is cut into `ws x ws` windows as [`Backend::window_partition`] cuts it; the
-    /// padding tokens (bottom/right, when `ws` does not divide `H` or `W`) have the projection
-    /// `pad` `[3 * heads * d]` (the projection of what the block pads with). Each window attends
-    /// within itself (`rel` on the `ws x ws` grid). Output `[B, H, W, heads * d]`, padding
-    /// positions dropped: `window_unpartition(attention_qkv(partition(qkv | pad)))`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_qkv_windowed(
-        &self,
-        qkv: &Self::Tensor,
-        pad: &Self::Tensor,
-        ws: usize,
-        heads: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, Self::Tensor>>,
-    ) -> Result<Self::Tensor> {
-        fused::attention_qkv_windowed(self, qkv, pad, ws, heads, scale, rel)
-    }
-
-    /// Depth-axis self-attention (SD-Trans) read straight from the slice-major layout.
-    ///
-    /// `qkv` `[V * depth, h, w, 3 * heads * d]` holds `V` volumes of `depth` slices (slice index
-    /// fastest, as the encoder's batch). Every spatial token `(v, y, x)` attends over its own
-    /// `depth` slices (`rel` on the depth grid, `Lq = Lk = depth`). Output
-    /// `[V * depth, h, w, heads * d]` in the same slice-major layout: the depth-major transposes
-    /// before and after [`Backend::attention_qkv`] are folded into the indexing.
-    fn attention_qkv_depth(
-        &self,
-        qkv: &Self::Tensor,
-        depth: usize,
-        heads: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, Self::Tensor>>,
-    ) -> Result<Self::Tensor> {
-        fused::attention_qkv_depth(self, qkv, depth, heads, scale, rel)
-    }
-
-    // ----- convolutions ----------------------------------------------------------------------
-
-    /// 2D convolution, channels-last: `x` `[B, H, W, Cin]`, `w` `[Cout, Cin, kh, kw]` (PyTorch
-    /// layout), optional `b` `[Cout]`, symmetric zero padding `pad`, stride `stride`. Output
-    /// `[B, Ho, Wo, Cout]` with `Ho = (H + 2 pad - kh) / stride + 1`.
-    fn conv2d(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-        stride: usize,
-        pad: usize,
-    ) -> Result<Self::Tensor>;
-    /// Transposed convolution with kernel 2, stride 2, channels-last: `x` `[B, H, W, Cin]`, `w`
-    /// `[Cin, Cout, 2, 2]` (PyTorch layout), `b` `[Cout]`; `y[b, 2i+di, 2j+dj, o] = b[o] +
-    /// sum_c x[b,i,j,c] w[c,o,di,dj]`, shape `[B, 2H, 2W, Cout]`.
-    fn conv_transpose2x2(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: &Self::Tensor,
-    ) -> Result<Self::Tensor>;
-
-    // ----- resampling (channels-first, as PyTorch's F.interpolate) --------------------------
-
-    /// `F.interpolate(x, size, mode="bilinear", align_corners=False)` on `[B, C, H, W]`.
-    fn resize_bilinear(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
-    /// `F.interpolate(x, size, mode="bicubic", align_corners=False)` (A = -0.75, border
-    /// clamped) on `[B, C, H, W]`.
-    fn resize_bicubic(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
-
-    // ----- backward ----------------------------------------------------------------------------
-    //
-    // Each backward op returns the gradients of a forward op's inputs given the gradient of its
-    // output (`dy`). Ops that only some callers need (a frozen weight's gradient) take flags so
-    // nothing is computed for them. The defaults are compositions of the forward ops, correct on
-    // any backend; backends override them where a dedicated kernel is faster.
-
     /// Gradient of [`Backend::activate`]: `dx = dy * act'(x)`, where `x` is the activation's
     /// *input*. GELU is the exact (erf) form: `act'(x) = Phi(x) + x * phi(x)`. ReLU's derivative
     /// at 0 is 0 (PyTorch's convention).
@@ -360,7 +203,6 @@ pub trait Backend: Send + Sync {
         dy: &Self::Tensor,
         act: Act,
     ) -> Result<Self::Tensor>;
-
     /// Column sums: `x` viewed as `[rows, cols]` (`cols` must divide the element count) ->
     /// `[cols]`. The gradient of a broadcast (bias, suffix-broadcast `add_scaled`).
     fn sum_rows(&self, x: &Self::Tensor, cols: usize) -> Result<Self::Tensor> {
@@ -378,6 +220,17 @@ pub trait Backend: Send + Sync {
         self.reshape(&y, &[cols])
     }
 
+    // ----- linear algebra --------------------------------------------------------------------
+
+    /// `y = act(x @ w^T + b)`: `x` is `[.., K]`, `w` is `[N, K]` (PyTorch's Linear layout), `b` is
+    /// `[N]`; `y` is `[.., N]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        act: Act,
+    ) -> Result<Self::Tensor>;
     /// Input gradient of [`Backend::linear`] (before its activation): `dy` `[.., N]`, `w`
     /// `[N, K]` -> `dx = dy @ w`, `[.., K]`.
     fn linear_backward_input(&self, dy: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor> {
@@ -398,7 +251,6 @@ pub trait Backend: Send + Sync {
         out.push(ws[1]);
         self.reshape(&dx, &out)
     }
-
     /// Weight gradients of [`Backend::linear`]: `x` `[.., K]`, `dy` `[.., N]` -> `dw = dy^T x`
     /// `[N, K]` and, if `bias`, `db = sum_rows(dy)` `[N]`.
     fn linear_backward_weight(
@@ -429,7 +281,21 @@ pub trait Backend: Send + Sync {
         };
         Ok((dw, db))
     }
+    /// Batched matrix product: `a` is `[Bt, M, K]`; `b` is `[Bt, K, N]`, or `[Bt, N, K]` when
+    /// `trans_b`; `y[t] = a[t] @ b[t]` (or `a[t] @ b[t]^T`) is `[Bt, M, N]`.
+    fn matmul(&self, a: &Self::Tensor, b: &Self::Tensor, trans_b: bool) -> Result<Self::Tensor>;
 
+    // ----- normalisation ---------------------------------------------------------------------
+
+    /// LayerNorm over the last dimension: `y = (x - mean) / sqrt(var + eps) * g + b`, biased
+    /// variance. Channels-last LayerNorm2d is the same op.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        g: &Self::Tensor,
+        b: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
     /// Gradient of [`Backend::layer_norm`]: returns `(dx, dg, db)` with `dg`, `db` summed over
     /// all rows.
     fn layer_norm_backward(
@@ -440,6 +306,21 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
 
+    // ----- attention -------------------------------------------------------------------------
+
+    /// Multi-head attention: `q` is `[B, Lq, heads * d]`, `k` and `v` are `[B, Lk, heads * d]`;
+    /// for each batch and head `o = softmax(scale * q k^T + bias) v`, where `bias` is the
+    /// decomposed relative-position bias when `rel` is given (else zero). Output
+    /// `[B, Lq, heads * d]`. The `Lq x Lk` score matrix need not be materialised.
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<Self::Tensor>;
     /// Gradient of [`Backend::attention`] given its inputs, its output `o` and the output
     /// gradient `d_o`. The bias depends on `q`, so its gradient flows into `dq` too; the gathered
     /// tables' gradients are returned when `rel` is given. Implementations recompute the scores
@@ -456,7 +337,99 @@ pub trait Backend: Send + Sync {
         scale: f32,
         rel: Option<RelPos<'_, Self::Tensor>>,
     ) -> Result<AttentionGrads<Self::Tensor>>;
+    /// Self-attention on a packed projection: `qkv` holds q, k and v in that order along its last
+    /// dimension (`3 * heads * d`, a qkv linear layer's output), and `tokens` says which of its
+    /// tokens attend to which (one op, three token maps; backends read the slices in place):
+    ///
+    /// - [`Tokens::Sequences`]: `qkv` `[B, L, 3 * heads * d]`; each sequence attends within itself,
+    ///   the same result as splitting `qkv` and calling [`Backend::attention`]. Output
+    ///   `[B, L, heads * d]`.
+    /// - [`Tokens::Windows`]: windowed self-attention read straight from an unpartitioned
+    ///   projection. `qkv` `[B, H, W, 3 * heads * d]` is the projection of every token of a
+    ///   `H x W` map, cut into `ws x ws` windows as [`Backend::window_partition`] cuts it; the
+    ///   padding tokens (bottom/right, when `ws` does not divide `H` or `W`) have the projection
+    ///   `pad` `[3 * heads * d]` (the projection of what the block pads with). Each window attends
+    ///   within itself (`rel` on the `ws x ws` grid). Output `[B, H, W, heads * d]`, padding
+    ///   positions dropped: `window_unpartition(attention_qkv(partition(qkv | pad)))`.
+    /// - [`Tokens::Depth`]: depth-axis self-attention (SD-Trans) read straight from the
+    ///   slice-major layout. `qkv` `[V * depth, h, w, 3 * heads * d]` holds `V` volumes of `depth`
+    ///   slices (slice index fastest, as the encoder's batch); every spatial token `(v, y, x)`
+    ///   attends over its own `depth` slices (`rel` on the depth grid, `Lq = Lk = depth`). Output
+    ///   `[V * depth, h, w, heads * d]` in the same layout: the depth-major transposes before and
+    ///   after the attention are folded into the indexing.
+    ///
+    /// The defaults are the plain op sequences of [`fused`].
+    fn attention_qkv(
+        &self,
+        qkv: &Self::Tensor,
+        tokens: Tokens<'_, Self::Tensor>,
+        heads: usize,
+        scale: f32,
+        rel: Option<RelPos<'_, Self::Tensor>>,
+    ) -> Result<Self::Tensor> {
+        match tokens {
+            Tokens::Sequences => fused::attention_qkv_sequences(self, qkv, heads, scale, rel),
+            Tokens::Windows { ws, pad } => {
+                fused::attention_qkv_windowed(self, qkv, pad, ws, heads, scale, rel)
+            }
+            Tokens::Depth { depth } => {
+                fused::attention_qkv_depth(self, qkv, depth, heads, scale, rel)
+            }
+        }
+    }
 
+    // ----- fused inference ops ------------------------------------------------------------------
+    //
+    // One op where the plain sequence takes several passes over memory (DESIGN principle 6).
+    // The defaults are those sequences (free functions in [`fused`], so a backend can still run
+    // them when asked not to fuse); the CPU reference keeps them, faster backends override.
+    // Their backward is the plain sequence's: training runs the op-by-op block forward.
+
+    /// Whether the model takes its fused inference path (these ops, one call where the plain
+    /// path makes several): [`RunOptions::fused`], on by default on every backend. The two paths
+    /// agree up to the storage precision's rounding.
+    fn fused(&self) -> bool {
+        true
+    }
+    /// `y = r + alpha * (x @ w^T + b)`: a linear layer whose output is added to a residual
+    /// stream `r` (`[.., N]`, the shape of the output) in the same pass.
+    fn linear_residual(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        r: &Self::Tensor,
+        alpha: f32,
+    ) -> Result<Self::Tensor> {
+        fused::linear_residual(self, x, w, b, r, alpha)
+    }
+    /// Residual add then LayerNorm: `s = a + beta * b` (same shapes), `y = layer_norm(s)`.
+    /// Returns `(s, y)`: the new residual stream and its normalised copy.
+    fn add_layer_norm(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        beta: f32,
+        g: &Self::Tensor,
+        bias: &Self::Tensor,
+        eps: f32,
+    ) -> Result<(Self::Tensor, Self::Tensor)> {
+        fused::add_layer_norm(self, a, b, beta, g, bias, eps)
+    }
+
+    // ----- convolutions ----------------------------------------------------------------------
+
+    /// 2D convolution, channels-last: `x` `[B, H, W, Cin]`, `w` `[Cout, Cin, kh, kw]` (PyTorch
+    /// layout), optional `b` `[Cout]`, symmetric zero padding `pad`, stride `stride`. Output
+    /// `[B, Ho, Wo, Cout]` with `Ho = (H + 2 pad - kh) / stride + 1`.
+    fn conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self::Tensor>;
     /// Gradient of [`Backend::conv2d`]: returns `(dx if need_dx, dw, db if bias)`.
     #[allow(clippy::too_many_arguments)]
     fn conv2d_backward(
@@ -469,7 +442,15 @@ pub trait Backend: Send + Sync {
         need_dx: bool,
         bias: bool,
     ) -> Result<ConvGrads<Self::Tensor>>;
-
+    /// Transposed convolution with kernel 2, stride 2, channels-last: `x` `[B, H, W, Cin]`, `w`
+    /// `[Cin, Cout, 2, 2]` (PyTorch layout), `b` `[Cout]`; `y[b, 2i+di, 2j+dj, o] = b[o] +
+    /// sum_c x[b,i,j,c] w[c,o,di,dj]`, shape `[B, 2H, 2W, Cout]`.
+    fn conv_transpose2x2(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
     /// Gradient of [`Backend::conv_transpose2x2`]: `(dx, dw, db)`. `dy` `[B, 2H, 2W, Cout]` is
     /// regrouped into `[B*H*W, (di, dj, o)]` rows, after which both gradients are GEMMs.
     fn conv_transpose2x2_backward(
@@ -511,4 +492,12 @@ pub trait Backend: Send + Sync {
         let db = self.sum_rows(dy, co)?;
         Ok((dx, dw, db))
     }
+
+    // ----- resampling (channels-first, as PyTorch's F.interpolate) --------------------------
+
+    /// `F.interpolate(x, size, mode="bilinear", align_corners=False)` on `[B, C, H, W]`.
+    fn resize_bilinear(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
+    /// `F.interpolate(x, size, mode="bicubic", align_corners=False)` (A = -0.75, border
+    /// clamped) on `[B, C, H, W]`.
+    fn resize_bicubic(&self, x: &Self::Tensor, size: (usize, usize)) -> Result<Self::Tensor>;
 }

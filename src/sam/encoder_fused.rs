@@ -1,12 +1,12 @@
-//! The encoder block's fused inference path: the math of `Block::forward_plain` (SPEC sections
+//! The encoder block's fused inference path: the math of `Block::forward_t` (SPEC sections
 //! 1-3) with fewer passes over memory (DESIGN principle 6).
 //!
 //! - norm1 and the qkv projection run on the unpartitioned map; the attention reads its windows,
-//!   and the padding tokens' projection, through `attention_qkv_windowed`. No window partition or
-//!   unpartition pass, and the projections skip the padding rows (4900 -> 4096 rows per image in
-//!   vit_b's windowed blocks at 1024).
+//!   and the padding tokens' projection, through `attention_qkv` with `Tokens::Windows`. No
+//!   window partition or unpartition pass, and the projections skip the padding rows (4900 ->
+//!   4096 rows per image in vit_b's windowed blocks at 1024).
 //! - The SD-Trans depth branch reuses that normalised map and its projection (both per token, so
-//!   equal in any layout) and attends along depth through `attention_qkv_depth`, with no
+//!   equal in any layout) and attends along depth through `Tokens::Depth`, with no
 //!   depth-major transposes.
 //! - Residual adds ride in GEMM epilogues (`linear_residual`) or in the next LayerNorm
 //!   (`add_layer_norm`); the adapters' skips and the MLP adapter's scale too.
@@ -19,7 +19,7 @@
 //! with slices; only the plain path builds those, so such blocks take it.
 
 use super::image_encoder::{Block, DepthSpec, MLP_ADAPTER_SCALE};
-use crate::backend::{Act, Backend, RelPos};
+use crate::backend::{Act, Backend, RelPos, Tokens};
 use crate::error::{Error, Result};
 use crate::medsa::depth_branch::{depth_grid, DepthMode};
 use crate::tensor::Tensor;
@@ -59,12 +59,18 @@ impl<B: Backend> Block<B> {
             let (rh, rw) = att.rel_tables(be, ws, ws)?;
             let rel = RelPos::shift_invariant(&rh, &rw, (ws, ws));
             let pad = self.pad_projection(be, c)?;
-            be.attention_qkv_windowed(&qkv, &pad, ws, heads, scale, Some(rel))?
+            be.attention_qkv(
+                &qkv,
+                Tokens::Windows { ws, pad: &pad },
+                heads,
+                scale,
+                Some(rel),
+            )?
         } else {
             let (rh, rw) = att.rel_tables(be, h, w)?;
             let rel = RelPos::shift_invariant(&rh, &rw, (h, w));
             let q3 = be.reshape(&qkv, &[n, h * w, 3 * c])?;
-            let o = be.attention_qkv(&q3, heads, scale, Some(rel))?;
+            let o = be.attention_qkv(&q3, Tokens::Sequences, heads, scale, Some(rel))?;
             be.reshape(&o, &[n, h, w, c])?
         };
 
@@ -73,7 +79,13 @@ impl<B: Backend> Block<B> {
                 let (dh, dw) = depth_grid(spec.d);
                 let (rh, rw) = att.rel_tables(be, dh, dw)?;
                 let rel = RelPos::shift_invariant(&rh, &rw, (dh, dw));
-                let od = be.attention_qkv_depth(&qkv, spec.d, heads, scale, Some(rel))?;
+                let od = be.attention_qkv(
+                    &qkv,
+                    Tokens::Depth { depth: spec.d },
+                    heads,
+                    scale,
+                    Some(rel),
+                )?;
                 let od = att.proj.forward(be, &od, Act::None)?;
                 Some(ad.forward(be, &od)?)
             }
@@ -167,7 +179,7 @@ mod tests {
         assert!(blk.fusable(depth));
         let x = Rng::new(3).tensor(&[batch, grid.0, grid.1, 32], 1.0);
         let a = blk.forward_fused(&be, &x, depth).unwrap();
-        let b = blk.forward_plain(&be, &x, depth).unwrap();
+        let b = blk.forward_t(&be, &x, depth).unwrap().0;
         assert_eq!(a.shape(), b.shape());
         let rms = (b.data().iter().map(|v| v * v).sum::<f32>() / b.data().len() as f32).sqrt();
         let err = a

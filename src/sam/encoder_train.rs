@@ -2,7 +2,7 @@
 //! (`forward_t`), and the backward passes (explicit, layer by layer; `nn` states the gradient
 //! rules). The inference side is `sam::image_encoder`.
 
-use crate::backend::{Act, Backend, RelPos};
+use crate::backend::{Act, Backend, RelPos, Tokens};
 use crate::error::{Error, Result};
 use crate::medsa::adapter::Adapter;
 use crate::medsa::depth_branch::{self, DepthMode};
@@ -10,6 +10,7 @@ use crate::sam::image_encoder::{
     Block, DepthSpec, EncoderAttention, ImageEncoder, MLP_ADAPTER_SCALE,
 };
 use crate::sam::rel_pos;
+use crate::sam::Trace;
 
 use crate::medsa::adapter::AdapterCache;
 use crate::nn::{dx, Grads, Param, ParamList};
@@ -62,7 +63,13 @@ impl<B: Backend> EncoderAttention<B> {
         let qkv = self.qkv.forward(be, &xs, Act::None)?;
         let (rh, rw) = self.rel_tables(be, gh, gw)?;
         let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
-        let o = be.attention_qkv(&qkv, self.heads, self.scale(dim), Some(rel))?;
+        let o = be.attention_qkv(
+            &qkv,
+            Tokens::Sequences,
+            self.heads,
+            self.scale(dim),
+            Some(rel),
+        )?;
         let y = self.proj.forward(be, &o, Act::None)?;
         let y = be.reshape(&y, &[n, gh, gw, dim])?;
         Ok((
@@ -245,7 +252,9 @@ impl<B: Backend> Block<B> {
         depth_branch::from_depth_major(be, &g, c.d, c.hw)
     }
 
-    /// [`Block::forward`] keeping what backward needs.
+    /// The block as SPEC.md writes it (window partition and unpartition, separate residual
+    /// adds, the depth branch through explicit depth-major transposes), keeping what backward
+    /// needs; [`Block::forward`] is this with the cache dropped.
     pub fn forward_t(
         &self,
         be: &B,
@@ -504,33 +513,45 @@ impl<B: Backend> ImageEncoder<B> {
         grads: &Grads<B>,
         recompute: bool,
     ) -> Result<(B::Tensor, EncoderCache<B::Tensor>)> {
-        let s = be.dims(images).to_vec();
-        if s.len() != 4 || s[1] != 3 || s[2] % self.patch != 0 || s[3] % self.patch != 0 {
-            return Err(Error::Input(format!(
-                "images have shape {s:?}; expected [B, 3, H, W] with H and W multiples of {}",
-                self.patch
-            )));
-        }
-        let grid = (s[2] / self.patch, s[3] / self.patch);
         let first = self.first_trained_block(grads);
+        self.run(be, images, depth, first, recompute, &mut Trace::off())
+    }
+
+    /// The encoder's one forward. Blocks before `first` take no gradient: they run the
+    /// inference forward (fused where the backend fuses) and keep nothing. From `first` on,
+    /// a block keeps its cache, or with `recompute` only its input; both run
+    /// [`Block::forward_t`], which is also what backward recomputes, so a recomputed block
+    /// repeats its forward bit for bit.
+    pub(crate) fn run(
+        &self,
+        be: &B,
+        images: &B::Tensor,
+        depth: Option<DepthSpec>,
+        first: usize,
+        recompute: bool,
+        trace: &mut Trace<B>,
+    ) -> Result<(B::Tensor, EncoderCache<B::Tensor>)> {
+        let grid = self.check_input(be, images, depth)?;
         let x0 = be.permute(images, &[0, 2, 3, 1])?;
         let x = self.patch_embed.forward(be, &x0)?;
         let pos = self.pos_embed_for(be, grid)?;
         let mut x = be.add_scaled(&x, 1.0, &pos, 1.0)?;
+        trace.record(be, "enc.patch_embed", &x);
         let mut blocks = Vec::with_capacity(self.blocks.len());
         for (i, blk) in self.blocks.iter().enumerate() {
-            if i < first {
-                x = blk.forward(be, &x, depth)?;
-                blocks.push(SavedBlock::Skipped);
-            } else if recompute {
-                let y = blk.forward(be, &x, depth)?;
-                blocks.push(SavedBlock::Input(x));
-                x = y;
+            let (y, saved) = if i < first {
+                (blk.forward(be, &x, depth)?, SavedBlock::Skipped)
             } else {
                 let (y, c) = blk.forward_t(be, &x, depth)?;
-                blocks.push(SavedBlock::Full(Box::new(c)));
-                x = y;
-            }
+                if recompute {
+                    (y, SavedBlock::Input(x))
+                } else {
+                    (y, SavedBlock::Full(Box::new(c)))
+                }
+            };
+            blocks.push(saved);
+            x = y;
+            trace.record_with(be, || format!("enc.blocks.{i}"), &x);
         }
         let y1 = self.neck_conv1.forward(be, &x, Act::None)?;
         let y1n = self.neck_norm1.forward(be, &y1)?;

@@ -10,10 +10,10 @@
 //! code does, so padded tokens become `norm1(0) = norm1.bias`; we follow each checkpoint's own
 //! reference so that results match the code it was trained with.
 
-use crate::backend::{Act, Backend, RelPos};
+use crate::backend::{Act, Backend, RelPos, Tokens};
 use crate::error::{Error, Result};
 use crate::medsa::adapter::Adapter;
-use crate::medsa::depth_branch::{self, DepthMode};
+use crate::medsa::depth_branch::DepthMode;
 use crate::nn::{Conv2d, LayerNorm, Linear};
 use crate::sam::config::{BlockConfig, SamConfig};
 use crate::sam::rel_pos;
@@ -79,7 +79,13 @@ impl<B: Backend> EncoderAttention<B> {
         let (rh, rw) = self.rel_tables(be, gh, gw)?;
         let hd = dim / self.heads;
         let rel = RelPos::shift_invariant(&rh, &rw, (gh, gw));
-        let o = be.attention_qkv(&qkv, self.heads, (hd as f32).powf(-0.5), Some(rel))?;
+        let o = be.attention_qkv(
+            &qkv,
+            Tokens::Sequences,
+            self.heads,
+            (hd as f32).powf(-0.5),
+            Some(rel),
+        )?;
         let o = self.proj.forward(be, &o, Act::None)?;
         be.reshape(&o, &[n, gh, gw, dim])
     }
@@ -168,97 +174,16 @@ impl<B: Backend> Block<B> {
         })
     }
 
-    /// The SD-Trans branch on `x` `[b*d, h, w, C]` (see `medsa::depth_branch`).
-    fn depth_branch(
-        &self,
-        be: &B,
-        x: &B::Tensor,
-        d: usize,
-        adapter: &Adapter<B>,
-    ) -> Result<B::Tensor> {
-        let s = be.dims(x).to_vec();
-        let (dh, dw) = depth_branch::depth_grid(d);
-        let xd = depth_branch::to_depth_major(be, x, d)?;
-        let xd = self.norm1.forward(be, &xd)?;
-        let n = be.dims(&xd)[0];
-        let xd = be.reshape(&xd, &[n, dh, dw, s[3]])?;
-        let xd = self.attn.forward(be, &xd)?;
-        let xd = adapter.forward(be, &xd)?;
-        depth_branch::from_depth_major(be, &xd, d, (s[1], s[2]))
-    }
-
-    /// `x` `[B, h, w, D]` -> `[B, h, w, D]`. Takes the fused path (`sam::encoder_fused`) when
-    /// the backend fuses and the block's configuration allows it.
+    /// `x` `[B, h, w, D]` -> `[B, h, w, D]`. Inference is the training forward
+    /// ([`Block::forward_t`]) with its cache dropped, so inference, training and recomputation run
+    /// one body; backends that fuse take the fused variant (`sam::encoder_fused`, the same math
+    /// in fewer passes) where the block's configuration allows it.
     pub fn forward(&self, be: &B, x: &B::Tensor, depth: Option<DepthSpec>) -> Result<B::Tensor> {
         if be.fused() && self.fusable(depth) {
             self.forward_fused(be, x, depth)
         } else {
-            self.forward_plain(be, x, depth)
+            Ok(self.forward_t(be, x, depth)?.0)
         }
-    }
-
-    /// The block op by op, as SPEC.md writes it: window partition and unpartition, separate
-    /// residual adds, the depth branch through explicit depth-major transposes.
-    pub fn forward_plain(
-        &self,
-        be: &B,
-        x: &B::Tensor,
-        depth: Option<DepthSpec>,
-    ) -> Result<B::Tensor> {
-        let s = be.dims(x).to_vec();
-        let (h, w) = (s[1], s[2]);
-        let ws = self.cfg.window;
-        let depth = match (&self.depth_adapter, depth) {
-            (Some(a), Some(spec)) => Some((a, spec)),
-            _ => None,
-        };
-        // Partitioned input of the attention (and of the compat depth branch).
-        let (xw, attn_in) = if self.cfg.is_medsa() {
-            let xw = if ws > 0 {
-                be.window_partition(x, ws)?
-            } else {
-                x.clone()
-            };
-            let xn = self.norm1.forward(be, &xw)?;
-            (xw, xn)
-        } else {
-            let xn = self.norm1.forward(be, x)?;
-            let xn = if ws > 0 {
-                be.window_partition(&xn, ws)?
-            } else {
-                xn
-            };
-            (x.clone(), xn)
-        };
-        let mut a = self.attn.forward(be, &attn_in)?;
-        if let Some(sa) = &self.space_adapter {
-            a = sa.forward(be, &a)?;
-        }
-        let mut late_depth = None;
-        if let Some((ad, spec)) = depth {
-            if spec.mode == DepthMode::Compat || ws == 0 {
-                let xd = self.depth_branch(be, &xw, spec.d, ad)?;
-                a = be.add_scaled(&a, 1.0, &xd, 1.0)?;
-            } else {
-                late_depth = Some(self.depth_branch(be, x, spec.d, ad)?);
-            }
-        }
-        if ws > 0 {
-            a = be.window_unpartition(&a, ws, (h, w))?;
-        }
-        let mut x = be.add_scaled(x, 1.0, &a, 1.0)?;
-        if let Some(xd) = late_depth {
-            x = be.add_scaled(&x, 1.0, &xd, 1.0)?;
-        }
-        let xn = self.norm2.forward(be, &x)?;
-        let m = self.lin1.forward(be, &xn, Act::Gelu)?;
-        let m = self.lin2.forward(be, &m, Act::None)?;
-        let mut x = be.add_scaled(&x, 1.0, &m, 1.0)?;
-        if let Some(ma) = &self.mlp_adapter {
-            let y = ma.forward(be, &xn)?;
-            x = be.add_scaled(&x, 1.0, &y, MLP_ADAPTER_SCALE)?;
-        }
-        Ok(x)
     }
 }
 
@@ -342,7 +267,8 @@ impl<B: Backend> ImageEncoder<B> {
         be.permute(&r, &[0, 2, 3, 1])
     }
 
-    /// `images` `[B, 3, H, W]` -> embeddings `[B, C, H/p, W/p]`.
+    /// `images` `[B, 3, H, W]` -> embeddings `[B, C, H/p, W/p]`: the training forward with
+    /// no block trained (so nothing is kept), recording each stage in `trace`.
     pub fn forward(
         &self,
         be: &B,
@@ -350,12 +276,25 @@ impl<B: Backend> ImageEncoder<B> {
         depth: Option<DepthSpec>,
         trace: &mut Trace<B>,
     ) -> Result<B::Tensor> {
+        Ok(self
+            .run(be, images, depth, self.blocks.len(), false, trace)?
+            .0)
+    }
+
+    /// The token grid of `images`, or an error naming what is wrong with the batch.
+    pub(crate) fn check_input(
+        &self,
+        be: &B,
+        images: &B::Tensor,
+        depth: Option<DepthSpec>,
+    ) -> Result<(usize, usize)> {
         let s = be.dims(images).to_vec();
         if s.len() != 4
             || s[1] != 3
             || s[2] % self.patch != 0
             || s[3] % self.patch != 0
             || s[2] == 0
+            || s[3] == 0
         {
             return Err(Error::Input(format!(
                 "images have shape {s:?}; expected [B, 3, H, W] with H and W positive multiples of {}",
@@ -370,21 +309,7 @@ impl<B: Backend> ImageEncoder<B> {
                 )));
             }
         }
-        let grid = (s[2] / self.patch, s[3] / self.patch);
-        let x = be.permute(images, &[0, 2, 3, 1])?;
-        let x = self.patch_embed.forward(be, &x)?;
-        let pos = self.pos_embed_for(be, grid)?;
-        let mut x = be.add_scaled(&x, 1.0, &pos, 1.0)?;
-        trace.record(be, "enc.patch_embed", &x);
-        for (i, blk) in self.blocks.iter().enumerate() {
-            x = blk.forward(be, &x, depth)?;
-            trace.record_with(be, || format!("enc.blocks.{i}"), &x);
-        }
-        let y = self.neck_conv1.forward(be, &x, Act::None)?;
-        let y = self.neck_norm1.forward(be, &y)?;
-        let y = self.neck_conv2.forward(be, &y)?;
-        let y = self.neck_norm2.forward(be, &y)?;
-        be.permute(&y, &[0, 3, 1, 2])
+        Ok((s[2] / self.patch, s[3] / self.patch))
     }
 }
 

@@ -7,7 +7,7 @@
 
 use super::{pair, pair_n, rel_pos, rel_table, si_tag, Check, Tolerance};
 use crate::backend::cpu::Cpu;
-use crate::backend::Backend;
+use crate::backend::{Backend, Tokens};
 use crate::medsa::depth_branch::depth_grid;
 use crate::sam::random::Rng;
 
@@ -108,7 +108,13 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                 tol,
                 |b, x| {
                     let rel = rel_pos(&x[2], &x[3], (ws, ws), si);
-                    b.attention_qkv_windowed(&x[0], &x[1], ws, heads, scale, Some(rel))
+                    b.attention_qkv(
+                        &x[0],
+                        Tokens::Windows { ws, pad: &x[1] },
+                        heads,
+                        scale,
+                        Some(rel),
+                    )
                 }
             ));
         }
@@ -141,7 +147,7 @@ pub fn fused_ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                 tol,
                 |b, x| {
                     let rel = rel_pos(&x[1], &x[2], (dh, dw), si);
-                    b.attention_qkv_depth(&x[0], depth, heads, scale, Some(rel))
+                    b.attention_qkv(&x[0], Tokens::Depth { depth }, heads, scale, Some(rel))
                 }
             ));
         }

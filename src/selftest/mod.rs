@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::backend::cpu::Cpu;
-use crate::backend::{Act, Backend, RelPos};
+use crate::backend::{Act, Backend, RelPos, Tokens};
 use crate::error::Result;
 use crate::sam::model::postprocess_masks;
 use crate::sam::random::Rng;
@@ -423,7 +423,13 @@ pub fn ops<B: Backend>(be: &B, tol: Tolerance) -> Vec<Check> {
                 format!("attention_qkv b{bsz} {gh}x{gw} h{h} d{d}{}", si_tag(si)),
                 ins,
                 tol,
-                |b, x| b.attention_qkv(&x[0], h, scale, Some(rel_pos(&x[1], &x[2], (gh, gw), si)))
+                |b, x| b.attention_qkv(
+                    &x[0],
+                    Tokens::Sequences,
+                    h,
+                    scale,
+                    Some(rel_pos(&x[1], &x[2], (gh, gw), si))
+                )
             ));
         }
     }

@@ -1,6 +1,8 @@
-//! Training building blocks (issue 4 groundwork): losses with their gradients, AdamW with
-//! schedules and gradient clipping, and prompt sampling from masks. The backward passes of the
-//! network itself and the `train` command build on these.
+//! Adapter fine-tuning: the `train` command's library side. [`trainer::train`] runs a whole
+//! job (data discovery and loading, prompts sampled from masks, forward and explicit backward
+//! through the model, losses, AdamW with schedules and clipping, validation, checkpoints that
+//! resume exactly); [`step`] is one forward-backward step, [`checkpoint`] the adapter format,
+//! [`loss`], [`optim`] and [`sampler`] the pieces.
 
 mod cases;
 pub mod checkpoint;

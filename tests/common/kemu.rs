@@ -228,6 +228,11 @@ pub fn emulated_device(test: &str, p: Precision) -> Option<Cuda> {
         Ok(lib) => Some(Cuda::emulated(lib, p).unwrap_or_else(|e| panic!("{test}: {e}"))),
         Err(why) => {
             use std::io::Write;
+            // The build found what the emulator needs (else the test is compiled as ignored):
+            // failing to get it now is a broken emulator build, not a reason to pass.
+            if !cfg!(medsa_no_cuda_tests) {
+                panic!("{test}: the CUDA kernel emulator could not be built: {why}");
+            }
             let _ = writeln!(
                 std::io::stderr(),
                 "{test}: SKIPPED: the CUDA kernel emulator is not available: {why}"
@@ -251,6 +256,11 @@ pub fn cuda_command(test: &str, cmd: &mut std::process::Command) -> bool {
             true
         }
         Err(why) => {
+            if !cfg!(medsa_no_cuda_tests) {
+                panic!(
+                    "{test}: no GPU driver, and the CUDA kernel emulator could not be built: {why}"
+                );
+            }
             let _ = writeln!(
                 std::io::stderr(),
                 "{test}: SKIPPED: no GPU driver, and the CUDA kernel emulator is not available: {why}"

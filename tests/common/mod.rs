@@ -146,3 +146,15 @@ fn emulated(
     );
     Some(be)
 }
+
+/// The fused path together with the opt-in kernel choices that used to ride with it (the
+/// tanh-GELU epilogue, the warp-per-row LayerNorm), all `on` or all off, keeping the attention
+/// options: the coverage the emulator's "fused" runs have always had.
+#[cfg(feature = "cuda")]
+pub fn set_fused_all(be: &mut medsa::backend::cuda::Cuda, on: bool) {
+    let mut o = be.run_options();
+    o.fused = on;
+    o.gelu_tanh_epilogue = on;
+    o.layernorm_rows = on;
+    be.set_run_options(&o);
+}

@@ -2,7 +2,7 @@
 //! position bias, plus the CPU's windowed-attention override against the generic fused sequence.
 
 use medsa::backend::cpu::Cpu;
-use medsa::backend::{Backend, RelPos};
+use medsa::backend::{Backend, RelPos, Tokens};
 use medsa::Tensor;
 
 use super::{assert_close, Rng};
@@ -169,7 +169,7 @@ fn windowed_attention_override_equals_the_plain_sequence() {
         let rw = rng.tensor(&[ws, ws, d]);
         let rel = || Some(RelPos::within(&rh, &rw, (ws, ws)));
         let a = be
-            .attention_qkv_windowed(&qkv, &pad, ws, heads, 0.35, rel())
+            .attention_qkv(&qkv, Tokens::Windows { ws, pad: &pad }, heads, 0.35, rel())
             .unwrap();
         let b =
             medsa::backend::fused::attention_qkv_windowed(&be, &qkv, &pad, ws, heads, 0.35, rel())

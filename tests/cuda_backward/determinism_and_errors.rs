@@ -10,6 +10,10 @@ use super::{attn_backward, attn_inputs, device};
 
 /// Every reduction has a fixed order: two runs give identical bits.
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn backward_is_deterministic() {
     for p in [Precision::F32, Precision::Bf16] {
         let Some(be) = device(p) else { return };
@@ -51,6 +55,10 @@ fn rng_tensor(seed: u64, shape: &[usize], a: f32) -> Tensor {
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn bad_shapes_are_errors() {
     let Some(be) = device(Precision::F32) else {
         return;

@@ -78,6 +78,10 @@ fn fd_checks(
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn attention_backward_matches_finite_differences() {
     let Some(be) = device(Precision::F32) else {
         return;
@@ -120,6 +124,10 @@ fn attention_backward_matches_finite_differences() {
 }
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn layer_norm_and_conv_backward_match_finite_differences() {
     let Some(be) = device(Precision::F32) else {
         return;

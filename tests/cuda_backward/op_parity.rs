@@ -277,10 +277,18 @@ fn conv_checks(be: &Cuda, tol: Tolerance) -> Vec<Check> {
 macro_rules! parity_tests {
     ($($f32:ident, $bf16:ident => $checks:ident;)*) => {$(
         #[test]
+        #[cfg_attr(
+            medsa_no_cuda_tests,
+            ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+        )]
         fn $f32() {
             run(Precision::F32, stringify!($checks), $checks);
         }
         #[test]
+        #[cfg_attr(
+            medsa_no_cuda_tests,
+            ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+        )]
         fn $bf16() {
             run(Precision::Bf16, stringify!($checks), $checks);
         }

@@ -9,6 +9,10 @@ use super::{
 };
 
 #[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
 fn train_on_cuda_matches_train_on_cpu() {
     let test = "train_on_cuda_matches_train_on_cpu";
     let d = scratch("on-cuda");

@@ -26,7 +26,7 @@ mod resize;
 
 use rayon::prelude::*;
 
-use super::{Act, AttentionGrads, Backend, RelPos};
+use super::{Act, AttentionGrads, Backend, RelPos, RunOptions, Tokens};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -37,17 +37,25 @@ pub(crate) const PAR_MIN: usize = 1 << 15;
 /// The CPU backend. Stateless: threads come from rayon's global pool.
 #[derive(Clone, Debug)]
 pub struct Cpu {
-    /// Whether the model takes its fused path (`MEDSA_FUSE=0` at creation turns it off, for A/B
-    /// runs; both paths compute the same thing).
+    /// Whether the model takes its fused path ([`RunOptions::fused`]; both paths compute the
+    /// same thing).
     fuse: bool,
 }
 
 impl Cpu {
-    /// A CPU backend on rayon's global thread pool.
+    /// A CPU backend on rayon's global thread pool, with the default [`RunOptions`] (the host
+    /// pool keeps whatever cap it has).
     pub fn new() -> Self {
         Cpu {
-            fuse: std::env::var("MEDSA_FUSE").map_or(true, |v| v != "0"),
+            fuse: RunOptions::default().fused,
         }
+    }
+
+    /// A CPU backend running as `o` says (the attention kernel options are CUDA's; the host
+    /// pool's cap is process-wide and set here).
+    pub fn with_options(o: &RunOptions) -> Self {
+        crate::host_pool::set_cap_mb(o.host_pool_mb);
+        Cpu { fuse: o.fused }
     }
 }
 
@@ -446,15 +454,25 @@ impl Backend for Cpu {
         self.fuse
     }
 
-    fn attention_qkv_windowed(
+    fn attention_qkv(
         &self,
         qkv: &Tensor,
-        pad: &Tensor,
-        ws: usize,
+        tokens: Tokens<'_, Tensor>,
         heads: usize,
         scale: f32,
         rel: Option<RelPos<'_, Tensor>>,
     ) -> Result<Tensor> {
+        let (ws, pad) = match tokens {
+            Tokens::Windows { ws, pad } => (ws, pad),
+            Tokens::Sequences => {
+                return crate::backend::fused::attention_qkv_sequences(self, qkv, heads, scale, rel)
+            }
+            Tokens::Depth { depth } => {
+                return crate::backend::fused::attention_qkv_depth(
+                    self, qkv, depth, heads, scale, rel,
+                )
+            }
+        };
         // The plain sequence of `backend::fused`, with the padding rows written by the partition
         // itself instead of by an extra outer product and add over the whole tensor.
         let (b, h, w, c3) =
@@ -462,7 +480,7 @@ impl Backend for Cpu {
         let p = partition_padded(qkv, ws, Some(pad.data()))?;
         let nwin = b * h.div_ceil(ws) * w.div_ceil(ws);
         let p = p.reshape(&[nwin, ws * ws, c3])?;
-        let o = self.attention_qkv(&p, heads, scale, rel)?;
+        let o = self.attention_qkv(&p, Tokens::Sequences, heads, scale, rel)?;
         let o = o.reshape(&[nwin, ws, ws, c3 / 3])?;
         self.window_unpartition(&o, ws, (h, w))
     }

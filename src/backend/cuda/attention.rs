@@ -2,13 +2,9 @@
 //! `kernels/attention.cu` (its token-row maps: plain sequences, windows of a map with padding,
 //! depth sequences of a slice-major volume).
 
-use super::{Arg, Cuda, CudaTensor, Precision};
+use super::{shape_err, Arg, Cuda, CudaTensor, Precision};
 use crate::backend::{fused, RelPos};
-use crate::error::{Error, Result};
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
+use crate::error::Result;
 
 /// Head dims the attention kernel is built for (`kernels/attention.cu`).
 const ATTN_MAX_D: usize = 128;
@@ -100,7 +96,8 @@ impl Cuda {
         )
     }
 
-    /// [`Backend::attention_qkv_windowed`](crate::backend::Backend::attention_qkv_windowed) on this device.
+    /// [`Backend::attention_qkv`](crate::backend::Backend::attention_qkv) with
+    /// [`Tokens::Windows`](crate::backend::Tokens::Windows) on this device.
     pub(super) fn attention_qkv_windowed_impl(
         &self,
         qkv: &CudaTensor,
@@ -133,7 +130,8 @@ impl Cuda {
         )
     }
 
-    /// [`Backend::attention_qkv_depth`](crate::backend::Backend::attention_qkv_depth) on this device.
+    /// [`Backend::attention_qkv`](crate::backend::Backend::attention_qkv) with
+    /// [`Tokens::Depth`](crate::backend::Tokens::Depth) on this device.
     pub(super) fn attention_qkv_depth_impl(
         &self,
         qkv: &CudaTensor,
@@ -161,46 +159,7 @@ impl Cuda {
     }
 }
 
-/// The opt-in options of the tensor-core attention kernels (bf16, head dim 64 or 80), each off
-/// by default until a device run has verified and measured it (docs/PERF.md).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AttentionOptions {
-    /// The 128-query kernel variant (`MEDSA_ATTN_Q128=1`; head dim 64 only, and only where the
-    /// card gives it the shared memory it needs: ~101 KB with the rel-pos terms of a 64x64
-    /// grid, so sm_86/sm_89 keep the 64-query kernel).
-    pub q128: bool,
-    /// The rel-pos terms of shift-invariant tables ([`RelPos::shift_invariant`]) on tensor
-    /// cores instead of per-row dot products (`MEDSA_ATTN_REL_MMA=1`).
-    pub rel_mma: bool,
-    /// No mma work for query and key groups wholly past the sequence ends
-    /// (`MEDSA_ATTN_TRIM=1`; outputs bit-identical either way).
-    pub trim: bool,
-    /// The softmax in log2 units (`MEDSA_ATTN_EXP2=1`): log2(e) folded into the score scale and
-    /// the rel-pos terms, each probability one `ex2` of score minus offset, and on the global
-    /// blocks' whole-tile path the row's height term folded into that offset (two instructions
-    /// less per score). Separate kernel entries (`attention_exp2`, `attention_q128_exp2`).
-    pub exp2: bool,
-    /// Second K and V buffers (`MEDSA_ATTN_PREFETCH=1`): each K and V tile is fetched during
-    /// the whole previous key tile, and each key tile takes one block barrier instead of two.
-    /// The second K buffer (and in the 128-query kernel the second V buffer) is the Q tile's
-    /// shared memory, dead once Q is in registers; the 64-query kernel needs 2 x 64 x (d + 8)
-    /// bytes more for its second V buffer. Outputs bit-identical either way.
-    pub prefetch: bool,
-}
-
-impl AttentionOptions {
-    /// The options the environment asks for (each variable set to `1`).
-    pub fn from_env() -> Self {
-        let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
-        AttentionOptions {
-            q128: on("MEDSA_ATTN_Q128"),
-            rel_mma: on("MEDSA_ATTN_REL_MMA"),
-            trim: on("MEDSA_ATTN_TRIM"),
-            exp2: on("MEDSA_ATTN_EXP2"),
-            prefetch: on("MEDSA_ATTN_PREFETCH"),
-        }
-    }
-}
+pub use crate::backend::options::AttentionOptions;
 
 impl Cuda {
     /// The options that take effect for self-attention with head dim `d` over a `grid x grid`

@@ -4,13 +4,9 @@
 //! Shapes are checked here; outputs and f32 scratch come from the pool (see `backward.rs`).
 
 use super::backward::Scratch;
-use super::{Arg, Cuda, CudaTensor};
+use super::{shape_err, Arg, Cuda, CudaTensor};
 use crate::backend::{AttentionGrads, RelPos};
-use crate::error::{Error, Result};
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
+use crate::error::Result;
 
 /// Head dims the attention backward kernels are built for (`kernels/attention_backward.cu`).
 const ATTN_BWD_MAX_D: usize = 128;

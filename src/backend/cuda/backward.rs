@@ -10,13 +10,9 @@
 use std::sync::Arc;
 
 use super::gemm::GemmSpec;
-use super::{dev, Arg, Cuda, CudaTensor, DevBuf};
+use super::{dev, shape_err, Arg, Cuda, CudaTensor, DevBuf};
 use crate::backend::Act;
-use crate::error::{Error, Result};
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
+use crate::error::Result;
 
 /// Most partial rows a column sum reduces in its second pass.
 const COLSUM_MAX_PARTS: usize = 256;

@@ -2,13 +2,9 @@
 //! and the bilinear / bicubic resizes: shape checks and launches behind `Backend for Cuda`.
 
 use super::gemm::GemmSpec;
-use super::{Arg, Cuda, CudaTensor};
+use super::{shape_err, Arg, Cuda, CudaTensor};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
+use crate::error::Result;
 
 impl Cuda {
     /// `Backend::conv2d`: im2col (`kernels/elementwise.cu`) + one cuBLASLt GEMM.

@@ -2,13 +2,9 @@
 //! (cuBLASLt's C operand) and a residual add followed by LayerNorm in one kernel
 //! (`kernels/layernorm.cu`).
 
-use super::{Arg, Cuda, CudaTensor};
+use super::{shape_err, Arg, Cuda, CudaTensor};
 use crate::backend::Backend;
-use crate::error::{Error, Result};
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
+use crate::error::Result;
 
 impl Cuda {
     /// [`Backend::linear_residual`](crate::backend::Backend::linear_residual) on this device.

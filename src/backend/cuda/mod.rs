@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 
+use crate::backend::RunOptions;
 use crate::error::{Error, Result};
 pub use attention::AttentionOptions;
 pub use emu::EmuSchedule;
@@ -172,6 +173,11 @@ enum Device {
     Emu(emu::Emu),
 }
 
+/// The shape error of op `op`, written once for every launcher file.
+pub(super) fn shape_err(op: &'static str, msg: String) -> Error {
+    Error::shape(op, msg)
+}
+
 /// The CUDA backend on one device.
 pub struct Cuda {
     device: Device,
@@ -179,11 +185,15 @@ pub struct Cuda {
     precision: Precision,
     name: String,
     max_smem_optin: i32,
-    /// The model's fused path, the GELU epilogue and the warp-per-row `layer_norm` kernel
-    /// (`MEDSA_FUSE=1`; off by default on CUDA until a device run has verified and measured
-    /// them, see docs/PERF.md). The fused ops themselves always run their kernels when called.
+    /// The model's fused path ([`RunOptions::fused`]). The fused ops themselves always run
+    /// their kernels when called.
     fuse: bool,
-    /// The opt-in attention kernel options (`MEDSA_ATTN_*`).
+    /// GELU linears in cuBLASLt's tanh epilogue, bf16 inference only
+    /// ([`RunOptions::gelu_tanh_epilogue`]).
+    gelu_tanh: bool,
+    /// The warp-per-row `layer_norm` kernel ([`RunOptions::layernorm_rows`]).
+    layernorm_rows: bool,
+    /// The opt-in attention kernel options.
     attn: AttentionOptions,
     /// Per-kernel timings when `MEDSA_PROFILE=1` (each launch synchronised: for profiling only).
     profile: Option<Mutex<std::collections::BTreeMap<String, (u64, f64)>>>,
@@ -278,8 +288,10 @@ impl Cuda {
             pool,
             precision,
             max_smem_optin,
-            fuse: std::env::var("MEDSA_FUSE").is_ok_and(|v| v == "1"),
-            attn: AttentionOptions::from_env(),
+            fuse: RunOptions::default().fused,
+            gelu_tanh: RunOptions::default().gelu_tanh_epilogue,
+            layernorm_rows: RunOptions::default().layernorm_rows,
+            attn: RunOptions::default().attention,
             profile: std::env::var("MEDSA_PROFILE")
                 .ok()
                 .filter(|v| v == "1")
@@ -348,25 +360,42 @@ impl Cuda {
         v
     }
 
-    /// Whether the model takes the fused path (`MEDSA_FUSE=1` at start-up).
+    /// Takes `o`'s choices (the host pool's cap is the CPU's and is left alone).
+    pub fn set_run_options(&mut self, o: &RunOptions) {
+        self.fuse = o.fused;
+        self.gelu_tanh = o.gelu_tanh_epilogue;
+        self.layernorm_rows = o.layernorm_rows;
+        self.attn = o.attention;
+    }
+
+    /// The backend's [`RunOptions`] (the host pool's default cap).
+    pub fn run_options(&self) -> RunOptions {
+        RunOptions {
+            fused: self.fuse,
+            gelu_tanh_epilogue: self.gelu_tanh,
+            layernorm_rows: self.layernorm_rows,
+            attention: self.attn,
+            ..RunOptions::default()
+        }
+    }
+
+    /// Whether the model takes the fused path.
     pub fn fusion(&self) -> bool {
         self.fuse
     }
 
-    /// Chooses the model's path (fused or op by op) regardless of `MEDSA_FUSE`: for tests that
-    /// check both.
+    /// Chooses the model's path (fused or op by op) alone: for tests that check both.
     pub fn set_fusion(&mut self, on: bool) {
         self.fuse = on;
     }
 
-    /// The attention kernel options asked for (`MEDSA_ATTN_*` at start-up, or the last
+    /// The attention kernel options asked for ([`RunOptions::attention`], or the last
     /// [`Cuda::set_attention_options`]).
     pub fn attention_options(&self) -> AttentionOptions {
         self.attn
     }
 
-    /// Chooses the attention kernel options regardless of the environment: for tests and
-    /// benches that compare them.
+    /// Chooses the attention kernel options alone: for tests and benches that compare them.
     pub fn set_attention_options(&mut self, o: AttentionOptions) {
         self.attn = o;
     }

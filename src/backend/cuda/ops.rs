@@ -2,14 +2,10 @@
 //! one kernel (or a cuBLASLt GEMM). Launch geometries follow the headers of `kernels/*.cu`.
 
 use super::gemm::GemmSpec;
-use super::{Arg, Cuda, CudaTensor, PermArgs, Precision};
-use crate::backend::{Act, AttentionGrads, Backend, RelPos};
-use crate::error::{Error, Result};
+use super::{shape_err, Arg, Cuda, CudaTensor, PermArgs, Precision};
+use crate::backend::{Act, AttentionGrads, Backend, RelPos, Tokens};
+use crate::error::Result;
 use crate::tensor::Tensor;
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
 
 fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
@@ -439,11 +435,12 @@ impl Backend for Cuda {
         // differ by at most 4.8e-4 in absolute terms (at x = -2.7, where gelu is -0.0094;
         // under 2e-6 for |x| < 0.25): an eighth of bf16's rounding step at 1.0, the scale of
         // the MLP activations, though large relative to the small negative tail values
-        // themselves. With fusion on (MEDSA_FUSE=1) in bf16, every GELU linear takes the
-        // epilogue: the MLPs' lin1 (one pass less over their widest activation,
-        // [tokens, 4 * dim]) and the adapters' fc1, in fused and unfusable blocks alike; f32
-        // parity mode and fusion off keep the exact kernel.
-        let epilogue_gelu = act == Act::Gelu && self.precision == Precision::Bf16 && self.fuse;
+        // themselves. With `RunOptions::gelu_tanh_epilogue` in bf16, every inference GELU linear
+        // takes the epilogue: the MLPs' lin1 (one pass less over their widest activation,
+        // [tokens, 4 * dim]) and the adapters' fc1; f32 parity mode keeps the exact kernel, and
+        // training forwards never come here with GELU (`nn::Linear::forward_t` splits it off
+        // to keep the pre-activation), so the backward differentiates what its forward ran.
+        let epilogue_gelu = act == Act::Gelu && self.precision == Precision::Bf16 && self.gelu_tanh;
         let (y, applied) = self.linear_ex(x, w, b, m, epilogue_gelu, None, 1.0)?;
         match act {
             Act::None => Ok(y),
@@ -513,9 +510,9 @@ impl Backend for Cuda {
         let y = self.empty(&x.shape)?;
         let rows = x.numel() / c.max(1);
         if rows > 0 && c > 0 {
-            // The warp-per-row kernel rides with the fused path (MEDSA_FUSE=1) until a device
+            // The warp-per-row kernel is opt-in (`RunOptions::layernorm_rows`) until a device
             // run has verified it; the block-per-row kernel is the verified default.
-            let warp = self.fuse && self.layernorm_warp_fits(c, &[x, g, b, &y]);
+            let warp = self.layernorm_rows && self.layernorm_warp_fits(c, &[x, g, b, &y]);
             let (kernel, grid) = if warp {
                 ("layernorm_warp", rows.div_ceil(4))
             } else {
@@ -555,11 +552,18 @@ impl Backend for Cuda {
     fn attention_qkv(
         &self,
         qkv: &CudaTensor,
+        tokens: Tokens<'_, CudaTensor>,
         heads: usize,
         scale: f32,
         rel: Option<RelPos<'_, CudaTensor>>,
     ) -> Result<CudaTensor> {
-        self.attention_qkv_impl(qkv, heads, scale, rel)
+        match tokens {
+            Tokens::Sequences => self.attention_qkv_impl(qkv, heads, scale, rel),
+            Tokens::Windows { ws, pad } => {
+                self.attention_qkv_windowed_impl(qkv, pad, ws, heads, scale, rel)
+            }
+            Tokens::Depth { depth } => self.attention_qkv_depth_impl(qkv, depth, heads, scale, rel),
+        }
     }
 
     fn fused(&self) -> bool {
@@ -587,29 +591,6 @@ impl Backend for Cuda {
         eps: f32,
     ) -> Result<(CudaTensor, CudaTensor)> {
         self.add_layer_norm_impl(a, b, beta, g, bias, eps)
-    }
-
-    fn attention_qkv_windowed(
-        &self,
-        qkv: &CudaTensor,
-        pad: &CudaTensor,
-        ws: usize,
-        heads: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, CudaTensor>>,
-    ) -> Result<CudaTensor> {
-        self.attention_qkv_windowed_impl(qkv, pad, ws, heads, scale, rel)
-    }
-
-    fn attention_qkv_depth(
-        &self,
-        qkv: &CudaTensor,
-        depth: usize,
-        heads: usize,
-        scale: f32,
-        rel: Option<RelPos<'_, CudaTensor>>,
-    ) -> Result<CudaTensor> {
-        self.attention_qkv_depth_impl(qkv, depth, heads, scale, rel)
     }
 
     fn conv2d(

@@ -1,12 +1,8 @@
 //! The CUDA window partition and unpartition of SAM's windowed blocks (the op-by-op path; the
 //! fused path folds both into the attention kernel's indexing, see `attention.rs`).
 
-use super::{Arg, Cuda, CudaTensor};
-use crate::error::{Error, Result};
-
-fn shape_err(op: &'static str, msg: String) -> Error {
-    Error::shape(op, msg)
-}
+use super::{shape_err, Arg, Cuda, CudaTensor};
+use crate::error::Result;
 
 impl Cuda {
     /// `Backend::window_partition`: SAM's zero padding and window split in one gather.

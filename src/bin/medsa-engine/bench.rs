@@ -61,8 +61,9 @@ pub(super) fn bench<B: Backend>(
         .unwrap_or_else(|| "null".into());
     let [q128, rel_mma, trim, exp2, prefetch] =
         dev.attention_options(cfg.embed_dim / cfg.heads, size / cfg.patch);
+    let (gelu_tanh, ln_rows) = dev.kernel_options();
     println!(
-        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"adapters\":{adapters},\"fused\":{},\"attn_q128\":{q128},\"attn_rel_mma\":{rel_mma},\"attn_trim\":{trim},\"attn_exp2\":{exp2},\"attn_prefetch\":{prefetch},\"size\":{size},\"batch\":{batch},\"peak_bytes\":{peak},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
+        "{{\"impl\":\"medsa\",\"device\":\"{}\",\"variant\":\"{variant}\",\"adapters\":{adapters},\"fused\":{},\"gelu_tanh_epilogue\":{gelu_tanh},\"layernorm_rows\":{ln_rows},\"attn_q128\":{q128},\"attn_rel_mma\":{rel_mma},\"attn_trim\":{trim},\"attn_exp2\":{exp2},\"attn_prefetch\":{prefetch},\"size\":{size},\"batch\":{batch},\"peak_bytes\":{peak},\"median_s\":{median:.4},\"min_s\":{:.4},\"images_per_s\":{:.4},\"runs\":{:?}}}",
         be.name(),
         be.fused(),
         sorted[0],

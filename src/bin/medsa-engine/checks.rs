@@ -22,7 +22,7 @@ pub(super) fn selftest(device: &str, precision: &str, fixtures: &Path) -> Result
         if device == "cpu" && p != "f32" {
             continue;
         }
-        let dev = open_device(device, p)?;
+        let dev = open_device(device, p, &medsa::backend::RunOptions::default())?;
         let (op_tol, model_tol) = if p == "bf16" {
             (selftest::Tolerance::BF16, selftest::Tolerance::BF16_MODEL)
         } else {

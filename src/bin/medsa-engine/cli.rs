@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use medsa::backend::RunOptions;
 use medsa::medsa::depth_branch::DepthMode;
 use medsa::pipeline::Preset;
 use medsa::sam::DecoderFlavour;
@@ -27,6 +28,49 @@ pub(super) enum DepthModeArg {
     PerToken,
     /// The public Med-SA code's regrouping, for adapters trained with it.
     Compat,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(super) enum OnOff {
+    On,
+    Off,
+}
+
+/// How the model is computed besides device and precision (`medsa::backend::RunOptions`): the
+/// same defaults on every backend.
+#[derive(clap::Args, Clone)]
+pub(super) struct RunArgs {
+    /// The encoder's fused inference path (on) or the op-by-op one (off): the same math, fewer
+    /// passes over memory.
+    #[arg(long, value_enum, default_value = "on")]
+    pub(super) fused: OnOff,
+    /// bf16 CUDA inference: GELU linears in cuBLASLt's tanh-GELU epilogue (up to 4.8e-4 from
+    /// SAM's exact GELU; training always computes the exact one).
+    #[arg(long)]
+    pub(super) gelu_tanh_epilogue: bool,
+    /// CUDA: the warp-per-row LayerNorm kernel (opt-in until measured on a card).
+    #[arg(long)]
+    pub(super) layernorm_rows: bool,
+    /// CUDA bf16 attention kernel options, comma-separated: q128, rel-mma, trim, exp2,
+    /// prefetch, all or none (opt-in until measured on a card).
+    #[arg(long, default_value = "none")]
+    pub(super) attention_options: String,
+    /// CPU: MiB of freed large buffers kept for reuse (0: none).
+    #[arg(long, default_value_t = medsa::host_pool::DEFAULT_CAP_MB)]
+    pub(super) host_pool_mb: usize,
+}
+
+impl RunArgs {
+    /// The library's options.
+    pub(super) fn options(&self) -> medsa::Result<RunOptions> {
+        Ok(RunOptions {
+            fused: self.fused == OnOff::On,
+            gelu_tanh_epilogue: self.gelu_tanh_epilogue,
+            layernorm_rows: self.layernorm_rows,
+            attention: medsa::backend::AttentionOptions::parse(&self.attention_options)?,
+            host_pool_mb: self.host_pool_mb,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,6 +169,8 @@ pub(super) enum Cmd {
         /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
         #[arg(long, default_value = "f32")]
         precision: String,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Segment images and volumes from prompts; masks on the input's own grid.
     ///
@@ -221,6 +267,8 @@ pub(super) enum Cmd {
         /// them (less memory, more time).
         #[arg(long, requires = "train")]
         recompute: bool,
+        #[command(flatten)]
+        run: RunArgs,
     },
 }
 
@@ -345,6 +393,8 @@ pub(super) struct TrainArgs {
     /// Storage precision on CUDA: f32 or bf16 (optimiser state and master weights stay f32).
     #[arg(long, default_value = "f32")]
     pub(super) precision: String,
+    #[command(flatten)]
+    pub(super) run: RunArgs,
 }
 
 /// Options of `init`.
@@ -489,6 +539,8 @@ pub(super) struct SegmentArgs {
     /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
     #[arg(long, default_value = "f32")]
     pub(super) precision: String,
+    #[command(flatten)]
+    pub(super) run: RunArgs,
 }
 
 /// The library's depth-attention mode for a `--depth-mode` value.

@@ -9,7 +9,7 @@ use anyhow::Context;
 use anyhow::{anyhow, bail, Result};
 
 use medsa::backend::cpu::Cpu;
-use medsa::backend::Backend;
+use medsa::backend::{Backend, RunOptions};
 use medsa::meta::ModelMeta;
 use medsa::sam::{DecoderFlavour, LoadOptions, Sam};
 
@@ -49,11 +49,27 @@ impl Dev {
     /// (all false on the CPU).
     pub(super) fn attention_options(&self, d: usize, grid: usize) -> [bool; 5] {
         match self {
-            Dev::Cpu(_) => [false; 5],
+            Dev::Cpu(_) => {
+                let _ = (d, grid);
+                [false; 5]
+            }
             #[cfg(feature = "cuda")]
             Dev::Cuda(c) => {
                 let o = c.attention_options_for(d, grid);
                 [o.q128, o.rel_mma, o.trim, o.exp2, o.prefetch]
+            }
+        }
+    }
+
+    /// The opt-in CUDA kernel choices in effect, `(gelu_tanh_epilogue, layernorm_rows)` (both
+    /// false on the CPU).
+    pub(super) fn kernel_options(&self) -> (bool, bool) {
+        match self {
+            Dev::Cpu(_) => (false, false),
+            #[cfg(feature = "cuda")]
+            Dev::Cuda(c) => {
+                let o = c.run_options();
+                (o.gelu_tanh_epilogue, o.layernorm_rows)
             }
         }
     }
@@ -74,13 +90,15 @@ impl Dev {
     }
 }
 
-pub(super) fn open_device(device: &str, precision: &str) -> Result<Dev> {
+pub(super) fn open_device(device: &str, precision: &str, opts: &RunOptions) -> Result<Dev> {
+    // The host pool serves every backend's host tensors.
+    medsa::host_pool::set_cap_mb(opts.host_pool_mb);
     match device {
         "cpu" => {
             if precision != "f32" {
                 bail!("--precision {precision}: the CPU backend computes in f32");
             }
-            Ok(Dev::Cpu(Cpu::new()))
+            Ok(Dev::Cpu(Cpu::with_options(opts)))
         }
         d if d == "cuda" || d.starts_with("cuda:") => {
             let ordinal: usize = match d.strip_prefix("cuda:") {
@@ -100,15 +118,15 @@ pub(super) fn open_device(device: &str, precision: &str) -> Result<Dev> {
                         "--device {d}: MEDSA_CUDA_EMULATOR is set: the CUDA kernels run on the CPU emulator {}",
                         lib.display()
                     );
-                    return Ok(Dev::Cuda(
-                        medsa::backend::cuda::Cuda::emulated(&lib, p)
-                            .with_context(|| format!("--device {d} (MEDSA_CUDA_EMULATOR)"))?,
-                    ));
+                    let mut c = medsa::backend::cuda::Cuda::emulated(&lib, p)
+                        .with_context(|| format!("--device {d} (MEDSA_CUDA_EMULATOR)"))?;
+                    c.set_run_options(opts);
+                    return Ok(Dev::Cuda(c));
                 }
-                Ok(Dev::Cuda(
-                    medsa::backend::cuda::Cuda::new(ordinal, p)
-                        .with_context(|| format!("--device {d}"))?,
-                ))
+                let mut c = medsa::backend::cuda::Cuda::new(ordinal, p)
+                    .with_context(|| format!("--device {d}"))?;
+                c.set_run_options(opts);
+                Ok(Dev::Cuda(c))
             }
             #[cfg(not(feature = "cuda"))]
             {

@@ -57,8 +57,9 @@ fn run(cli: Cli) -> Result<()> {
             decoder_flavour,
             device,
             precision,
+            run,
         } => {
-            let dev = open_device(&device, &precision)?;
+            let dev = open_device(&device, &precision, &run.options()?)?;
             let src = ModelSource {
                 checkpoint,
                 adapter,
@@ -79,7 +80,7 @@ fn run(cli: Cli) -> Result<()> {
             ))
         }
         Cmd::Segment(a) => {
-            let dev = open_device(&a.device, &a.precision)?;
+            let dev = open_device(&a.device, &a.precision, &a.run.options()?)?;
             on_device!(&dev, be => segment_cmd(be, &a))
         }
         Cmd::Eval {
@@ -94,7 +95,7 @@ fn run(cli: Cli) -> Result<()> {
             fixtures,
         } => selftest(&device, &precision, &fixtures),
         Cmd::Train(a) => {
-            let dev = open_device(&a.device, &a.precision)?;
+            let dev = open_device(&a.device, &a.precision, &a.run.options()?)?;
             on_device!(&dev, be => train_cmd(be, &a))
         }
         Cmd::Init(a) => init_cmd(&a),
@@ -122,8 +123,9 @@ fn run(cli: Cli) -> Result<()> {
             precision,
             train,
             recompute,
+            run,
         } => {
-            let dev = open_device(&device, &precision)?;
+            let dev = open_device(&device, &precision, &run.options()?)?;
             if train {
                 on_device!(&dev, be => bench_train(be, &dev, &variant, size, batch, repeats, warmup, recompute))
             } else {
