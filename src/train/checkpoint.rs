@@ -264,6 +264,17 @@ pub(super) fn meta_parse<T: std::str::FromStr>(
 /// Reads an adapter checkpoint; errors name the file and the metadata field.
 pub fn load_adapter(path: &Path) -> Result<(BTreeMap<String, Tensor>, AdapterMeta)> {
     let f = SafetensorsFile::open(path)?;
+    let meta = adapter_meta(&f)?;
+    Ok((read_all(&f)?, meta))
+}
+
+/// An adapter checkpoint's metadata alone (its header; no tensor is read).
+pub fn read_adapter_meta(path: &Path) -> Result<AdapterMeta> {
+    adapter_meta(&SafetensorsFile::open(path)?)
+}
+
+fn adapter_meta(f: &SafetensorsFile) -> Result<AdapterMeta> {
+    let path = f.path();
     let m = f.metadata();
     let fmt_err = |msg: String| Error::Format {
         path: path.to_path_buf(),
@@ -333,7 +344,7 @@ pub fn load_adapter(path: &Path) -> Result<(BTreeMap<String, Tensor>, AdapterMet
             "metadata `model_size` and `num_classes` must be at least 1".into(),
         ));
     }
-    Ok((read_all(&f)?, meta))
+    Ok(meta)
 }
 
 /// Checks that `base` is the checkpoint `adapter` (with metadata `meta`) was trained on, by

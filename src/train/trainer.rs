@@ -314,6 +314,9 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
     let base_sha = sha256_file(&cfg.base)?;
     let mut tensors = read_tensors(&cfg.base)?;
     let mut resumed: Option<(BTreeMap<String, Tensor>, TrainState)> = None;
+    // What the base records, overridden by what the run being resumed recorded: a resumed run
+    // keeps its decoder flavour and depth mode.
+    let mut run_meta = crate::meta::ModelMeta::of_checkpoint(&cfg.base)?;
     if cfg.resume {
         if !last.exists() {
             return Err(Error::Input(format!(
@@ -331,6 +334,17 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
                 cfg.trainable
             )));
         }
+        let recorded = crate::meta::ModelMeta::of_adapter(&last, &meta)?;
+        if let (Some(want), Some(had)) = (cfg.decoder_flavour, recorded.decoder_flavour) {
+            if want != had {
+                return Err(Error::Input(format!(
+                    "--resume: {} was trained with --decoder-flavour {had}, not {want}",
+                    last.display()
+                )));
+            }
+        }
+        run_meta.decoder_flavour = recorded.decoder_flavour.or(run_meta.decoder_flavour);
+        run_meta.depth_mode = recorded.depth_mode.or(run_meta.depth_mode);
         overlay_map(&mut tensors, &last, &t)?;
         let st = load_state(&state_path(&last))?;
         resumed = Some((t, st));
@@ -354,14 +368,13 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
         }
     }
     let mut ws = WeightStore::from_tensors(&cfg.base.display().to_string(), tensors);
-    let base_meta = crate::meta::ModelMeta::of_checkpoint(&cfg.base)?;
     let load = crate::sam::LoadOptions {
-        decoder_flavour: cfg.decoder_flavour.or(base_meta.decoder_flavour),
+        decoder_flavour: cfg.decoder_flavour.or(run_meta.decoder_flavour),
     };
     let mut model = Sam::from_store_with(be, &mut ws, &load)?;
     let depth_mode = cfg
         .depth_mode
-        .unwrap_or_else(|| base_meta.depth_mode_or(model.config.decoder_flavour));
+        .unwrap_or_else(|| run_meta.depth_mode_or(model.config.decoder_flavour));
     if cfg.data_opts.depth.is_some() && !model.config.has_depth_branch() {
         return Err(Error::Input(
             "depth chunks need Depth_Adapter weights: add them (--add-adapters depth) or train on \

@@ -8,7 +8,7 @@ use std::path::Path;
 use medsa::train::checkpoint::read_tensors;
 
 use super::common::fixture;
-use super::{bin, metadata, png_dataset, run_ok, scratch, train};
+use super::{bin, metadata, png_dataset, run_err, run_ok, scratch, train};
 
 /// Trains the reference fixture for two steps (adapters + decoder), merges, and returns the
 /// adapter and merged paths.
@@ -99,5 +99,34 @@ fn a_forced_flavour_is_recorded_and_survives_merge() {
     assert!(
         info.contains("sam flavour (from the checkpoint's metadata)"),
         "{info}"
+    );
+    // --resume keeps the flavour the run was started with, and refuses another.
+    let resume = |steps: &str, extra: &[&str]| {
+        let mut c = train(
+            &fixture("reference", "weights"),
+            &d.join("data"),
+            &d.join("run"),
+        );
+        c.args([
+            "--trainable",
+            "adapters+decoder",
+            "--steps",
+            steps,
+            "--val-fraction",
+            "0.25",
+            "--label-id",
+            "1",
+            "--resume",
+        ])
+        .args(extra);
+        c
+    };
+    run_ok(&mut resume("3", &[]));
+    assert_eq!(metadata(&adapter)["decoder_flavour"], "sam");
+    assert_eq!(metadata(&adapter)["step"], "3");
+    let e = run_err(&mut resume("4", &["--decoder-flavour", "medsa"]));
+    assert!(
+        e.contains("was trained with --decoder-flavour sam, not medsa"),
+        "{e}"
     );
 }

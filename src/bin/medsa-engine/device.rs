@@ -91,8 +91,6 @@ impl Dev {
 }
 
 pub(super) fn open_device(device: &str, precision: &str, opts: &RunOptions) -> Result<Dev> {
-    // The host pool serves every backend's host tensors.
-    medsa::host_pool::set_cap_mb(opts.host_pool_mb);
     match device {
         "cpu" => {
             if precision != "f32" {
@@ -110,6 +108,8 @@ pub(super) fn open_device(device: &str, precision: &str, opts: &RunOptions) -> R
             #[cfg(feature = "cuda")]
             {
                 let p: medsa::backend::cuda::Precision = precision.parse()?;
+                // The host pool (which `Cpu::with_options` sizes) serves host tensors here too.
+                medsa::host_pool::set_cap_mb(opts.host_pool_mb);
                 // Tests of the CUDA paths on machines without a GPU: the backend on the CPU
                 // kernel emulator built from kernels/*.cu (tests/common/kemu.rs builds it).
                 if let Some(lib) = std::env::var_os("MEDSA_CUDA_EMULATOR") {
@@ -161,16 +161,14 @@ impl ModelSource {
     /// there is an adapter, else the checkpoint's own (a merged model keeps its adapter's).
     pub(super) fn meta(&self) -> Result<ModelMeta> {
         Ok(match &self.adapter {
-            Some(a) => {
-                let (_, m) = medsa::train::checkpoint::load_adapter(a)?;
-                ModelMeta::of_adapter(a, &m)?
-            }
+            Some(a) => ModelMeta::of_adapter(a, &medsa::train::checkpoint::read_adapter_meta(a)?)?,
             None => ModelMeta::of_checkpoint(&self.checkpoint)?,
         })
     }
 
-    pub(super) fn load<B: Backend>(&self, be: &B) -> Result<Sam<B>> {
-        let meta = self.meta()?;
+    /// Loads the model; `meta` is [`ModelSource::meta`], which supplies the decoder flavour
+    /// unless `--decoder-flavour` forces one.
+    pub(super) fn load<B: Backend>(&self, be: &B, meta: &ModelMeta) -> Result<Sam<B>> {
         let opts = LoadOptions {
             decoder_flavour: self.decoder_flavour.or(meta.decoder_flavour),
         };

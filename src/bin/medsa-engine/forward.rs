@@ -43,8 +43,8 @@ pub(super) fn forward<B: Backend>(
     input_size: Option<String>,
     original_size: Option<String>,
 ) -> Result<()> {
-    let model = src.load(be)?;
     let model_meta = src.meta()?;
+    let model = src.load(be, &model_meta)?;
     let f = SafetensorsFile::open(inputs)?;
     let meta = f.metadata().clone();
     let get = |k: &str| -> Result<Option<Tensor>> {

@@ -52,6 +52,7 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         return segment(
             be,
             &src,
+            &meta,
             image,
             &a.points,
             a.bbox.as_deref(),
@@ -92,7 +93,7 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
     if a.prompt_from_label.is_some() && label_id.is_none() {
         bail!("--prompt-from-label needs --label-id N (the model's metadata names no label)");
     }
-    let model = src.load(be)?;
+    let model = src.load(be, &meta)?;
     let opts = batch::JobOptions {
         preset: preset_of(a.preset.or(meta_preset).unwrap_or(PresetArg::Sam)),
         volume_preset: preset_of(a.volume_preset.or(meta_preset).unwrap_or(PresetArg::Medsa)),
@@ -193,6 +194,7 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
 fn segment<B: Backend>(
     be: &B,
     src: &ModelSource,
+    meta: &medsa::meta::ModelMeta,
     image: &Path,
     points: &[String],
     bbox: Option<&str>,
@@ -203,7 +205,7 @@ fn segment<B: Backend>(
     if points.is_empty() && bbox.is_none() {
         bail!("give at least one --point x,y[,label] or a --box x0,y0,x1,y1");
     }
-    let model = src.load(be)?;
+    let model = src.load(be, meta)?;
     let (sh, sw) = model.config.img_size();
     if sh != sw {
         bail!(
