@@ -8,7 +8,7 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `preset` | `medsa` or `sam` (SPEC section 5) |
+//! | `preset` | `medsa`, `sam` (SPEC section 5) or `litemedsam` (SPEC section 8) |
 //! | `model_size` | model input size S |
 //! | `intensity` | volume intensities (`window:lo,hi`, `mr:plo,phi`, `none`) |
 //! | `num_classes` | mask outputs used as classes (1: SAM's single mask) |
@@ -82,7 +82,13 @@ impl ModelMeta {
                 .map(|v| match v {
                     "medsa" => Ok(Preset::Medsa),
                     "sam" => Ok(Preset::Sam),
-                    _ => Err(bad(path, "preset", v, "\"medsa\" or \"sam\"")),
+                    "litemedsam" => Ok(Preset::LiteMedsam),
+                    _ => Err(bad(
+                        path,
+                        "preset",
+                        v,
+                        "\"medsa\", \"sam\" or \"litemedsam\"",
+                    )),
                 })
                 .transpose()?,
             model_size: num("model_size")?,

@@ -35,6 +35,10 @@ pub enum Preset {
     Sam,
     /// Med-SA training preset: stretch to square, [0, 1], no normalisation.
     Medsa,
+    /// LiteMedSAM's (SPEC section 8): longest side to the model size with OpenCV's INTER_AREA
+    /// resampling, min-max to [0, 1] on the resized image, pad bottom/right, no mean/std;
+    /// coordinates scale by `size / max(H, W)`.
+    LiteMedsam,
 }
 
 /// Reads a PNG or JPEG (8- or 16-bit, grey or colour) as RGB on the 0..255 scale.
@@ -98,8 +102,23 @@ fn filter_weights(inp: usize, out: usize) -> Vec<(usize, Vec<f32>)> {
 
 /// Resizes an RGB image (separable antialiased bilinear).
 pub fn resize(img: &RgbImage, h: usize, w: usize) -> RgbImage {
-    let fx = filter_weights(img.width, w);
-    let fy = filter_weights(img.height, h);
+    resize_with(
+        img,
+        h,
+        w,
+        filter_weights(img.width, w),
+        filter_weights(img.height, h),
+    )
+}
+
+/// Separable resampling with per-axis weight tables (`(first input index, weights)` per output).
+fn resize_with(
+    img: &RgbImage,
+    h: usize,
+    w: usize,
+    fx: Vec<(usize, Vec<f32>)>,
+    fy: Vec<(usize, Vec<f32>)>,
+) -> RgbImage {
     let mut tmp = vec![0f32; img.height * w * 3];
     for y in 0..img.height {
         for (x, (lo, ws)) in fx.iter().enumerate() {
@@ -140,11 +159,17 @@ pub struct Prepared {
     pub input_size: (usize, usize),
     /// The original size `(h, w)`.
     pub original_size: (usize, usize),
+    /// One scale for both axes (`size / max(H, W)`, LiteMedSAM's box scaling) instead of the
+    /// per-axis ratio of the resized to the original size.
+    pub uniform_scale: Option<f32>,
 }
 
 impl Prepared {
     /// Maps original-pixel `(x, y)` to model-input pixels.
     pub fn map_xy(&self, x: f32, y: f32) -> (f32, f32) {
+        if let Some(s) = self.uniform_scale {
+            return (x * s, y * s);
+        }
         (
             x * self.input_size.1 as f32 / self.original_size.1 as f32,
             y * self.input_size.0 as f32 / self.original_size.0 as f32,
@@ -152,10 +177,61 @@ impl Prepared {
     }
 }
 
+/// OpenCV's INTER_AREA resampling weights along one axis: for each output index, `(first input
+/// index, weights)`. Shrinking averages the input over each output pixel's footprint
+/// `[i * scale, (i + 1) * scale)` (fractional overlaps at its ends); enlarging interpolates
+/// linearly between neighbours with OpenCV's area-mode coefficient
+/// `f = (i + 1) - (floor(i * scale) + 1) / scale`, clipped to `[0, 1)`, so pixels are replicated
+/// inside and blended only at their borders.
+fn area_weights(inp: usize, out: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = inp as f64 / out as f64;
+    if scale >= 1.0 {
+        return (0..out)
+            .map(|i| {
+                let (a, b) = (i as f64 * scale, ((i + 1) as f64 * scale).min(inp as f64));
+                let lo = a.floor() as usize;
+                let hi = (b.ceil() as usize).min(inp);
+                let w = (lo..hi)
+                    .map(|j| {
+                        let ov = (b.min(j as f64 + 1.0) - a.max(j as f64)).max(0.0);
+                        (ov / scale) as f32
+                    })
+                    .collect();
+                (lo, w)
+            })
+            .collect();
+    }
+    let inv = 1.0 / scale;
+    (0..out)
+        .map(|i| {
+            let sx = (i as f64 * scale).floor() as isize;
+            let mut f = (i + 1) as f64 - (sx + 1) as f64 * inv;
+            f = if f <= 0.0 { 0.0 } else { f - f.floor() };
+            let sx = sx.clamp(0, inp as isize - 1) as usize;
+            if sx + 1 >= inp {
+                (sx, vec![1.0])
+            } else {
+                (sx, vec![(1.0 - f) as f32, f as f32])
+            }
+        })
+        .collect()
+}
+
+/// Resizes an RGB image with OpenCV's INTER_AREA (see [`area_weights`]), separably.
+pub fn resize_area(img: &RgbImage, h: usize, w: usize) -> RgbImage {
+    resize_with(
+        img,
+        h,
+        w,
+        area_weights(img.width, w),
+        area_weights(img.height, h),
+    )
+}
+
 /// Applies a preset for a square model input of `size` pixels.
 pub fn prepare(img: &RgbImage, size: usize, preset: Preset) -> Result<Prepared> {
     let (h, w) = match preset {
-        Preset::Sam => preprocess_shape(img.height, img.width, size),
+        Preset::Sam | Preset::LiteMedsam => preprocess_shape(img.height, img.width, size),
         Preset::Medsa => (size, size),
     };
     if h == 0 || w == 0 {
@@ -164,7 +240,18 @@ pub fn prepare(img: &RgbImage, size: usize, preset: Preset) -> Result<Prepared> 
             img.width, img.height
         )));
     }
-    let r = resize(img, h, w);
+    let r = match preset {
+        Preset::LiteMedsam => resize_area(img, h, w),
+        _ => resize(img, h, w),
+    };
+    // LiteMedSAM's min-max over the resized image (all channels), range clipped at 1e-8.
+    let (lo, hi) = r
+        .data
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let range = (hi - lo).max(1e-8);
     let mut t = vec![0f32; 3 * size * size];
     for y in 0..h {
         for x in 0..w {
@@ -173,6 +260,7 @@ pub fn prepare(img: &RgbImage, size: usize, preset: Preset) -> Result<Prepared> 
                 t[(c * size + y) * size + x] = match preset {
                     Preset::Sam => (v - PIXEL_MEAN[c]) / PIXEL_STD[c],
                     Preset::Medsa => v / 255.0,
+                    Preset::LiteMedsam => (v - lo) / range,
                 };
             }
         }
@@ -181,6 +269,8 @@ pub fn prepare(img: &RgbImage, size: usize, preset: Preset) -> Result<Prepared> 
         tensor: Tensor::from_vec(t, &[1, 3, size, size])?,
         input_size: (h, w),
         original_size: (img.height, img.width),
+        uniform_scale: (preset == Preset::LiteMedsam)
+            .then(|| size as f32 / img.height.max(img.width) as f32),
     })
 }
 

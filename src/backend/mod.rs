@@ -10,6 +10,7 @@
 //! Every op returns a fresh tensor; inputs are never modified. Ops fail with
 //! [`Error::Shape`](crate::Error::Shape) when shapes disagree (a caller bug, never user input).
 
+pub mod composed;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -378,6 +379,40 @@ pub trait Backend: Send + Sync {
         }
     }
 
+    /// Windowed self-attention with a per-head bias table (TinyViT, SPEC section 8): `qkv`
+    /// `[N, L, heads * 3d]` holds `N` windows of `L = side * side` tokens (row-major in the
+    /// window); head `h`'s q, k and v are columns `h*3d + (0, d, 2d) ..+d` (TinyViT's qkv
+    /// layout, unlike SAM's q | k | v blocks); `table` `[heads, side * side]`.
+    /// Per window and head `o = softmax(scale * q k^T + bias) v` with
+    /// `bias[i, j] = table[h, |yi - yj| * side + |xi - xj|]` (TinyViT's offset numbering for a
+    /// square window). Output `[N, L, heads * d]`. The default runs [`Backend::attention`] on
+    /// augmented heads that carry the bias ([`composed`]).
+    fn attention_table(
+        &self,
+        qkv: &Self::Tensor,
+        side: usize,
+        heads: usize,
+        scale: f32,
+        table: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        composed::attention_table(self, qkv, side, heads, scale, table)
+    }
+    /// Gradient of [`Backend::attention_table`] given the output gradient `d_o`: `dqkv` (shaped as
+    /// `qkv`) and, if `need_dtable`, the table's gradient summed over windows.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_table_backward(
+        &self,
+        qkv: &Self::Tensor,
+        table: &Self::Tensor,
+        d_o: &Self::Tensor,
+        side: usize,
+        heads: usize,
+        scale: f32,
+        need_dtable: bool,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
+        composed::attention_table_backward(self, qkv, table, d_o, side, heads, scale, need_dtable)
+    }
+
     // ----- fused inference ops ------------------------------------------------------------------
     //
     // One op where the plain sequence takes several passes over memory (DESIGN principle 6).
@@ -442,6 +477,40 @@ pub trait Backend: Send + Sync {
         need_dx: bool,
         bias: bool,
     ) -> Result<ConvGrads<Self::Tensor>>;
+    /// Depthwise 2D convolution (`groups = C`), channels-last: `x` `[B, H, W, C]`, `w`
+    /// `[C, 1, k, k]` (PyTorch layout), optional `b` `[C]`, symmetric zero padding `pad`, stride
+    /// `stride`: `y[b, oy, ox, c] = b[c] + sum_{ky,kx} x[b, oy*s+ky-pad, ox*s+kx-pad, c] *
+    /// w[c, 0, ky, kx]`, shape `[B, Ho, Wo, C]` as [`Backend::conv2d`]. The default is the dense
+    /// convolution with the block-diagonal weight ([`composed`]).
+    fn depthwise_conv2d(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        b: Option<&Self::Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self::Tensor> {
+        composed::depthwise_conv2d(self, x, w, b, stride, pad)
+    }
+    /// Gradient of [`Backend::depthwise_conv2d`]: `(dx if need_dx, dw if need_dw, db if bias)`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn depthwise_conv2d_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        dy: &Self::Tensor,
+        stride: usize,
+        pad: usize,
+        need_dx: bool,
+        need_dw: bool,
+        bias: bool,
+    ) -> Result<(
+        Option<Self::Tensor>,
+        Option<Self::Tensor>,
+        Option<Self::Tensor>,
+    )> {
+        composed::depthwise_conv2d_backward(self, x, w, dy, stride, pad, need_dx, need_dw, bias)
+    }
     /// Transposed convolution with kernel 2, stride 2, channels-last: `x` `[B, H, W, Cin]`, `w`
     /// `[Cin, Cout, 2, 2]` (PyTorch layout), `b` `[Cout]`; `y[b, 2i+di, 2j+dj, o] = b[o] +
     /// sum_c x[b,i,j,c] w[c,o,di,dj]`, shape `[B, 2H, 2W, Cout]`.

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::medsa::adapter::Adapter;
 use crate::medsa::depth_branch::{self, DepthMode};
 use crate::sam::image_encoder::{
-    Block, DepthSpec, EncoderAttention, ImageEncoder, MLP_ADAPTER_SCALE,
+    Block, DepthSpec, EncoderAttention, VitEncoder, MLP_ADAPTER_SCALE,
 };
 use crate::sam::rel_pos;
 use crate::sam::Trace;
@@ -428,8 +428,8 @@ pub enum SavedBlock<T> {
     Skipped,
 }
 
-/// What [`ImageEncoder::forward_t`] keeps.
-pub struct EncoderCache<T> {
+/// What [`VitEncoder::forward_t`] keeps.
+pub struct VitCache<T> {
     x0: Option<T>,
     blocks: Vec<SavedBlock<T>>,
     depth: Option<DepthSpec>,
@@ -440,7 +440,7 @@ pub struct EncoderCache<T> {
     grid: (usize, usize),
 }
 
-impl<B: Backend> ImageEncoder<B> {
+impl<B: Backend> VitEncoder<B> {
     /// Appends the parameters (the position embedding as its host copy).
     pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
         self.patch_embed.params(out);
@@ -512,7 +512,7 @@ impl<B: Backend> ImageEncoder<B> {
         depth: Option<DepthSpec>,
         grads: &Grads<B>,
         recompute: bool,
-    ) -> Result<(B::Tensor, EncoderCache<B::Tensor>)> {
+    ) -> Result<(B::Tensor, VitCache<B::Tensor>)> {
         let first = self.first_trained_block(grads);
         self.run(be, images, depth, first, recompute, &mut Trace::off())
     }
@@ -530,7 +530,7 @@ impl<B: Backend> ImageEncoder<B> {
         first: usize,
         recompute: bool,
         trace: &mut Trace<B>,
-    ) -> Result<(B::Tensor, EncoderCache<B::Tensor>)> {
+    ) -> Result<(B::Tensor, VitCache<B::Tensor>)> {
         let grid = self.check_input(be, images, depth)?;
         let x0 = be.permute(images, &[0, 2, 3, 1])?;
         let x = self.patch_embed.forward(be, &x0)?;
@@ -561,7 +561,7 @@ impl<B: Backend> ImageEncoder<B> {
         let x0 = if first == 0 { Some(x0) } else { None };
         Ok((
             out,
-            EncoderCache {
+            VitCache {
                 x0,
                 blocks,
                 depth,
@@ -578,7 +578,7 @@ impl<B: Backend> ImageEncoder<B> {
     pub fn backward(
         &self,
         be: &B,
-        c: &EncoderCache<B::Tensor>,
+        c: &VitCache<B::Tensor>,
         demb: &B::Tensor,
         grads: &mut Grads<B>,
     ) -> Result<()> {

@@ -15,8 +15,10 @@ use crate::error::{Error, Result};
 use crate::medsa::adapter::Adapter;
 use crate::medsa::depth_branch::DepthMode;
 use crate::nn::{Conv2d, LayerNorm, Linear};
+use crate::nn::{Grads, ParamList};
 use crate::sam::config::{BlockConfig, SamConfig};
 use crate::sam::rel_pos;
+use crate::sam::tiny_vit::{TinyVit, TinyVitCache};
 use crate::sam::Trace;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -187,8 +189,8 @@ impl<B: Backend> Block<B> {
     }
 }
 
-/// The image encoder.
-pub struct ImageEncoder<B: Backend> {
+/// SAM's ViT image encoder.
+pub struct VitEncoder<B: Backend> {
     /// Patch embedding (kernel = stride = patch).
     pub patch_embed: Conv2d<B>,
     /// Host copy of the absolute position embedding `[1, gh, gw, D]`.
@@ -209,7 +211,7 @@ pub struct ImageEncoder<B: Backend> {
     pub patch: usize,
 }
 
-impl<B: Backend> ImageEncoder<B> {
+impl<B: Backend> VitEncoder<B> {
     /// Loads `image_encoder.*`.
     pub fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig) -> Result<Self> {
         let d = cfg.embed_dim;
@@ -217,7 +219,7 @@ impl<B: Backend> ImageEncoder<B> {
         let pg = cfg.pos_embed_grid();
         let pos_embed_host = ws.take("image_encoder.pos_embed", &[1, pg.0, pg.1, d])?;
         let neck_w = ws.take("image_encoder.neck.0.weight", &[cfg.out_chans, d, 1, 1])?;
-        Ok(ImageEncoder {
+        Ok(VitEncoder {
             patch_embed: Conv2d::load(
                 be,
                 ws,
@@ -313,4 +315,117 @@ impl<B: Backend> ImageEncoder<B> {
     }
 }
 
-pub use super::encoder_train::{AttnCache, BlockCache, DepthCache, EncoderCache};
+pub use super::encoder_train::{AttnCache, BlockCache, DepthCache, VitCache};
+
+/// The image encoder `Sam` holds (one per model, so the variants' sizes do not matter): SAM's ViT or a TinyViT (SPEC section 8). Both take
+/// preprocessed images `[B, 3, H, W]` and return embeddings `[B, C, h, w]`.
+#[allow(clippy::large_enum_variant)]
+pub enum ImageEncoder<B: Backend> {
+    /// SAM's ViT-B/L/H (and Med-SA's adapters on it).
+    Vit(VitEncoder<B>),
+    /// TinyViT (MobileSAM, LiteMedSAM) with Med-SA's adapters.
+    TinyVit(TinyVit<B>),
+}
+
+/// What [`ImageEncoder::forward_t`] keeps.
+pub enum EncoderCache<T> {
+    /// ViT.
+    Vit(VitCache<T>),
+    /// TinyViT.
+    TinyVit(TinyVitCache<T>),
+}
+
+impl<B: Backend> ImageEncoder<B> {
+    /// Loads `image_encoder.*` for the encoder `cfg` describes.
+    pub fn load(be: &B, ws: &mut WeightStore, cfg: &SamConfig) -> Result<Self> {
+        Ok(match cfg.tiny_vit {
+            Some(_) => ImageEncoder::TinyVit(TinyVit::load(be, ws, cfg)?),
+            None => ImageEncoder::Vit(VitEncoder::load(be, ws, cfg)?),
+        })
+    }
+
+    /// `images` `[B, 3, H, W]` -> embeddings `[B, C, h, w]`, recording stages in `trace`.
+    pub fn forward(
+        &self,
+        be: &B,
+        images: &B::Tensor,
+        depth: Option<DepthSpec>,
+        trace: &mut Trace<B>,
+    ) -> Result<B::Tensor> {
+        match self {
+            ImageEncoder::Vit(e) => e.forward(be, images, depth, trace),
+            ImageEncoder::TinyVit(e) => Ok(e.run(be, images, depth, None, trace)?.0),
+        }
+    }
+
+    /// The forward keeping what backward needs for the parameters `grads` trains.
+    pub fn forward_t(
+        &self,
+        be: &B,
+        images: &B::Tensor,
+        depth: Option<DepthSpec>,
+        grads: &Grads<B>,
+        recompute: bool,
+    ) -> Result<(B::Tensor, EncoderCache<B::Tensor>)> {
+        match self {
+            ImageEncoder::Vit(e) => {
+                let (y, c) = e.forward_t(be, images, depth, grads, recompute)?;
+                Ok((y, EncoderCache::Vit(c)))
+            }
+            ImageEncoder::TinyVit(e) => {
+                let (y, c) = e.run(be, images, depth, Some(grads), &mut Trace::off())?;
+                Ok((y, EncoderCache::TinyVit(c)))
+            }
+        }
+    }
+
+    /// Accumulates the encoder's parameter gradients given `d(embeddings)`.
+    pub fn backward(
+        &self,
+        be: &B,
+        c: &EncoderCache<B::Tensor>,
+        demb: &B::Tensor,
+        grads: &mut Grads<B>,
+    ) -> Result<()> {
+        match (self, c) {
+            (ImageEncoder::Vit(e), EncoderCache::Vit(c)) => e.backward(be, c, demb, grads),
+            (ImageEncoder::TinyVit(e), EncoderCache::TinyVit(c)) => e.backward(be, c, demb, grads),
+            _ => Err(Error::shape(
+                "ImageEncoder::backward",
+                String::from("cache from the other encoder kind"),
+            )),
+        }
+    }
+
+    /// Appends the parameters.
+    pub fn params<'a>(&'a mut self, out: &mut ParamList<'a, B>) {
+        match self {
+            ImageEncoder::Vit(e) => e.params(out),
+            ImageEncoder::TinyVit(e) => e.params(out),
+        }
+    }
+
+    /// Re-derives device copies of host parameters after an update.
+    pub fn refresh_caches(&mut self, be: &B) -> Result<()> {
+        match self {
+            ImageEncoder::Vit(e) => e.refresh_caches(be),
+            ImageEncoder::TinyVit(e) => e.refresh_caches(be),
+        }
+    }
+
+    /// Whether any encoder parameter is trained.
+    pub fn any_trained(&self, grads: &Grads<B>) -> bool {
+        match self {
+            ImageEncoder::Vit(e) => e.any_trained(grads),
+            ImageEncoder::TinyVit(e) => e.any_trained(grads),
+        }
+    }
+
+    /// The ViT encoder, if this is one.
+    pub fn vit(&self) -> Option<&VitEncoder<B>> {
+        match self {
+            ImageEncoder::Vit(e) => Some(e),
+            ImageEncoder::TinyVit(_) => None,
+        }
+    }
+}

@@ -9,6 +9,7 @@ pub mod model;
 pub mod prompt_encoder;
 pub mod random;
 pub mod rel_pos;
+pub mod tiny_vit;
 pub mod two_way;
 
 pub use config::{DecoderFlavour, SamConfig};

@@ -76,6 +76,7 @@ impl SamConfig {
             num_mask_tokens: 4,
             iou_head: (256, 3),
             decoder_flavour: Default::default(),
+            tiny_vit: None,
         })
     }
 }

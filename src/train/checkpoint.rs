@@ -117,6 +117,7 @@ pub fn preset_name(p: Preset) -> &'static str {
     match p {
         Preset::Sam => "sam",
         Preset::Medsa => "medsa",
+        Preset::LiteMedsam => "litemedsam",
     }
 }
 
@@ -306,9 +307,10 @@ fn adapter_meta(f: &SafetensorsFile) -> Result<AdapterMeta> {
     let preset = match meta_str(path, m, "preset")? {
         "medsa" => Preset::Medsa,
         "sam" => Preset::Sam,
+        "litemedsam" => Preset::LiteMedsam,
         other => {
             return Err(fmt_err(format!(
-                "metadata `preset` = \"{other}\": expected \"medsa\" or \"sam\""
+                "metadata `preset` = \"{other}\": expected \"medsa\", \"sam\" or \"litemedsam\""
             )))
         }
     };

@@ -5,7 +5,10 @@
 use serde_json::{json, Value};
 
 use crate::error::Error;
-use crate::sam::config::{BlockConfig, DecoderFlavour, DecoderLayerConfig, SamConfig};
+use crate::sam::config::{
+    BlockConfig, DecoderFlavour, DecoderLayerConfig, PatchEmbedKind, SamConfig, TinyBlockConfig,
+    TinyStageConfig, TinyVitConfig,
+};
 
 /// A [`SamConfig`] as JSON (field names as in the struct).
 pub fn config_to_json(cfg: &SamConfig) -> Value {
@@ -38,40 +41,88 @@ pub fn config_to_json(cfg: &SamConfig) -> Value {
         "num_mask_tokens": cfg.num_mask_tokens,
         "iou_head": [cfg.iou_head.0, cfg.iou_head.1],
         "decoder_flavour": cfg.decoder_flavour.name(),
+        "tiny_vit": cfg.tiny_vit.as_ref().map(tiny_vit_to_json),
+    })
+}
+
+fn tiny_vit_to_json(t: &TinyVitConfig) -> Value {
+    json!({
+        "patch_embed": match t.patch_embed {
+            PatchEmbedKind::Pointwise => "pointwise",
+            PatchEmbedKind::Strided3x3 => "strided3x3",
+        },
+        "stages": t.stages.iter().map(|s| json!({
+            "width": s.width,
+            "heads": s.heads,
+            "window": s.window,
+            "hidden": s.hidden,
+            "local_conv": s.local_conv,
+            "merge_stride": s.merge_stride,
+            "blocks": s.blocks.iter().map(|b| json!({
+                "space_adapter": b.space_adapter,
+                "mlp_adapter": b.mlp_adapter,
+                "depth_adapter": b.depth_adapter,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn tiny_vit_from_json(v: &Value) -> std::result::Result<TinyVitConfig, String> {
+    let c = "config.tiny_vit";
+    let patch_embed = match v.get("patch_embed").and_then(Value::as_str) {
+        Some("pointwise") => PatchEmbedKind::Pointwise,
+        Some("strided3x3") => PatchEmbedKind::Strided3x3,
+        _ => {
+            return Err(format!(
+                "{c}.patch_embed: expected \"pointwise\" or \"strided3x3\""
+            ))
+        }
+    };
+    let stages = v
+        .get("stages")
+        .and_then(Value::as_array)
+        .ok_or(format!("{c}.stages: expected an array"))?
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let ctx = format!("{c}.stages[{i}]");
+            let blocks = s
+                .get("blocks")
+                .and_then(Value::as_array)
+                .ok_or(format!("{ctx}.blocks: expected an array"))?
+                .iter()
+                .enumerate()
+                .map(|(j, b)| {
+                    let ctx = format!("{ctx}.blocks[{j}]");
+                    Ok(TinyBlockConfig {
+                        space_adapter: flag(b, &ctx, "space_adapter")?,
+                        mlp_adapter: flag(b, &ctx, "mlp_adapter")?,
+                        depth_adapter: flag(b, &ctx, "depth_adapter")?,
+                    })
+                })
+                .collect::<std::result::Result<_, String>>()?;
+            Ok(TinyStageConfig {
+                width: num(s, &ctx, "width")?,
+                heads: num(s, &ctx, "heads")?,
+                window: num(s, &ctx, "window")?,
+                hidden: num(s, &ctx, "hidden")?,
+                local_conv: num(s, &ctx, "local_conv")?,
+                merge_stride: match s.get("merge_stride") {
+                    None | Some(Value::Null) => None,
+                    Some(_) => Some(num(s, &ctx, "merge_stride")?),
+                },
+                blocks,
+            })
+        })
+        .collect::<std::result::Result<_, String>>()?;
+    Ok(TinyVitConfig {
+        patch_embed,
+        stages,
     })
 }
 
 /// Reads [`config_to_json`]'s output; the error names the field (`config.blocks[3].window`).
 pub fn config_from_json(v: &Value) -> std::result::Result<SamConfig, String> {
-    fn field<'a>(v: &'a Value, ctx: &str, k: &str) -> std::result::Result<&'a Value, String> {
-        v.get(k).ok_or_else(|| format!("{ctx}.{k} is missing"))
-    }
-    fn num(v: &Value, ctx: &str, k: &str) -> std::result::Result<usize, String> {
-        field(v, ctx, k)?
-            .as_u64()
-            .map(|x| x as usize)
-            .ok_or_else(|| format!("{ctx}.{k}: expected a non-negative integer"))
-    }
-    fn flag(v: &Value, ctx: &str, k: &str) -> std::result::Result<bool, String> {
-        field(v, ctx, k)?
-            .as_bool()
-            .ok_or_else(|| format!("{ctx}.{k}: expected true or false"))
-    }
-    fn pair(v: &Value, ctx: &str, k: &str) -> std::result::Result<(usize, usize), String> {
-        match field(v, ctx, k)?.as_array().map(|a| a.as_slice()) {
-            Some([a, b]) => match (a.as_u64(), b.as_u64()) {
-                (Some(a), Some(b)) => Ok((a as usize, b as usize)),
-                _ => Err(format!("{ctx}.{k}: expected two non-negative integers")),
-            },
-            _ => Err(format!("{ctx}.{k}: expected two non-negative integers")),
-        }
-    }
-    fn list<'a>(v: &'a Value, ctx: &str, k: &str) -> std::result::Result<&'a [Value], String> {
-        field(v, ctx, k)?
-            .as_array()
-            .map(|a| a.as_slice())
-            .ok_or_else(|| format!("{ctx}.{k}: expected a list"))
-    }
     let c = "config";
     let blocks = list(v, c, "blocks")?
         .iter()
@@ -138,5 +189,39 @@ pub fn config_from_json(v: &Value) -> std::result::Result<SamConfig, String> {
             None | Some(Value::Null) => None,
             Some(_) => Some(pair(v, c, "pos_embed_grid")?),
         },
+        tiny_vit: match v.get("tiny_vit") {
+            None | Some(Value::Null) => None,
+            Some(t) => Some(tiny_vit_from_json(t)?),
+        },
     })
+}
+
+fn field<'a>(v: &'a Value, ctx: &str, k: &str) -> std::result::Result<&'a Value, String> {
+    v.get(k).ok_or_else(|| format!("{ctx}.{k} is missing"))
+}
+fn num(v: &Value, ctx: &str, k: &str) -> std::result::Result<usize, String> {
+    field(v, ctx, k)?
+        .as_u64()
+        .map(|x| x as usize)
+        .ok_or_else(|| format!("{ctx}.{k}: expected a non-negative integer"))
+}
+fn flag(v: &Value, ctx: &str, k: &str) -> std::result::Result<bool, String> {
+    field(v, ctx, k)?
+        .as_bool()
+        .ok_or_else(|| format!("{ctx}.{k}: expected true or false"))
+}
+fn pair(v: &Value, ctx: &str, k: &str) -> std::result::Result<(usize, usize), String> {
+    match field(v, ctx, k)?.as_array().map(|a| a.as_slice()) {
+        Some([a, b]) => match (a.as_u64(), b.as_u64()) {
+            (Some(a), Some(b)) => Ok((a as usize, b as usize)),
+            _ => Err(format!("{ctx}.{k}: expected two non-negative integers")),
+        },
+        _ => Err(format!("{ctx}.{k}: expected two non-negative integers")),
+    }
+}
+fn list<'a>(v: &'a Value, ctx: &str, k: &str) -> std::result::Result<&'a [Value], String> {
+    field(v, ctx, k)?
+        .as_array()
+        .map(|a| a.as_slice())
+        .ok_or_else(|| format!("{ctx}.{k}: expected a list"))
 }

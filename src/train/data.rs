@@ -167,7 +167,7 @@ fn selects(v: f64, label_id: Option<u32>) -> bool {
 fn mask_to_model(mask: &[bool], h: usize, w: usize, size: usize, preset: Preset) -> Vec<bool> {
     let (ih, iw) = match preset {
         Preset::Medsa => (size, size),
-        Preset::Sam => pipeline::preprocess_shape(h, w, size),
+        Preset::Sam | Preset::LiteMedsam => pipeline::preprocess_shape(h, w, size),
     };
     let src = |i: usize, n: usize, m: usize| {
         (((i as f64 + 0.5) * n as f64 / m as f64) as usize).min(n - 1)

@@ -196,3 +196,166 @@ fn trait_defaults_agree_with_cpu_overrides() {
         agree("conv_transpose2x2_backward db", &db_d, &db_c, 1e-5);
     }
 }
+
+// ----- TinyViT's ops: the CPU's direct kernels, naive f64 loops and the composed defaults -----
+
+/// `softmax(scale q k^T + table[h, |dy| w + |dx|]) v` per window and head, in f64, with
+/// TinyViT's per-head `[q | k | v]` layout.
+fn naive_attention_table(
+    qkv: &Tensor,
+    side: usize,
+    heads: usize,
+    scale: f64,
+    t: &[f64],
+) -> Vec<f64> {
+    let s = qkv.shape();
+    let (n, l) = (s[0], s[1]);
+    let d = s[2] / (3 * heads);
+    let x = qkv.data();
+    let at = |w: usize, i: usize, h: usize, part: usize, c: usize| {
+        x[(w * l + i) * 3 * heads * d + h * 3 * d + part * d + c] as f64
+    };
+    let mut out = vec![0.0f64; n * l * heads * d];
+    for w in 0..n {
+        for h in 0..heads {
+            for i in 0..l {
+                let (yi, xi) = (i / side, i % side);
+                let scores: Vec<f64> = (0..l)
+                    .map(|j| {
+                        let (yj, xj) = (j / side, j % side);
+                        let dot: f64 = (0..d).map(|c| at(w, i, h, 0, c) * at(w, j, h, 1, c)).sum();
+                        scale * dot + t[h * l + yi.abs_diff(yj) * side + xi.abs_diff(xj)]
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|v| (v - m).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for c in 0..d {
+                    out[(w * l + i) * heads * d + h * d + c] =
+                        (0..l).map(|j| e[j] / z * at(w, j, h, 2, c)).sum();
+                }
+            }
+        }
+    }
+    out
+}
+
+fn naive_depthwise(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: usize,
+) -> (Vec<f64>, Vec<usize>) {
+    let (sx, k) = (x.shape(), w.shape()[2]);
+    let (bn, h, wd, c) = (sx[0], sx[1], sx[2], sx[3]);
+    let ho = (h + 2 * pad - k) / stride + 1;
+    let wo = (wd + 2 * pad - k) / stride + 1;
+    let mut out = vec![0.0f64; bn * ho * wo * c];
+    for bi in 0..bn {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                for ch in 0..c {
+                    let mut acc = b.data()[ch] as f64;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let iy = (oy * stride + ky) as isize - pad as isize;
+                            let ix = (ox * stride + kx) as isize - pad as isize;
+                            if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                continue;
+                            }
+                            let xv = x.data()[((bi * h + iy as usize) * wd + ix as usize) * c + ch];
+                            acc += xv as f64 * w.data()[(ch * k + ky) * k + kx] as f64;
+                        }
+                    }
+                    out[((bi * ho + oy) * wo + ox) * c + ch] = acc;
+                }
+            }
+        }
+    }
+    (out, vec![bn, ho, wo, c])
+}
+
+#[test]
+fn tinyvit_ops_agree_with_naive_loops_and_the_composed_defaults() {
+    let cpu = Cpu::new();
+    let def = DefaultsOnly(Cpu::new());
+    let mut rng = Rng::new(77);
+    // Bias-table attention: windows of 3x3 and 7x7, head dims 4 and 8.
+    for (n, side, heads, d) in [(3, 3, 2, 4), (2, 7, 3, 8)] {
+        let l = side * side;
+        let qkv = rng.tensor(&[n, l, 3 * heads * d], 1.0);
+        let table = rng.tensor(&[heads, l], 2.0);
+        let scale = (d as f32).powf(-0.5);
+        let got = cpu
+            .attention_table(&qkv, side, heads, scale, &table)
+            .unwrap();
+        let want = naive_attention_table(&qkv, side, heads, scale as f64, &super::f64s(&table));
+        super::check(
+            "attention_table vs naive",
+            &got,
+            &[n, l, heads * d],
+            &want,
+            1e-5,
+        );
+        let composed = def
+            .attention_table(&qkv, side, heads, scale, &table)
+            .unwrap();
+        agree("attention_table: composed default", &composed, &got, 1e-5);
+        let d_o = rng.tensor(&[n, l, heads * d], 1.0);
+        let (g, gt) = cpu
+            .attention_table_backward(&qkv, &table, &d_o, side, heads, scale, true)
+            .unwrap();
+        let (cg, cgt) = def
+            .attention_table_backward(&qkv, &table, &d_o, side, heads, scale, true)
+            .unwrap();
+        agree("attention_table_backward dqkv", &g, &cg, 1e-4);
+        agree(
+            "attention_table_backward dtable",
+            &gt.unwrap(),
+            &cgt.unwrap(),
+            1e-4,
+        );
+        // The table gradient against central differences of <d_o, o> in f64.
+        let fd = super::finite_diff(&super::f64s(&table), |tv| {
+            let o = naive_attention_table(&qkv, side, heads, scale as f64, tv);
+            o.iter().zip(d_o.data()).map(|(a, &b)| a * b as f64).sum()
+        });
+        let (_, dt) = cpu
+            .attention_table_backward(&qkv, &table, &d_o, side, heads, scale, true)
+            .unwrap();
+        super::check(
+            "dtable vs finite differences",
+            &dt.unwrap(),
+            &[heads, l],
+            &fd,
+            1e-3,
+        );
+    }
+    // Depthwise convolution: 3x3 stride 1 and 2 (odd and even sides), 1x1.
+    for (shape, k, stride, pad) in [
+        ([2, 7, 6, 5], 3, 1, 1),
+        ([1, 9, 8, 4], 3, 2, 1),
+        ([2, 4, 4, 3], 1, 1, 0),
+    ] {
+        let c = shape[3];
+        let x = rng.tensor(&shape, 1.0);
+        let w = rng.tensor(&[c, 1, k, k], 1.0);
+        let b = rng.tensor(&[c], 1.0);
+        let got = cpu.depthwise_conv2d(&x, &w, Some(&b), stride, pad).unwrap();
+        let (want, ys) = naive_depthwise(&x, &w, &b, stride, pad);
+        super::check("depthwise_conv2d vs naive", &got, &ys, &want, 1e-5);
+        let composed = def.depthwise_conv2d(&x, &w, Some(&b), stride, pad).unwrap();
+        agree("depthwise_conv2d: composed default", &composed, &got, 1e-5);
+        let dy = rng.tensor(&ys, 1.0);
+        let (dx, dw, db) = cpu
+            .depthwise_conv2d_backward(&x, &w, &dy, stride, pad, true, true, true)
+            .unwrap();
+        let (cdx, cdw, cdb) = def
+            .depthwise_conv2d_backward(&x, &w, &dy, stride, pad, true, true, true)
+            .unwrap();
+        agree("depthwise dx", &dx.unwrap(), &cdx.unwrap(), 1e-5);
+        agree("depthwise dw", &dw.unwrap(), &cdw.unwrap(), 1e-5);
+        agree("depthwise db", &db.unwrap(), &cdb.unwrap(), 1e-5);
+    }
+}

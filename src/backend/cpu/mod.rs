@@ -16,8 +16,10 @@
 
 mod attention;
 mod attention_backward;
+mod attention_table;
 mod backward;
 mod conv;
+mod depthwise;
 mod elementwise;
 mod linalg;
 pub mod math;
@@ -560,6 +562,55 @@ impl Backend for Cpu {
         pad: usize,
     ) -> Result<Tensor> {
         conv::conv2d(x, w, b, stride, pad)
+    }
+
+    fn depthwise_conv2d(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Tensor> {
+        depthwise::depthwise_conv2d(x, w, b, stride, pad)
+    }
+
+    fn depthwise_conv2d_backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        stride: usize,
+        pad: usize,
+        need_dx: bool,
+        need_dw: bool,
+        bias: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        depthwise::depthwise_conv2d_backward(x, w, dy, stride, pad, need_dx, need_dw, bias)
+    }
+
+    fn attention_table(
+        &self,
+        qkv: &Tensor,
+        side: usize,
+        heads: usize,
+        scale: f32,
+        table: &Tensor,
+    ) -> Result<Tensor> {
+        attention_table::attention_table(qkv, side, heads, scale, table)
+    }
+
+    fn attention_table_backward(
+        &self,
+        qkv: &Tensor,
+        table: &Tensor,
+        d_o: &Tensor,
+        side: usize,
+        heads: usize,
+        scale: f32,
+        need_dtable: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        attention_table::attention_table_backward(qkv, table, d_o, side, heads, scale, need_dtable)
     }
 
     fn conv_transpose2x2(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {

@@ -70,7 +70,10 @@ pub(super) fn convert(input: &Path, output: &Path, dtype: DtypeArg) -> Result<()
             "SAM model: {} (embed {}, depth {}, image size {:?}{})",
             cfg.variant(),
             cfg.embed_dim,
-            cfg.blocks.len(),
+            match &cfg.tiny_vit {
+                Some(t) => t.stages.iter().map(|s| s.blocks.len()).sum(),
+                None => cfg.blocks.len(),
+            },
             cfg.img_size(),
             if cfg.adapter_dim.is_some() || cfg.has_decoder_adapters() {
                 ", Med-SA adapters"
@@ -99,53 +102,11 @@ pub(super) fn info(path: &Path, flavour: Option<DecoderFlavour>) -> Result<()> {
         cfg.decoder_flavour = f;
     }
     let pc = ParamCounts::of(&ws)?;
-    let (ih, iw) = cfg.img_size();
     println!("checkpoint      {}", path.display());
-    println!(
-        "encoder         {} (embed {}, depth {}, heads {}, head dim {}, mlp {})",
-        cfg.variant(),
-        cfg.embed_dim,
-        cfg.depth(),
-        cfg.heads,
-        cfg.embed_dim / cfg.heads,
-        cfg.mlp_dim
-    );
-    println!(
-        "input           {ih}x{iw} px (native), patch {}, token grid {}x{}",
-        cfg.patch, cfg.pos_grid.0, cfg.pos_grid.1
-    );
-    if let Some((gh, gw)) = cfg.pos_embed_grid {
-        println!(
-            "pos embed       stored at {gh}x{gw} tokens (as the public Med-SA code saves it), resized to the token grid at run time"
-        );
+    match &cfg.tiny_vit {
+        Some(t) => print_tiny_vit(t, &cfg),
+        None => print_vit(&cfg),
     }
-    println!(
-        "attention       window {}, global blocks {:?}",
-        cfg.window(),
-        cfg.global_blocks()
-    );
-    let windows: Vec<String> = cfg
-        .blocks
-        .iter()
-        .map(|b| match b.window {
-            0 => "global".to_string(),
-            w => w.to_string(),
-        })
-        .collect();
-    println!("  per block     [{}]", windows.join(", "));
-    let count = |f: fn(&medsa::sam::config::BlockConfig) -> bool| {
-        cfg.blocks.iter().filter(|b| f(b)).count()
-    };
-    println!(
-        "adapters        space {} / mlp {} / depth {} of {} blocks (bottleneck {})",
-        count(|b| b.space_adapter),
-        count(|b| b.mlp_adapter),
-        count(|b| b.depth_adapter),
-        cfg.depth(),
-        cfg.adapter_dim
-            .map(|d| d.to_string())
-            .unwrap_or_else(|| "-".into())
-    );
     println!("neck / prompt   {} channels", cfg.out_chans);
     let dl = &cfg.decoder_layers;
     println!(
@@ -234,6 +195,7 @@ pub(super) fn init_cmd(a: &InitArgs) -> Result<()> {
         num_mask_tokens: 4,
         iou_head: (a.prompt_dim, 3),
         decoder_flavour: Default::default(),
+        tiny_vit: None,
     };
     let tensors: Vec<(String, Tensor)> = random_checkpoint(&cfg, a.seed).into_iter().collect();
     let n: usize = tensors.iter().map(|(_, t)| t.numel()).sum();
@@ -288,4 +250,124 @@ pub(super) fn merge_cmd(
     save_safetensors(out, &tensors, &m)?;
     eprintln!("merge: {} ({} tensors)", out.display(), tensors.len());
     Ok(())
+}
+
+fn print_vit(cfg: &SamConfig) {
+    let (ih, iw) = cfg.img_size();
+    println!(
+        "encoder         {} (embed {}, depth {}, heads {}, head dim {}, mlp {})",
+        cfg.variant(),
+        cfg.embed_dim,
+        cfg.depth(),
+        cfg.heads,
+        cfg.embed_dim / cfg.heads,
+        cfg.mlp_dim
+    );
+    println!(
+        "input           {ih}x{iw} px (native), patch {}, token grid {}x{}",
+        cfg.patch, cfg.pos_grid.0, cfg.pos_grid.1
+    );
+    if let Some((gh, gw)) = cfg.pos_embed_grid {
+        println!(
+            "pos embed       stored at {gh}x{gw} tokens (as the public Med-SA code saves it), resized to the token grid at run time"
+        );
+    }
+    println!(
+        "attention       window {}, global blocks {:?}",
+        cfg.window(),
+        cfg.global_blocks()
+    );
+    let windows: Vec<String> = cfg
+        .blocks
+        .iter()
+        .map(|b| match b.window {
+            0 => "global".to_string(),
+            w => w.to_string(),
+        })
+        .collect();
+    println!("  per block     [{}]", windows.join(", "));
+    let count = |f: fn(&medsa::sam::config::BlockConfig) -> bool| {
+        cfg.blocks.iter().filter(|b| f(b)).count()
+    };
+    println!(
+        "adapters        space {} / mlp {} / depth {} of {} blocks (bottleneck {})",
+        count(|b| b.space_adapter),
+        count(|b| b.mlp_adapter),
+        count(|b| b.depth_adapter),
+        cfg.depth(),
+        cfg.adapter_dim
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+}
+
+fn print_tiny_vit(t: &medsa::sam::config::TinyVitConfig, cfg: &SamConfig) {
+    let (ih, iw) = cfg.img_size();
+    let kind = match t.patch_embed {
+        medsa::sam::config::PatchEmbedKind::Pointwise => "two 1x1 stride-1 convs (LiteMedSAM)",
+        medsa::sam::config::PatchEmbedKind::Strided3x3 => "two 3x3 stride-2 convs (MobileSAM)",
+    };
+    println!(
+        "encoder         {} (TinyViT, {} stages, total stride {})",
+        cfg.variant(),
+        t.stages.len(),
+        t.stride()
+    );
+    println!(
+        "input           {ih}x{iw} px (native: the reference fixes a {}x{} output grid), patch embed {kind}",
+        cfg.pos_grid.0, cfg.pos_grid.1
+    );
+    let list = |f: &dyn Fn(&medsa::sam::config::TinyStageConfig) -> String| {
+        t.stages.iter().map(f).collect::<Vec<_>>().join(", ")
+    };
+    println!("  widths        [{}]", list(&|s| s.width.to_string()));
+    println!(
+        "  depths        [{}]",
+        list(&|s| s.blocks.len().to_string())
+    );
+    println!(
+        "  heads         [{}] (key dim = head dim; per-head bias tables)",
+        list(&|s| if s.is_conv() {
+            "MBConv".into()
+        } else {
+            s.heads.to_string()
+        })
+    );
+    println!(
+        "  windows       [{}]",
+        list(&|s| if s.is_conv() {
+            "-".into()
+        } else {
+            s.window.to_string()
+        })
+    );
+    println!(
+        "  hidden        [{}] (MBConv expansion / MLP width)",
+        list(&|s| s.hidden.to_string())
+    );
+    println!(
+        "  merge strides [{}]",
+        list(&|s| s
+            .merge_stride
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "-".into()))
+    );
+    let blocks: Vec<&medsa::sam::config::TinyBlockConfig> =
+        t.stages.iter().flat_map(|s| &s.blocks).collect();
+    let attn_blocks: usize = t
+        .stages
+        .iter()
+        .filter(|s| !s.is_conv())
+        .map(|s| s.blocks.len())
+        .sum();
+    println!(
+        "adapters        space {} / mlp {} / depth {} of {} attention blocks (bottleneck {})",
+        blocks.iter().filter(|b| b.space_adapter).count(),
+        blocks.iter().filter(|b| b.mlp_adapter).count(),
+        blocks.iter().filter(|b| b.depth_adapter).count(),
+        attn_blocks,
+        cfg.adapter_dim
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
 }

@@ -88,6 +88,8 @@ pub(super) enum PresetArg {
     Sam,
     /// Stretch to square, scale to [0, 1].
     Medsa,
+    /// LiteMedSAM: longest side to the model size (INTER_AREA), min-max to [0, 1], pad.
+    Litemedsam,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -563,6 +565,7 @@ pub(super) fn preset_of(p: PresetArg) -> Preset {
     match p {
         PresetArg::Sam => Preset::Sam,
         PresetArg::Medsa => Preset::Medsa,
+        PresetArg::Litemedsam => Preset::LiteMedsam,
     }
 }
 
@@ -570,5 +573,6 @@ pub(super) fn preset_arg(p: Preset) -> PresetArg {
     match p {
         Preset::Sam => PresetArg::Sam,
         Preset::Medsa => PresetArg::Medsa,
+        Preset::LiteMedsam => PresetArg::Litemedsam,
     }
 }
