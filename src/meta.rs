@@ -183,3 +183,22 @@ impl ModelMeta {
         })
     }
 }
+
+/// The preprocessing a model's architecture implies when its metadata names none: LiteMedSAM
+/// (a TinyViT with the 1x1 stem) was trained with its authors' pipeline (SPEC section 8), so
+/// feeding it anything else is a silent accuracy loss; other encoders imply nothing.
+pub fn architecture_preset(cfg: &crate::sam::SamConfig) -> Option<Preset> {
+    match &cfg.tiny_vit {
+        Some(t) if t.patch_embed == crate::sam::config::PatchEmbedKind::Pointwise => {
+            Some(Preset::LiteMedsam)
+        }
+        _ => None,
+    }
+}
+
+/// [`architecture_preset`] of the checkpoint at `path` (`None` if it cannot be read as one; the
+/// load that follows reports why).
+pub fn architecture_preset_of(path: &Path) -> Option<Preset> {
+    let ws = crate::weights::WeightStore::open(path).ok()?;
+    architecture_preset(&crate::sam::SamConfig::infer(&ws).ok()?)
+}

@@ -143,3 +143,52 @@ fn f32_f16_bf16_checkpoints_all_load() {
         Sam::load(&be, common::fixture(case, "weights")).unwrap_or_else(|e| panic!("{case}: {e}"));
     }
 }
+
+fn tinyvit() -> Vec<(String, Tensor)> {
+    let f = common::open("tinyvit_lite", "weights");
+    f.keys()
+        .filter(|k| !k.ends_with("num_batches_tracked"))
+        .map(|k| (k.to_string(), f.tensor(k).unwrap()))
+        .collect()
+}
+
+#[test]
+fn broken_tinyvit_checkpoints_name_the_key_and_the_expected_shape() {
+    // A bias table whose offset count is not a square window.
+    let key = "image_encoder.layers.1.blocks.0.attn.attention_biases";
+    let t: Vec<_> = tinyvit()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == key {
+                (k, Tensor::zeros(&[v.shape()[0], 24]))
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let e = load_err(&write("tinyvit-bias", &t)).to_string();
+    assert!(
+        e.contains(key) && e.contains("expected [heads, w*w]"),
+        "{e}"
+    );
+    // A BatchNorm statistic missing from a Conv2d_BN.
+    let key = "image_encoder.layers.2.blocks.1.local_conv.bn.running_var";
+    let t: Vec<_> = tinyvit().into_iter().filter(|(k, _)| k != key).collect();
+    let e = load_err(&write("tinyvit-bn", &t)).to_string();
+    assert!(e.contains(key) && e.contains("missing"), "{e}");
+    // A stem kernel that is neither LiteMedSAM's 1x1 nor MobileSAM's 3x3.
+    let key = "image_encoder.patch_embed.seq.0.c.weight";
+    let t: Vec<_> = tinyvit()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == key {
+                let s = v.shape().to_vec();
+                (k, Tensor::zeros(&[s[0], 3, 5, 5]))
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let e = load_err(&write("tinyvit-stem", &t)).to_string();
+    assert!(e.contains(key) && e.contains("LiteMedSAM"), "{e}");
+}

@@ -165,3 +165,27 @@ fn reference_decoder_two_classes() {
 fn reference_decoder_volume_compat_mixed_windows() {
     run_case("reference", "volume_compat");
 }
+
+// TinyViT encoders (SPEC 8) against the official TinyViT building blocks
+// (`tools/reference/write_tinyvit_fixtures.py`): LiteMedSAM's 1x1 stem with Space / MLP / Depth
+// adapters on every block (stage grids that pad, tile exactly and equal the window), and
+// MobileSAM's 3x3 stride-2 stem with its classifier head left unread.
+#[test]
+fn tinyvit_lite_adapters_box_batch2() {
+    run_case("tinyvit_lite", "box");
+}
+
+#[test]
+fn tinyvit_lite_adapters_points_box_multimask() {
+    run_case("tinyvit_lite", "points_box");
+}
+
+#[test]
+fn tinyvit_lite_depth_branch_two_volumes() {
+    run_case("tinyvit_lite", "volume");
+}
+
+#[test]
+fn tinyvit_mobile_strided_stem() {
+    run_case("tinyvit_mobile", "box");
+}

@@ -565,6 +565,10 @@ pub fn model<B: Backend>(be: &B, fixtures: &Path, tol: Tolerance) -> Vec<Check> 
         ("reference", "points_box"),
         ("reference", "classes"),
         ("reference", "volume_compat"),
+        // TinyViT (SPEC 8): LiteMedSAM's stem with adapters and the depth branch, MobileSAM's.
+        ("tinyvit_lite", "box"),
+        ("tinyvit_lite", "volume"),
+        ("tinyvit_mobile", "box"),
     ] {
         let name = format!("model {case}/{run}");
         let res = (|| -> Result<Vec<Check>> {

@@ -550,15 +550,43 @@ pub fn init_adapters(
         rng: Rng::new(seed),
         added: Vec::new(),
     };
-    for (i, b) in cfg.blocks.iter().enumerate() {
+    // The blocks that take adapters: `(key prefix, width, adapters present)`. TinyViT's are
+    // its attention blocks (Med-SA's TinyViTAdapterBlock), each at its stage's width with a
+    // bottleneck of a quarter of it.
+    let mut blocks: Vec<(String, usize, usize, [bool; 3])> = cfg
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            (
+                format!("image_encoder.blocks.{i}"),
+                d,
+                r_enc,
+                [b.space_adapter, b.mlp_adapter, b.depth_adapter],
+            )
+        })
+        .collect();
+    if let Some(t) = &cfg.tiny_vit {
+        for (s, st) in t.stages.iter().enumerate().filter(|(_, st)| !st.is_conv()) {
+            for (j, b) in st.blocks.iter().enumerate() {
+                blocks.push((
+                    format!("image_encoder.layers.{s}.blocks.{j}"),
+                    st.width,
+                    st.width / 4,
+                    [b.space_adapter, b.mlp_adapter, b.depth_adapter],
+                ));
+            }
+        }
+    }
+    for (p, width, r, has) in blocks {
         for (want, has, name) in [
-            (which.encoder, b.space_adapter, "Space_Adapter"),
-            (which.encoder, b.mlp_adapter, "MLP_Adapter"),
-            (which.depth, b.depth_adapter, "Depth_Adapter"),
+            (which.encoder, has[0], "Space_Adapter"),
+            (which.encoder, has[1], "MLP_Adapter"),
+            (which.depth, has[2], "Depth_Adapter"),
         ] {
-            let q = format!("image_encoder.blocks.{i}.{name}");
+            let q = format!("{p}.{name}");
             if want && !has && init.absent(&q) {
-                init.bottleneck(&q, d, r_enc);
+                init.bottleneck(&q, width, r);
             }
         }
     }

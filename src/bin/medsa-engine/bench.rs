@@ -19,22 +19,34 @@ pub(super) fn bench<B: Backend>(
     be: &B,
     dev: &Dev,
     variant: &str,
+    checkpoint: Option<&std::path::Path>,
     size: usize,
     batch: usize,
     repeats: usize,
     warmup: usize,
     adapters: bool,
 ) -> Result<()> {
-    let cfg = SamConfig::published(variant, adapters, false)
-        .ok_or_else(|| anyhow!("--variant {variant}: expected vit_b, vit_l or vit_h"))?;
+    let (model, variant) = match checkpoint {
+        Some(p) => {
+            let m = Sam::load(be, p).with_context(|| format!("loading {}", p.display()))?;
+            let v = m.config.variant().to_string();
+            (m, v)
+        }
+        None => {
+            let cfg = SamConfig::published(variant, adapters, false)
+                .ok_or_else(|| anyhow!("--variant {variant}: expected vit_b, vit_l or vit_h"))?;
+            let mut ws = WeightStore::from_tensors("random", random_checkpoint(&cfg, 0));
+            let m = Sam::from_store(be, &mut ws).context("building the random model")?;
+            (m, variant.to_string())
+        }
+    };
+    let cfg = model.config.clone();
     if size == 0 || !size.is_multiple_of(cfg.patch) {
         bail!(
             "--size {size}: expected a positive multiple of {}",
             cfg.patch
         );
     }
-    let mut ws = WeightStore::from_tensors("random", random_checkpoint(&cfg, 0));
-    let model = Sam::from_store(be, &mut ws).context("building the random model")?;
     let mut rng = Rng::new(1);
     let x = be.upload(&rng.tensor(&[batch, 3, size, size], 2.0))?;
     for _ in 0..warmup {

@@ -239,6 +239,10 @@ pub(super) enum Cmd {
         /// vit_b, vit_l or vit_h.
         #[arg(long, default_value = "vit_b")]
         variant: String,
+        /// Time this checkpoint's image encoder (any architecture, e.g. the converted
+        /// LiteMedSAM) instead of a random --variant.
+        #[arg(long, conflicts_with_all = ["adapters", "train"])]
+        checkpoint: Option<PathBuf>,
         /// Input size in pixels (square).
         #[arg(long, default_value_t = 1024)]
         size: usize,
@@ -346,9 +350,10 @@ pub(super) struct TrainArgs {
     /// Model input size (default: the checkpoint's native size).
     #[arg(long)]
     pub(super) size: Option<usize>,
-    /// Preprocessing preset (medsa: stretch to square, [0, 1]; the reference's).
-    #[arg(long, value_enum, default_value = "medsa")]
-    pub(super) preset: PresetArg,
+    /// Preprocessing preset (default: medsa, stretch to square, [0, 1], the reference's;
+    /// litemedsam for a LiteMedSAM base, its authors' pipeline).
+    #[arg(long, value_enum)]
+    pub(super) preset: Option<PresetArg>,
     /// Train on this label id (default: any non-zero label).
     #[arg(long)]
     pub(super) label_id: Option<u32>,

@@ -114,6 +114,7 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Cmd::Bench {
             variant,
+            checkpoint,
             size,
             batch,
             repeats,
@@ -129,7 +130,7 @@ fn run(cli: Cli) -> Result<()> {
             if train {
                 on_device!(&dev, be => bench_train(be, &dev, &variant, size, batch, repeats, warmup, recompute))
             } else {
-                on_device!(&dev, be => bench(be, &dev, &variant, size, batch, repeats, warmup, adapters))
+                on_device!(&dev, be => bench(be, &dev, &variant, checkpoint.as_deref(), size, batch, repeats, warmup, adapters))
             }
         }
     }

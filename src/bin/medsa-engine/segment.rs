@@ -40,7 +40,8 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
     // the default here.
     let src = ModelSource::of(a);
     let meta = src.meta()?;
-    let meta_preset = meta.preset.map(preset_arg);
+    let arch_preset = medsa::meta::architecture_preset_of(&a.checkpoint);
+    let meta_preset = meta.preset.or(arch_preset).map(preset_arg);
     if let Some(image) = &a.image {
         let out = a
             .out
@@ -140,6 +141,11 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         if let Some(p) = meta.preset {
             from_meta.push(format!(
                 "preset {}",
+                medsa::train::checkpoint::preset_name(p)
+            ));
+        } else if let Some(p) = arch_preset {
+            from_meta.push(format!(
+                "preset {} (the architecture's own: no preset in the metadata)",
                 medsa::train::checkpoint::preset_name(p)
             ));
         }

@@ -72,7 +72,11 @@ pub(super) fn train_cmd<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
         seed: a.seed,
         data_opts: medsa::train::data::DataOptions {
             size: a.size.unwrap_or(0),
-            preset: preset_of(a.preset),
+            preset: match a.preset {
+                Some(p) => preset_of(p),
+                None => medsa::meta::architecture_preset_of(&a.checkpoint)
+                    .unwrap_or(medsa::pipeline::Preset::Medsa),
+            },
             label_id: a.label_id,
             intensity: batch::Intensity::parse(&a.intensity)?,
             depth: a.depth,
