@@ -41,7 +41,7 @@ pub use cases::{
 };
 pub use intensity::Intensity;
 pub use job::Job;
-pub use prompts::load_label_png;
+pub use prompts::{load_label_png, parse_numbers};
 pub use report::{Outcome, Summary};
 
 /// Options of a batch run.

@@ -8,6 +8,24 @@ use crate::pipeline::Prepared;
 use crate::sam::Prompts;
 use crate::tensor::Tensor;
 
+/// Parses a command-line prompt such as `--box "10,20,110,140"`: comma-separated finite numbers,
+/// as many as one of `counts`. `what` names the option in the error.
+pub fn parse_numbers(s: &str, what: &str, counts: &[usize]) -> Result<Vec<f32>> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Input(format!("{what} \"{s}\": not a list of numbers")))?;
+    if !counts.contains(&v.len()) || v.iter().any(|x| !x.is_finite()) {
+        let want: Vec<String> = counts.iter().map(|x| x.to_string()).collect();
+        return Err(Error::Input(format!(
+            "{what} \"{s}\": expected {} finite numbers",
+            want.join(" or ")
+        )));
+    }
+    Ok(v)
+}
+
 /// A 2D label/ground-truth image as integer ids `[h, w]`: the stored 8- or 16-bit grey values
 /// (colour images through their luma), with the height and width.
 pub fn load_label_png(path: &Path) -> Result<(Vec<u32>, usize, usize)> {

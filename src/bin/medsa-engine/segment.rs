@@ -18,21 +18,7 @@ use crate::cli::{depth_mode_of, preset_arg, preset_of, PresetArg, SegmentArgs};
 use crate::device::ModelSource;
 
 fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
-    let v: Vec<f32> = s
-        .split(',')
-        .map(|x| x.trim().parse::<f32>())
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| anyhow!("{what} \"{s}\": not a list of numbers"))?;
-    if !n.contains(&v.len()) || v.iter().any(|x| !x.is_finite()) {
-        bail!(
-            "{what} \"{s}\": expected {} finite numbers",
-            n.iter()
-                .map(|x| x.to_string())
-                .collect::<Vec<_>>()
-                .join(" or ")
-        );
-    }
-    Ok(v)
+    Ok(batch::parse_numbers(s, what, n)?)
 }
 
 pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
