@@ -246,16 +246,14 @@ fn mask_box(logits: &[f32], nx: usize, ny: usize, margin: f32) -> Option<[f32; 4
     ])
 }
 
-/// The result of propagating every object of a volume.
-pub(super) struct Propagated {
+/// The masks of every object of a volume, however they were prompted.
+pub(super) struct VolumeMasks {
     /// Label map, `nx * ny * nz`.
     pub labels: Vec<u8>,
     /// Per-voxel maximum probability over the objects.
     pub prob: Vec<f32>,
     /// Slices that hold some object.
     pub slices: Vec<usize>,
-    /// Decoder runs.
-    pub decoded: usize,
 }
 
 impl<B: Backend> Job<'_, B> {
@@ -284,7 +282,7 @@ impl<B: Backend> Job<'_, B> {
     }
 
     /// Walks from `from` (already decoded into `masks[from]`) in direction `step` (+1 or -1)
-    /// until the rule stops; clears the slices past the end. Returns decoder runs.
+    /// until the rule stops; clears the slices past the end.
     fn walk(
         &self,
         emb: &mut Embeddings<'_, B>,
@@ -293,10 +291,9 @@ impl<B: Backend> Job<'_, B> {
         step: isize,
         seed: &Seed,
         rule: &Propagation,
-    ) -> Result<usize> {
+    ) -> Result<()> {
         let [nx, ny, nz] = emb.dims;
         let (lo, hi) = seed.range.unwrap_or((0, nz - 1));
-        let mut runs = 0;
         let mut z = from;
         loop {
             let next = z as isize + step;
@@ -315,7 +312,6 @@ impl<B: Backend> Job<'_, B> {
             };
             let mi = rule.mask_input.then(|| prev.low.clone());
             let s = self.decode_slice(emb, next, Some(bbox), &[], mi.as_ref())?;
-            runs += 1;
             if !s.holds(rule) {
                 break;
             }
@@ -328,7 +324,7 @@ impl<B: Backend> Job<'_, B> {
             masks[c as usize] = None;
             c += step;
         }
-        Ok(runs)
+        Ok(())
     }
 
     /// Propagates every object of a volume (intensities already mapped) from its seed, then
@@ -340,11 +336,11 @@ impl<B: Backend> Job<'_, B> {
         dims: [usize; 3],
         objects: &[Object],
         rule: &Propagation,
-    ) -> Result<(Propagated, usize)> {
+    ) -> Result<(VolumeMasks, usize)> {
         let [nx, ny, nz] = dims;
         let plane = nx * ny;
         let mut emb = Embeddings::<B>::new(data, dims, self.opts.chunk);
-        let mut out = Propagated {
+        let mut out = VolumeMasks {
             labels: vec![0u8; plane * nz],
             prob: vec![
                 0f32;
@@ -355,7 +351,6 @@ impl<B: Backend> Job<'_, B> {
                 }
             ],
             slices: Vec::new(),
-            decoded: 0,
         };
         let mut touched = vec![false; nz];
         for (k, o) in objects.iter().enumerate() {
@@ -363,11 +358,10 @@ impl<B: Backend> Job<'_, B> {
             let seed = seed_of(case, k, o, dims)?;
             let mut masks: Vec<Option<SliceState>> = vec![None; nz];
             let s = self.decode_slice(&mut emb, seed.z, seed.bbox, &seed.points, None)?;
-            out.decoded += 1;
             if s.area() >= rule.min_area {
                 masks[seed.z] = Some(s);
-                out.decoded += self.walk(&mut emb, &mut masks, seed.z, 1, &seed, rule)?;
-                out.decoded += self.walk(&mut emb, &mut masks, seed.z, -1, &seed, rule)?;
+                self.walk(&mut emb, &mut masks, seed.z, 1, &seed, rule)?;
+                self.walk(&mut emb, &mut masks, seed.z, -1, &seed, rule)?;
             }
             for (i, it) in o.interactions.iter().enumerate() {
                 let ctx = format!("object {k} interaction {i}");
@@ -400,7 +394,6 @@ impl<B: Backend> Job<'_, B> {
                 };
                 points.extend(clicks);
                 let s = self.decode_slice(&mut emb, z, bbox, &points, mi.as_ref())?;
-                out.decoded += 1;
                 masks[z] = (s.area() >= rule.min_area).then_some(s);
                 if it.propagate && masks[z].is_some() {
                     let from = Seed {
@@ -409,8 +402,8 @@ impl<B: Backend> Job<'_, B> {
                         points: Vec::new(),
                         range: seed.range,
                     };
-                    out.decoded += self.walk(&mut emb, &mut masks, z, 1, &from, rule)?;
-                    out.decoded += self.walk(&mut emb, &mut masks, z, -1, &from, rule)?;
+                    self.walk(&mut emb, &mut masks, z, 1, &from, rule)?;
+                    self.walk(&mut emb, &mut masks, z, -1, &from, rule)?;
                 }
             }
             for (z, m) in masks.iter().enumerate() {

@@ -14,6 +14,7 @@ use super::cases::{Case, FromLabel, Object};
 use super::files::{sibling, write_overview};
 use super::job::{check_finite_pixels, check_object_count, Job};
 use super::prompts::{check_inside, label_prompt, object_prompts, Obj2d};
+use super::propagate::VolumeMasks;
 use super::report::Outcome;
 
 impl<B: Backend> Job<'_, B> {
@@ -29,7 +30,7 @@ impl<B: Backend> Job<'_, B> {
             &case.name,
             objects.len() + usize::from(label_rule.is_some()),
         )?;
-        let (labels, prob, slices, encoded) = match &self.opts.propagate {
+        let (masks, encoded) = match &self.opts.propagate {
             Some(rule) => {
                 if label_rule.is_some() {
                     return Err(Error::Input(format!(
@@ -38,9 +39,7 @@ impl<B: Backend> Job<'_, B> {
                         case.name
                     )));
                 }
-                let (p, encoded) =
-                    self.propagate_volume(&case.name, &data, vol.dims, &objects, rule)?;
-                (p.labels, p.prob, p.slices, encoded)
+                self.propagate_volume(&case.name, &data, vol.dims, &objects, rule)?
             }
             None => {
                 if objects.iter().any(|o| !o.interactions.is_empty()) {
@@ -52,6 +51,12 @@ impl<B: Backend> Job<'_, B> {
                 self.segment_prompted_slices(case, &data, vol.dims, &objects, label_rule)?
             }
         };
+        let VolumeMasks {
+            labels,
+            prob,
+            slices,
+            ..
+        } = masks;
         let gt = match self.gt_of(case) {
             Some(p) => {
                 let g = nifti::read_nifti(&p)?;
@@ -124,7 +129,7 @@ impl<B: Backend> Job<'_, B> {
         dims: [usize; 3],
         objects: &[Object],
         label_rule: Option<FromLabel>,
-    ) -> Result<(Vec<u8>, Vec<f32>, Vec<usize>, usize)> {
+    ) -> Result<(VolumeMasks, usize)> {
         let [nx, ny, nz] = dims;
         // Per-slice objects: (output label id, (points (x, y, label), 2D box)). The id is the
         // object's, not its place on the slice: objects need not share slices.
@@ -256,7 +261,14 @@ impl<B: Backend> Job<'_, B> {
             }
         }
         let slices: Vec<usize> = (0..nz).filter(|&z| !per_slice[z].is_empty()).collect();
-        Ok((labels, prob, slices, encoded))
+        Ok((
+            VolumeMasks {
+                labels,
+                prob,
+                slices,
+            },
+            encoded,
+        ))
     }
 
     /// One encoder pass over slices `k0..k0 + d` of a volume (intensities already mapped), the
