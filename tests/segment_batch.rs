@@ -428,3 +428,70 @@ fn batch_on_cuda_matches_the_cpu() {
     }
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// `--propagate` on `--device cuda` (the GPU, or the kernel emulator) walks the same slices and
+/// writes the same probabilities as on the CPU: the propagation is backend-generic, and the
+/// walk's decisions (mask box, area and score thresholds) must not flip between backends. The
+/// thresholds are off so the random-weight model's masks walk as far as they go.
+#[cfg(feature = "cuda")]
+#[test]
+#[cfg_attr(
+    medsa_no_cuda_tests,
+    ignore = "no GPU driver and no CUDA kernel emulator (x86-64 Linux and a C++ compiler) here"
+)]
+fn propagation_on_cuda_matches_the_cpu() {
+    let test = "propagation_on_cuda_matches_the_cpu";
+    let d = tmpdir("prop-cuda");
+    let vol = common::fixtures_dir().join("nifti/oblique_float32.nii");
+    let args = [
+        "--box",
+        "1,1,2,5,4,2",
+        "--propagate",
+        "--propagate-min-area",
+        "1",
+        "--propagate-min-iou",
+        "0",
+        "--propagate-min-stability",
+        "0",
+        "--propagate-margin",
+        "0",
+        "--chunk",
+        "2",
+        "--probabilities",
+    ];
+    let (on_cpu, on_cuda) = (d.join("cpu"), d.join("cuda"));
+    let mut c = segment(&vol, &on_cuda, "volume");
+    c.args(args)
+        .args(["--device", "cuda", "--precision", "f32"]);
+    if !common::kemu::cuda_command(test, &mut c) {
+        return;
+    }
+    let (ok, text) = run(&mut c);
+    assert!(ok, "{text}");
+    let (ok, text) = run(segment(&vol, &on_cpu, "volume").args(args));
+    assert!(ok, "{text}");
+    let (pa, pb) = (
+        read_nifti(&on_cpu.join("oblique_float32_prob.nii")).unwrap(),
+        read_nifti(&on_cuda.join("oblique_float32_prob.nii")).unwrap(),
+    );
+    let (ma, mb) = (
+        read_nifti(&on_cpu.join("oblique_float32.nii")).unwrap(),
+        read_nifti(&on_cuda.join("oblique_float32.nii")).unwrap(),
+    );
+    assert!(
+        ma.data.iter().any(|&v| v > 0.0),
+        "the CPU run segmented nothing"
+    );
+    for (i, (x, y)) in pa.data.iter().zip(&pb.data).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-3,
+            "prob[{i}]: {y} on CUDA, {x} on the CPU"
+        );
+        let (a, b) = (ma.data[i], mb.data[i]);
+        assert!(
+            a == b || (x - 0.5).abs() <= 1e-3,
+            "mask[{i}]: {b} on CUDA, {a} on the CPU (probability {x})"
+        );
+    }
+    let _ = std::fs::remove_dir_all(d);
+}
