@@ -175,6 +175,6 @@ pub fn fuzz_pickle(pickle: &[u8]) -> Result<()> {
     let top = pickle::Vm::new(path, pickle).run()?;
     let reader = Reader { path, bytes: &[] };
     let resolve = |_: &str| Some(Ok(&STUB[..]));
-    reader.state_dict(&top, "fuzz/", &resolve)?;
+    reader.state_dict(&top.value, "fuzz/", &resolve)?;
     Ok(())
 }

@@ -74,7 +74,7 @@ impl<'a> Reader<'a> {
         let data = entry_data(self.path, b, &entries[&pkl], &pkl)?;
         let top = Vm::new(self.path, data).run()?;
         let resolve = |name: &str| entries.get(name).map(|e| entry_data(self.path, b, e, name));
-        self.state_dict(&top, prefix, &resolve)
+        self.state_dict(&top.value, prefix, &resolve)
     }
 
     /// Picks the state dict out of the unpickled object and maps each tensor view onto its
@@ -244,6 +244,17 @@ impl<'a> Reader<'a> {
             .iter()
             .try_fold(1usize, |a, &n| a.checked_mul(n))
             .ok_or_else(|| self.err(format!("tensor `{key}`: size {:?} overflows", t.size)))?;
+        // A view that fits its storage can still have far more elements than the storage when
+        // strides overlap (stride 0, as `expand` makes): a few bytes of pickle would then ask
+        // for terabytes. No state-dict tensor needs that, so materialise at most the storage.
+        if numel > t.storage.numel {
+            return Err(self.err(format!(
+                "tensor `{key}`: view (size {:?}, stride {:?}) has {numel} elements, more than \
+                 its storage of {}: overlapping (expanded) views are not supported; save the \
+                 tensor with .contiguous()",
+                t.size, t.stride, t.storage.numel
+            )));
+        }
         let dtype = t.storage.dtype;
         let get = |i: usize| -> f32 {
             let es = dtype.size();
