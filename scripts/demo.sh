@@ -32,6 +32,13 @@ echo "== LiteMedSAM + the bundled Med-SA adapter (same prompts)"
 # litemedsam preset and label id 2 (grey matter); segment says so on standard error.
 "$bin" segment --checkpoint "$base" --adapter "$adapter" -i "$val/images" -o examples/out \
   --prompt-from-label "$val/labels" --labels "$val/labels" --overview
+echo "== a new scan as users prompt it: one box on one slice, propagated through the volume"
+# Held-out contiguous 12-slice blocks (scripts/propagation-blocks.py); the box is drawn around
+# the grey matter on the middle slice only, and no label is read to segment (only to score).
+python3 scripts/propagation-blocks.py >/dev/null
+"$bin" segment --checkpoint "$base" --adapter "$adapter" -i examples/data/mni152_blocks/box2d.json \
+  -o examples/out/propagated --propagate --labels examples/data/mni152_blocks/labels --quiet
 echo "zero-shot: $(tail -n 1 examples/out/zero_shot/metrics.csv)"
 echo "adapted:   $(tail -n 1 examples/out/metrics.csv)"
+echo "one box, propagated: $(tail -n 1 examples/out/propagated/metrics.csv)"
 echo "outputs: examples/out/mni152.nii.gz (grey matter, label 1), mni152_overview.png, metrics.csv"

@@ -11,6 +11,7 @@ pub mod batch;
 pub mod data;
 pub mod error;
 pub mod host_pool;
+pub mod limits;
 pub mod tensor;
 pub mod train;
 

@@ -41,20 +41,41 @@ pub enum Preset {
     LiteMedsam,
 }
 
-/// Reads a PNG or JPEG (8- or 16-bit, grey or colour) as RGB on the 0..255 scale.
-pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .with_guessed_format()
-        .map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })?
+/// Decodes a PNG or JPEG within the process default pixel budget
+/// ([`crate::limits::current`]): the size in the file's header is checked before any pixel is
+/// decoded, and the decoder may allocate no more than the budget's worth of 16-bit RGBA.
+/// `what` says what the file is in errors ("image", "label image").
+pub fn decode_image(path: &Path, what: &str) -> Result<image::DynamicImage> {
+    let limits = crate::limits::current();
+    let open = || -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+        image::ImageReader::open(path)
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .with_guessed_format()
+            .map_err(|source| Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    let (w, h) = open()?
+        .into_dimensions()
+        .map_err(|e| Error::Input(format!("{}: cannot decode {what}: {e}", path.display())))?;
+    limits.check_pixels(path, w as u64, h as u64)?;
+    let mut reader = open()?;
+    let mut l = image::Limits::default();
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(512 << 20));
+    reader.limits(l);
+    reader
         .decode()
-        .map_err(|e| Error::Input(format!("{}: cannot decode image: {e}", path.display())))?;
+        .map_err(|e| Error::Input(format!("{}: cannot decode {what}: {e}", path.display())))
+}
+
+/// Reads a PNG or JPEG (8- or 16-bit, grey or colour) as RGB on the 0..255 scale, within the
+/// pixel budget ([`decode_image`]).
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let img = decode_image(path, "image")?;
     let rgb = img.to_rgb32f();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     if w == 0 || h == 0 {

@@ -227,7 +227,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    std::fs::write(&tmp, bytes).map_err(io)?;
+    // A stale temp file (or a link planted under its name) is removed, not written through:
+    // `create_new` refuses to follow a symlink, so the bytes land only in this folder.
+    if std::fs::symlink_metadata(&tmp).is_ok() {
+        std::fs::remove_file(&tmp).map_err(io)?;
+    }
+    let written = std::fs::File::create_new(&tmp).and_then(|mut f| {
+        use std::io::Write;
+        f.write_all(bytes)?;
+        f.sync_data()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(e)
@@ -241,6 +254,23 @@ enum Source {
         name: PathBuf,
         tensors: BTreeMap<String, Tensor>,
     },
+}
+
+/// Refuses a weight with NaN or infinite values: it would load silently and turn every mask into
+/// background.
+fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<()> {
+    let bad = t.data().iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: format!(
+                "tensor `{key}` has {bad} non-finite values (NaN or Inf) of {}: the checkpoint is \
+                 corrupt (`medsa-engine info` lists every such tensor)",
+                t.numel()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Hands out a checkpoint's tensors to the model builder and remembers which were used.
@@ -354,12 +384,33 @@ impl WeightStore {
         }
         self.used.insert(key.to_string());
         if let Some(t) = self.overlay.get(key) {
+            // Checked by `overlay`.
             return Ok(t.clone());
         }
-        match &self.source {
-            Source::File(f) => f.tensor(key),
-            Source::Memory { tensors, .. } => Ok(tensors[key].clone()),
+        let t = match &self.source {
+            Source::File(f) => f.tensor(key)?,
+            Source::Memory { tensors, .. } => tensors[key].clone(),
+        };
+        check_finite(self.path(), key, &t)?;
+        Ok(t)
+    }
+
+    /// Every tensor with NaN or infinite values, with how many: what `info` reports. Reads the
+    /// whole checkpoint.
+    pub fn non_finite(&self) -> Result<Vec<(String, usize)>> {
+        let mut bad = Vec::new();
+        for k in self.keys() {
+            let t = match (self.overlay.get(&k), &self.source) {
+                (Some(t), _) => t.clone(),
+                (None, Source::File(f)) => f.tensor_numeric(&k)?,
+                (None, Source::Memory { tensors, .. }) => tensors[&k].clone(),
+            };
+            let n = t.data().iter().filter(|v| !v.is_finite()).count();
+            if n > 0 {
+                bad.push((k, n));
+            }
         }
+        Ok(bad)
     }
 
     /// Lays `tensors` over the store (an adapter checkpoint on its base model): each replaces
@@ -368,6 +419,7 @@ impl WeightStore {
     /// changing anything, so a failed overlay leaves the store as it was.
     pub fn overlay(&mut self, source: &Path, tensors: BTreeMap<String, Tensor>) -> Result<()> {
         for (k, t) in &tensors {
+            check_finite(source, k, t)?;
             if let Some(base) = self.shape_of(k) {
                 if base != t.shape() {
                     return Err(Error::ShapeMismatch {

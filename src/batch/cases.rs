@@ -14,6 +14,17 @@ pub struct Object {
     pub points: Vec<[f32; 4]>,
     /// A box.
     pub bbox: Option<[f32; 6]>,
+    /// Refinements of a propagated volume mask, applied in order (see `batch::Propagation`).
+    pub interactions: Vec<Interaction>,
+}
+
+/// Clicks on one slice that refine a propagated mask there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Interaction {
+    /// Points `(x, y, z, label)`, all on one slice.
+    pub points: Vec<[f32; 4]>,
+    /// Re-propagate from the refined slice (default), or change only that slice.
+    pub propagate: bool,
 }
 
 /// Prompts derived from a label image or volume (evaluation protocols).
@@ -130,6 +141,40 @@ fn parse_object(v: &serde_json::Value, path: &Path, ctx: &str) -> Result<Object>
             });
         }
     }
+    if let Some(its) = v.get("interactions") {
+        for (i, it) in its
+            .as_array()
+            .ok_or_else(|| json_err(path, format!("{ctx}: `interactions` must be a list")))?
+            .iter()
+            .enumerate()
+        {
+            let ictx = format!("{ctx}.interactions[{i}]");
+            let ps = it.get("points").and_then(|p| p.as_array()).ok_or_else(|| {
+                json_err(
+                    path,
+                    format!("{ictx}: needs \"points\": [[x, y, z, label], ...]"),
+                )
+            })?;
+            let mut points = Vec::new();
+            for p in ps {
+                let n = nums(p, path, &format!("{ictx}.points"))?;
+                if n.len() != 4 {
+                    return Err(json_err(
+                        path,
+                        format!("{ictx}: a point is [x, y, z, label] (voxel indices)"),
+                    ));
+                }
+                points.push([n[0], n[1], n[2], n[3]]);
+            }
+            let propagate = match it.get("propagate") {
+                None => true,
+                Some(b) => b.as_bool().ok_or_else(|| {
+                    json_err(path, format!("{ictx}: `propagate` must be true or false"))
+                })?,
+            };
+            o.interactions.push(Interaction { points, propagate });
+        }
+    }
     if let Some(b) = v.get("box") {
         let n = nums(b, path, &format!("{ctx}.box"))?;
         o.bbox = Some(match n.len() {
@@ -146,13 +191,79 @@ fn parse_object(v: &serde_json::Value, path: &Path, ctx: &str) -> Result<Object>
     Ok(o)
 }
 
+/// Most objects one case may have: label maps are 8-bit, object k is label k + 1.
+pub const MAX_OBJECTS: usize = 255;
+
+/// Refuses a case whose prompts are over the budget, or with more objects than label ids.
+pub(super) fn check_prompt_budget(
+    objects: &[Object],
+    limits: &crate::limits::Limits,
+    path: &Path,
+    ctx: &str,
+) -> Result<()> {
+    if objects.len() > MAX_OBJECTS {
+        return Err(json_err(
+            path,
+            format!(
+                "{ctx}: {} objects, but a label map holds at most {MAX_OBJECTS}",
+                objects.len()
+            ),
+        ));
+    }
+    let n: usize = objects
+        .iter()
+        .map(|o| {
+            o.points.len()
+                + usize::from(o.bbox.is_some())
+                + o.interactions.iter().map(|i| i.points.len()).sum::<usize>()
+        })
+        .sum();
+    if n > limits.max_prompts {
+        return Err(json_err(
+            path,
+            format!(
+                "{ctx}: {n} points and boxes, over the budget of {}",
+                limits.max_prompts
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a manifest: a JSON list of cases (or `{"cases": [...]}`), each
 /// `{"image": path, "output"?: path, "label"?: path, "objects"?: [object...], "points"?, "box"?,
 ///   "from_label"?: {"path", "id", "click"?}}`; relative paths are relative to the manifest.
+///
+/// Within the process default budgets ([`crate::limits::current`]): a manifest over
+/// `max_manifest_bytes` is refused before it is read, and a case with more than `max_prompts`
+/// points and boxes, or more objects than a label map has ids (255), is refused.
 pub fn read_manifest(path: &Path, out_dir: &Path) -> Result<Vec<Case>> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+    let limits = crate::limits::current();
+    let io = |source| Error::Io {
         path: path.into(),
         source,
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > limits.max_manifest_bytes {
+        return Err(json_err(
+            path,
+            format!(
+                "manifest is {size} bytes, over the budget of {} bytes",
+                limits.max_manifest_bytes
+            ),
+        ));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(
+            std::fs::File::open(path).map_err(io)?,
+            limits.max_manifest_bytes,
+        ),
+        &mut text,
+    )
+    .map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => json_err(path, "not UTF-8 text"),
+        _ => io(e),
     })?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| json_err(path, format!("not valid JSON: {e}")))?;
@@ -205,6 +316,7 @@ pub fn read_manifest(path: &Path, out_dir: &Path) -> Result<Vec<Case>> {
         if c.get("points").is_some() || c.get("box").is_some() {
             objects.push(parse_object(c, path, &ctx)?);
         }
+        check_prompt_budget(&objects, &limits, path, &ctx)?;
         let from_label = match c.get("from_label") {
             Some(f) => Some(FromLabel {
                 path: rel(f

@@ -25,16 +25,51 @@ pub(super) fn sibling(out: &Path, suffix: &str, ext: &str) -> PathBuf {
     out.with_file_name(format!("{}{suffix}{ext}", stem(out)))
 }
 
-pub(super) fn ensure_parent(p: &Path) -> Result<()> {
-    match p.parent() {
-        Some(d) if !d.as_os_str().is_empty() => {
-            std::fs::create_dir_all(d).map_err(|source| Error::Io {
-                path: d.into(),
-                source,
-            })
-        }
-        _ => Ok(()),
+/// Makes the folder of a case's output, refusing an output that would land outside `out_dir`:
+/// an absolute path or one with `..` (as a shared manifest could give), or a path that goes
+/// through a symbolic link leading out of the folder. Folders are created one level at a time,
+/// so nothing is created outside `out_dir` either.
+pub fn prepare_output(out_dir: &Path, output: &Path) -> Result<()> {
+    use std::path::Component;
+    let outside = |why: &str| {
+        Error::Input(format!(
+            "output {} {why}: outputs must stay inside the output folder {}",
+            output.display(),
+            out_dir.display()
+        ))
+    };
+    let rel = output
+        .strip_prefix(out_dir)
+        .map_err(|_| outside("is not inside the output folder (an absolute path?)"))?;
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(outside("has a `..`, `.` or root component"));
     }
+    let io = |p: &Path, source| Error::Io {
+        path: p.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(out_dir).map_err(|e| io(out_dir, e))?;
+    let root = out_dir.canonicalize().map_err(|e| io(out_dir, e))?;
+    let mut dir = out_dir.to_path_buf();
+    for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+        dir.push(c);
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = dir.canonicalize().map_err(|e| io(&dir, e))?;
+                if !target.starts_with(&root) || !target.is_dir() {
+                    return Err(outside(&format!(
+                        "goes through the link {} to {}",
+                        dir.display(),
+                        target.display()
+                    )));
+                }
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(outside(&format!("needs {} to be a folder", dir.display()))),
+            Err(_) => std::fs::create_dir(&dir).map_err(|e| io(&dir, e))?,
+        }
+    }
+    Ok(())
 }
 
 /// A montage of up to 6 slices (those given, evenly picked) with the mask overlaid in red.

@@ -14,7 +14,7 @@ use crate::sam::{MaskOutput, Prompts, Sam, Trace};
 use crate::tensor::Tensor;
 
 use super::cases::{is_nifti, Case, FromLabel, Object};
-use super::files::{ensure_parent, find_label, sibling};
+use super::files::{find_label, prepare_output, sibling};
 use super::prompts::{check_inside, label_prompt, load_label_png, object_prompts, Obj2d};
 use super::report::{Outcome, Progress, Summary};
 use super::JobOptions;
@@ -24,6 +24,31 @@ struct Loaded2d {
     prep: Prepared,
     prompts: Vec<Prompts>,
     gt: Option<Vec<bool>>,
+}
+
+/// Refuses more objects than an 8-bit label map has ids.
+pub(super) fn check_object_count(case: &str, n: usize) -> Result<()> {
+    if n > super::cases::MAX_OBJECTS {
+        return Err(Error::Input(format!(
+            "{case}: {n} objects, but a label map holds at most {}",
+            super::cases::MAX_OBJECTS
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses an image or volume with NaN or infinite values: they would poison every slice's
+/// normalisation and come out as an empty mask.
+pub(super) fn check_finite_pixels(path: &std::path::Path, data: &[f32]) -> Result<()> {
+    let bad = data.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::Input(format!(
+            "{}: {bad} of {} values are NaN or infinite; expected finite intensities",
+            path.display(),
+            data.len()
+        )));
+    }
+    Ok(())
 }
 
 /// The model runner for one job.
@@ -171,6 +196,7 @@ impl<'a, B: Backend> Job<'a, B> {
                 case.name
             )));
         }
+        check_object_count(&case.name, objs.len())?;
         let prep = pipeline::prepare(&img, self.size, self.opts.preset)?;
         let prompts = object_prompts(&objs, &prep)?;
         let gt = match self.gt_of(case) {
@@ -195,39 +221,70 @@ impl<'a, B: Backend> Job<'a, B> {
         Ok(Loaded2d { prep, prompts, gt })
     }
 
-    /// Decodes every object against embedding `b` of `emb`; returns the label map at the
-    /// original size and the per-pixel maximum probability.
+    /// Decodes one object's prompts against embedding `b` of `emb`: the mask logits at the
+    /// original size (the mask with the best predicted IoU when multimask) and its low-res
+    /// logits `[1, 1, h, w]` (what a next prompt's `mask_input` takes), and its predicted IoU.
+    pub(super) fn decode_logits(
+        &self,
+        emb: &B::Tensor,
+        b: usize,
+        prep: &Prepared,
+        prompts: &Prompts,
+    ) -> Result<(Vec<f32>, Tensor, f32)> {
+        let be = self.be;
+        let one = be.index_select0(emb, &[b])?;
+        let out = MaskOutput::from_multimask(self.opts.multimask);
+        let (low, iou) = self.model.decode(
+            be,
+            &one,
+            (self.size, self.size),
+            prompts,
+            out,
+            &mut Trace::off(),
+        )?;
+        let iou = be.download(&iou)?;
+        let best = (0..iou.numel())
+            .max_by(|&a, &b| iou.data()[a].total_cmp(&iou.data()[b]))
+            .unwrap_or(0);
+        let low = be.narrow(&low, 1, best, 1)?;
+        let m = be.download(&postprocess_masks(
+            be,
+            &low,
+            (self.size, self.size),
+            prep.input_size,
+            prep.original_size,
+        )?)?;
+        // A NaN anywhere (weights, image, embedding) reaches the logits: refuse to write a mask
+        // made of it (NaN > 0 is false, so it would read as a clean background).
+        let bad = m.data().iter().filter(|v| !v.is_finite()).count()
+            + iou.data().iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::Input(format!(
+                "the model produced {bad} non-finite mask logits or IoU scores (NaN/Inf in the \
+                 weights, the image or its embedding); no mask written"
+            )));
+        }
+        Ok((m.into_vec(), be.download(&low)?, iou.data()[best]))
+    }
+
+    /// Decodes every object against embedding `b` of `emb`, object `k` as label `ids[k]`;
+    /// returns the label map at the original size and the per-pixel maximum probability.
     pub(super) fn decode(
         &self,
         emb: &B::Tensor,
         b: usize,
         prep: &Prepared,
         prompts: &[Prompts],
+        ids: &[u8],
     ) -> Result<(Vec<u8>, Vec<f32>)> {
-        let be = self.be;
-        let one = be.index_select0(emb, &[b])?;
         let (oh, ow) = prep.original_size;
         let mut labels = vec![0u8; oh * ow];
         let mut prob = vec![0f32; oh * ow];
-        let out = MaskOutput::from_multimask(self.opts.multimask);
-        for (k, p) in prompts.iter().enumerate() {
-            let (low, iou) =
-                self.model
-                    .decode(be, &one, (self.size, self.size), p, out, &mut Trace::off())?;
-            let iou = be.download(&iou)?;
-            let best = (0..iou.numel())
-                .max_by(|&a, &b| iou.data()[a].total_cmp(&iou.data()[b]))
-                .unwrap_or(0);
-            let low = be.narrow(&low, 1, best, 1)?;
-            let m = be.download(&postprocess_masks(
-                be,
-                &low,
-                (self.size, self.size),
-                prep.input_size,
-                prep.original_size,
-            )?)?;
-            let id = (k + 1).min(255) as u8;
-            for (i, &v) in m.data().iter().enumerate() {
+        for (p, &id) in prompts.iter().zip(ids) {
+            let (m, _, _) = self
+                .decode_logits(emb, b, prep, p)
+                .map_err(|e| Error::Input(format!("object {id}: {e}")))?;
+            for (i, &v) in m.iter().enumerate() {
                 if v > 0.0 {
                     labels[i] = id;
                 }
@@ -267,7 +324,8 @@ impl<'a, B: Backend> Job<'a, B> {
         };
         for (b, (case, l)) in batch.into_iter().enumerate() {
             let r = (|| -> Result<Outcome> {
-                let (labels, prob) = self.decode(&emb, b, &l.prep, &l.prompts)?;
+                let ids: Vec<u8> = (1..=l.prompts.len()).map(|k| k as u8).collect();
+                let (labels, prob) = self.decode(&emb, b, &l.prep, &l.prompts, &ids)?;
                 let (h, w) = l.prep.original_size;
                 pipeline::write_gray_png(&case.output, &labels, h, w)?;
                 if self.opts.probabilities {
@@ -327,7 +385,7 @@ impl<'a, B: Backend> Job<'a, B> {
             for (case, item) in rx {
                 if self.opts.skip_existing && case.output.exists() {
                     summary.cases.push((case.name.clone(), Outcome::Skipped));
-                } else if let Err(e) = ensure_parent(&case.output) {
+                } else if let Err(e) = prepare_output(&self.opts.out_dir, &case.output) {
                     summary
                         .cases
                         .push((case.name.clone(), Outcome::Failed(e.to_string())));

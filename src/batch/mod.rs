@@ -9,14 +9,16 @@
 //! Coordinates: 2D prompts are `(x, y)` = (column, row) pixel indices of the image as stored;
 //! 3D prompts are `(x, y, z)` = voxel indices `(i, j, k)` in the file's array order. Volumes are
 //! cut into slices along the third axis; slice `k` is the image with `ny` rows (j) and `nx`
-//! columns (i). A 3D box `(x0, y0, z0, x1, y1, z1)` prompts every slice `z0..=z1` with the 2D box
-//! `(x0, y0, x1, y1)`; a 3D point prompts its own slice. Slices without any prompt are not decoded
-//! and stay background (nothing is propagated between slices).
+//! columns (i). Without propagation, a 3D box `(x0, y0, z0, x1, y1, z1)` prompts every slice
+//! `z0..=z1` with the 2D box `(x0, y0, x1, y1)`, a 3D point prompts its own slice, and slices
+//! without any prompt are not decoded and stay background. With [`Propagation`]
+//! (`--propagate`), one prompt on one slice segments the structure through the volume and clicks
+//! refine it (the rule is in the `propagate` module's documentation).
 //!
 //! Volumes go through the encoder in chunks of `chunk` consecutive slices (one encoder pass per
 //! chunk, the SD-Trans depth branch attending across the chunk's slices when the checkpoint has
-//! depth adapters). Chunks do not overlap, so every slice is encoded exactly once; a chunk without
-//! prompted slices is not encoded at all.
+//! depth adapters). Chunks do not overlap, so every slice is encoded at most once; a chunk no
+//! prompt (or walk) reaches is not encoded at all.
 //!
 //! Robustness: each case is loaded, checked and run on its own; a bad case is reported and
 //! skipped, the others complete, and the run's exit status says whether any failed. Outputs are
@@ -28,6 +30,7 @@ mod files;
 mod intensity;
 mod job;
 mod prompts;
+mod propagate;
 mod report;
 mod volume;
 
@@ -37,11 +40,14 @@ use crate::medsa::depth_branch::DepthMode;
 use crate::pipeline::Preset;
 
 pub use cases::{
-    discover, is_nifti, output_for, read_manifest, shard, stem, Case, FromLabel, Object,
+    discover, is_nifti, output_for, read_manifest, shard, stem, Case, FromLabel, Interaction,
+    Object,
 };
+pub use files::prepare_output;
 pub use intensity::Intensity;
 pub use job::Job;
 pub use prompts::{load_label_png, parse_numbers};
+pub use propagate::Propagation;
 pub use report::{Outcome, Summary};
 
 /// Options of a batch run.
@@ -77,4 +83,9 @@ pub struct JobOptions {
     pub label_id: Option<u32>,
     /// No progress bar.
     pub quiet: bool,
+    /// The output folder: every case's output must resolve inside it.
+    pub out_dir: PathBuf,
+    /// Volumes: propagate each object from one prompted slice through the volume (`None`:
+    /// only prompted slices are segmented).
+    pub propagate: Option<Propagation>,
 }

@@ -29,23 +29,7 @@ pub fn parse_numbers(s: &str, what: &str, counts: &[usize]) -> Result<Vec<f32>> 
 /// A 2D label/ground-truth image as integer ids `[h, w]`: the stored 8- or 16-bit grey values
 /// (colour images through their luma), with the height and width.
 pub fn load_label_png(path: &Path) -> Result<(Vec<u32>, usize, usize)> {
-    let img = image::ImageReader::open(path)
-        .map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?
-        .with_guessed_format()
-        .map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })?
-        .decode()
-        .map_err(|e| {
-            Error::Input(format!(
-                "{}: cannot decode label image: {e}",
-                path.display()
-            ))
-        })?;
+    let img = crate::pipeline::decode_image(path, "label image")?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     // Label ids are the stored integers: no rescaling between bit depths.
     let ids: Vec<u32> = match img {

@@ -6,27 +6,131 @@ use crate::backend::Backend;
 use crate::data::nifti;
 use crate::error::{Error, Result};
 use crate::metrics;
-use crate::pipeline::{self, RgbImage};
+use crate::pipeline::{self, Prepared, RgbImage};
 use crate::sam::{DepthSpec, Trace};
 use crate::tensor::Tensor;
 
-use super::cases::Case;
+use super::cases::{Case, FromLabel, Object};
 use super::files::{sibling, write_overview};
-use super::job::Job;
+use super::job::{check_finite_pixels, check_object_count, Job};
 use super::prompts::{check_inside, label_prompt, object_prompts, Obj2d};
 use super::report::Outcome;
 
 impl<B: Backend> Job<'_, B> {
     pub(super) fn run_volume(&self, case: &Case) -> Result<Outcome> {
-        let be = self.be;
         let vol = nifti::read_nifti(&case.image)?;
+        check_finite_pixels(&case.image, &vol.data)?;
         let [nx, ny, nz] = vol.dims;
         let mut data = vol.data;
         self.opts.intensity.apply(&mut data);
-        // Per-slice objects: (points (x, y, label), 2D box).
-        type SliceObjs = Vec<Obj2d>;
+        let objects = self.objects_of(case);
+        let label_rule = self.label_rule_of(case);
+        check_object_count(
+            &case.name,
+            objects.len() + usize::from(label_rule.is_some()),
+        )?;
+        let (labels, prob, slices, encoded) = match &self.opts.propagate {
+            Some(rule) => {
+                if label_rule.is_some() {
+                    return Err(Error::Input(format!(
+                        "{}: --propagate segments from the given prompts; prompts from a label \
+                         (--prompt-from-label, \"from_label\") are for evaluation without it",
+                        case.name
+                    )));
+                }
+                let (p, encoded) =
+                    self.propagate_volume(&case.name, &data, vol.dims, &objects, rule)?;
+                (p.labels, p.prob, p.slices, encoded)
+            }
+            None => {
+                if objects.iter().any(|o| !o.interactions.is_empty()) {
+                    return Err(Error::Input(format!(
+                        "{}: interactions refine a propagated mask: run with --propagate",
+                        case.name
+                    )));
+                }
+                self.segment_prompted_slices(case, &data, vol.dims, &objects, label_rule)?
+            }
+        };
+        let gt = match self.gt_of(case) {
+            Some(p) => {
+                let g = nifti::read_nifti(&p)?;
+                if g.dims != vol.dims {
+                    return Err(Error::Input(format!(
+                        "{}: ground truth {} has dims {:?}, the volume {:?}",
+                        case.name,
+                        p.display(),
+                        g.dims,
+                        vol.dims
+                    )));
+                }
+                Some(
+                    g.data
+                        .iter()
+                        .map(|&v| {
+                            self.opts
+                                .label_id
+                                .map_or(v > 0.5, |id| v.round() == id as f32)
+                        })
+                        .collect::<Vec<bool>>(),
+                )
+            }
+            None => None,
+        };
+        nifti::write_labels(&case.output, &vol.header, &labels)?;
+        if self.opts.probabilities {
+            let ext = if case.output.to_string_lossy().ends_with(".gz") {
+                ".nii.gz"
+            } else {
+                ".nii"
+            };
+            nifti::write_f32(&sibling(&case.output, "_prob", ext), &vol.header, &prob)?;
+        }
+        if self.opts.overview {
+            write_overview(
+                &sibling(&case.output, "_overview", ".png"),
+                &data,
+                &labels,
+                [nx, ny, nz],
+                &slices,
+            )?;
+        }
+        let scores = match gt {
+            Some(g) => {
+                let sp = vol.header.spacing();
+                let pred: Vec<bool> = labels.iter().map(|&v| v > 0).collect();
+                Some(metrics::scores(
+                    &pred,
+                    &g,
+                    &[nz, ny, nx],
+                    &[sp[2], sp[1], sp[0]],
+                )?)
+            }
+            None => None,
+        };
+        Ok(Outcome::Done {
+            images: encoded,
+            scores,
+        })
+    }
+
+    /// Today's rule without propagation: every slice with a prompt (from the objects' 3D
+    /// points and boxes, or the label rule) is decoded; the others stay background. Returns the
+    /// label map, the probabilities, the prompted slices and the slices encoded.
+    fn segment_prompted_slices(
+        &self,
+        case: &Case,
+        data: &[f32],
+        dims: [usize; 3],
+        objects: &[Object],
+        label_rule: Option<FromLabel>,
+    ) -> Result<(Vec<u8>, Vec<f32>, Vec<usize>, usize)> {
+        let [nx, ny, nz] = dims;
+        // Per-slice objects: (output label id, (points (x, y, label), 2D box)). The id is the
+        // object's, not its place on the slice: objects need not share slices.
+        type SliceObjs = Vec<(u8, Obj2d)>;
         let mut per_slice: Vec<SliceObjs> = vec![Vec::new(); nz];
-        for (k, o) in self.objects_of(case).iter().enumerate() {
+        for (k, o) in objects.iter().enumerate() {
             let mut slices: std::collections::BTreeMap<usize, Obj2d> = Default::default();
             for p in &o.points {
                 check_inside(&case.name, &format!("object {k} point"), p[0], p[1], nx, ny)?;
@@ -80,18 +184,19 @@ impl<B: Backend> Job<'_, B> {
                 }
             }
             for (z, obj) in slices {
-                per_slice[z].push(obj);
+                per_slice[z].push((k as u8 + 1, obj));
             }
         }
-        if let Some(fl) = self.label_rule_of(case) {
+        let label_obj_id = objects.len() as u8 + 1;
+        if let Some(fl) = label_rule {
             let lab = nifti::read_nifti(&fl.path)?;
-            if lab.dims != vol.dims {
+            if lab.dims != dims {
                 return Err(Error::Input(format!(
                     "{}: label {} has dims {:?}, the volume {:?}",
                     case.name,
                     fl.path.display(),
                     lab.dims,
-                    vol.dims
+                    dims
                 )));
             }
             for (z, slot) in per_slice.iter_mut().enumerate() {
@@ -101,12 +206,15 @@ impl<B: Backend> Job<'_, B> {
                     .collect();
                 if let Some((b, c)) = label_prompt(&plane, ny, nx, fl.id) {
                     slot.push((
-                        if fl.click {
-                            vec![[c[0], c[1], 1.0]]
-                        } else {
-                            vec![]
-                        },
-                        Some(b),
+                        label_obj_id,
+                        (
+                            if fl.click {
+                                vec![[c[0], c[1], 1.0]]
+                            } else {
+                                vec![]
+                            },
+                            Some(b),
+                        ),
                     ));
                 }
             }
@@ -117,31 +225,6 @@ impl<B: Backend> Job<'_, B> {
                 case.name
             )));
         }
-        let gt = match self.gt_of(case) {
-            Some(p) => {
-                let g = nifti::read_nifti(&p)?;
-                if g.dims != vol.dims {
-                    return Err(Error::Input(format!(
-                        "{}: ground truth {} has dims {:?}, the volume {:?}",
-                        case.name,
-                        p.display(),
-                        g.dims,
-                        vol.dims
-                    )));
-                }
-                Some(
-                    g.data
-                        .iter()
-                        .map(|&v| {
-                            self.opts
-                                .label_id
-                                .map_or(v > 0.5, |id| v.round() == id as f32)
-                        })
-                        .collect::<Vec<bool>>(),
-                )
-            }
-            None => None,
-        };
         let mut labels = vec![0u8; nx * ny * nz];
         let mut prob = vec![
             0f32;
@@ -151,80 +234,62 @@ impl<B: Backend> Job<'_, B> {
                 0
             }
         ];
-        let has_depth = self.model.config.has_depth_branch();
         let mut encoded = 0;
         for k0 in (0..nz).step_by(self.opts.chunk) {
             let d = self.opts.chunk.min(nz - k0);
             if per_slice[k0..k0 + d].iter().all(|s| s.is_empty()) {
                 continue;
             }
-            let mut preps = Vec::with_capacity(d);
-            let mut batch = Vec::with_capacity(d * 3 * self.size * self.size);
-            for z in k0..k0 + d {
-                let plane = &data[z * nx * ny..(z + 1) * nx * ny];
-                let img = RgbImage {
-                    height: ny,
-                    width: nx,
-                    data: plane.iter().flat_map(|&v| [v * 255.0; 3]).collect(),
-                };
-                let prep = pipeline::prepare(&img, self.size, self.opts.volume_preset)?;
-                batch.extend_from_slice(prep.tensor.data());
-                preps.push(prep);
-            }
-            let x = be.upload(&Tensor::from_vec(batch, &[d, 3, self.size, self.size])?)?;
-            let depth = (has_depth && d > 1).then_some(DepthSpec {
-                d,
-                mode: self.opts.depth_mode,
-            });
-            let emb = self.model.encode(be, &x, depth, &mut Trace::off())?;
+            let (emb, preps) = self.encode_chunk(data, [nx, ny, nz], k0, d)?;
             encoded += d;
             for (b, z) in (k0..k0 + d).enumerate() {
                 if per_slice[z].is_empty() {
                     continue;
                 }
-                let prompts = object_prompts(&per_slice[z], &preps[b])?;
-                let (lab, pr) = self.decode(&emb, b, &preps[b], &prompts)?;
+                let (ids, objs): (Vec<u8>, Vec<Obj2d>) = per_slice[z].iter().cloned().unzip();
+                let prompts = object_prompts(&objs, &preps[b])?;
+                let (lab, pr) = self.decode(&emb, b, &preps[b], &prompts, &ids)?;
                 labels[z * nx * ny..(z + 1) * nx * ny].copy_from_slice(&lab);
                 if self.opts.probabilities {
                     prob[z * nx * ny..(z + 1) * nx * ny].copy_from_slice(&pr);
                 }
             }
         }
-        nifti::write_labels(&case.output, &vol.header, &labels)?;
-        if self.opts.probabilities {
-            let ext = if case.output.to_string_lossy().ends_with(".gz") {
-                ".nii.gz"
-            } else {
-                ".nii"
+        let slices: Vec<usize> = (0..nz).filter(|&z| !per_slice[z].is_empty()).collect();
+        Ok((labels, prob, slices, encoded))
+    }
+
+    /// One encoder pass over slices `k0..k0 + d` of a volume (intensities already mapped), the
+    /// SD-Trans depth branch across them when the model has one: the embeddings and each
+    /// slice's preprocessing.
+    pub(super) fn encode_chunk(
+        &self,
+        data: &[f32],
+        dims: [usize; 3],
+        k0: usize,
+        d: usize,
+    ) -> Result<(B::Tensor, Vec<Prepared>)> {
+        let be = self.be;
+        let [nx, ny, _] = dims;
+        let mut preps = Vec::with_capacity(d);
+        let mut batch = Vec::with_capacity(d * 3 * self.size * self.size);
+        for z in k0..k0 + d {
+            let plane = &data[z * nx * ny..(z + 1) * nx * ny];
+            let img = RgbImage {
+                height: ny,
+                width: nx,
+                data: plane.iter().flat_map(|&v| [v * 255.0; 3]).collect(),
             };
-            nifti::write_f32(&sibling(&case.output, "_prob", ext), &vol.header, &prob)?;
+            let prep = pipeline::prepare(&img, self.size, self.opts.volume_preset)?;
+            batch.extend_from_slice(prep.tensor.data());
+            preps.push(prep);
         }
-        if self.opts.overview {
-            let slices: Vec<usize> = (0..nz).filter(|&z| !per_slice[z].is_empty()).collect();
-            write_overview(
-                &sibling(&case.output, "_overview", ".png"),
-                &data,
-                &labels,
-                [nx, ny, nz],
-                &slices,
-            )?;
-        }
-        let scores = match gt {
-            Some(g) => {
-                let sp = vol.header.spacing();
-                let pred: Vec<bool> = labels.iter().map(|&v| v > 0).collect();
-                Some(metrics::scores(
-                    &pred,
-                    &g,
-                    &[nz, ny, nx],
-                    &[sp[2], sp[1], sp[0]],
-                )?)
-            }
-            None => None,
-        };
-        Ok(Outcome::Done {
-            images: encoded,
-            scores,
-        })
+        let x = be.upload(&Tensor::from_vec(batch, &[d, 3, self.size, self.size])?)?;
+        let depth = (self.model.config.has_depth_branch() && d > 1).then_some(DepthSpec {
+            d,
+            mode: self.opts.depth_mode,
+        });
+        let emb = self.model.encode(be, &x, depth, &mut Trace::off())?;
+        Ok((emb, preps))
     }
 }

@@ -4,4 +4,7 @@
 
 pub mod nifti;
 
-pub use nifti::{read_nifti, volume_slices, write_f32, write_labels, NiftiHeader, NiftiVolume};
+pub use nifti::{
+    read_nifti, read_nifti_limited, volume_slices, write_f32, write_labels, NiftiHeader,
+    NiftiVolume,
+};

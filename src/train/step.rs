@@ -252,6 +252,25 @@ impl Optimizer {
                 None => clip_grad_norm(&mut refs, f64::INFINITY),
             }
         };
+        if !norm.is_finite() {
+            // Applying it would turn the adapters into NaN; refuse before anything changes.
+            let bad: Vec<String> = host
+                .iter()
+                .filter_map(|(k, g)| {
+                    let n = g.iter().filter(|v| !v.is_finite()).count();
+                    (n > 0).then(|| format!("`{k}` ({n} values)"))
+                })
+                .take(5)
+                .collect();
+            return Err(Error::Input(format!(
+                "the gradient norm is {norm}: non-finite gradients in {}; the update was not applied",
+                if bad.is_empty() {
+                    "the norm's sum (overflow)".to_string()
+                } else {
+                    bad.join(", ")
+                }
+            )));
+        }
         let lr = self.lr();
         // Masters on the first step (from the model); then every trained tensor's master and
         // state leave the maps for one parallel update over all their chunks, and go back.

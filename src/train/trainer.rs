@@ -172,6 +172,14 @@ struct Log(std::fs::File);
 
 impl Log {
     fn open(path: &Path, truncate: bool) -> Result<Self> {
+        // Appending follows links: a planted `log.jsonl` link must not make training write into
+        // whatever file it points to.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(Error::Input(format!(
+                "{}: is a symbolic link; the training log is written only as a plain file in -o",
+                path.display()
+            )));
+        }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(!truncate)
@@ -540,6 +548,8 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
     let mut images = 0usize;
     let mut losses = Vec::new();
     let mut last_loss = None;
+    // The step of the checkpoint on disk at `last` (a resumed run starts from one).
+    let mut saved = cfg.resume.then_some(start).filter(|&s| s > 0);
     let scale = 1.0 / cfg.accumulate as f32;
     for step in start..cfg.steps {
         let ts = Instant::now();
@@ -572,8 +582,26 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
             parts_sum.iou += p.iou * scale as f64;
             n_img += b.len();
         }
+        let stopped = |why: String| {
+            Error::Input(format!(
+                "training stopped at step {}: {why}; {}",
+                step + 1,
+                match saved {
+                    Some(s) => format!("the last good checkpoint is {} (step {s})", last.display()),
+                    None => "no checkpoint of this run was written yet".to_string(),
+                }
+            ))
+        };
+        if !parts_sum.total.is_finite() {
+            return Err(stopped(format!(
+                "the loss is {} (bce {}, dice {}, iou {})",
+                parts_sum.total, parts_sum.bce, parts_sum.dice, parts_sum.iou
+            )));
+        }
         let lr = opt.lr();
-        let norm = opt.step(be, &mut model, &mut grads)?;
+        let norm = opt
+            .step(be, &mut model, &mut grads)
+            .map_err(|e| stopped(e.to_string()))?;
         be.synchronize()?;
         let dt = ts.elapsed().as_secs_f64();
         images += n_img;
@@ -637,6 +665,7 @@ pub fn train<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<TrainReport> {
                 extra: json!({"best_dice": best.map(|b| b.0), "best_step": best.map(|b| b.1)}),
             };
             save_state(&state_path(&last), &st)?;
+            saved = Some(step + 1);
         }
     }
     if !cfg.quiet {

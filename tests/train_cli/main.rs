@@ -10,6 +10,7 @@ mod common;
 
 mod adapters_and_merge;
 mod bad_requests;
+mod diverging;
 mod init_and_train;
 #[cfg(feature = "cuda")]
 mod on_cuda;

@@ -281,7 +281,7 @@ impl Cuda {
         let opts = ATT_OPT_REL_MMA * rel_mma as i32
             + ATT_OPT_TRIM * self.attn.trim as i32
             + ATT_OPT_PREFETCH * self.attn.prefetch as i32;
-        let o = self.empty(out)?;
+        let o = self.empty("attention_raw", out)?;
         if b * lq == 0 {
             return Ok(o);
         }

@@ -81,11 +81,14 @@ impl Cuda {
         // Nothing to attend from: every gradient is zero.
         if b * lq == 0 || d == 0 {
             return Ok(AttentionGrads {
-                dq: self.zeros_dev(sq)?,
-                dk: self.zeros_dev(sk)?,
-                dv: self.zeros_dev(sk)?,
+                dq: self.zeros_dev("attention_backward", sq)?,
+                dk: self.zeros_dev("attention_backward", sk)?,
+                dv: self.zeros_dev("attention_backward", sk)?,
                 drel: match &rel {
-                    Some(r) => Some((self.zeros_dev(&r.rh.shape)?, self.zeros_dev(&r.rw.shape)?)),
+                    Some(r) => Some((
+                        self.zeros_dev("attention_backward", &r.rh.shape)?,
+                        self.zeros_dev("attention_backward_impl", &r.rw.shape)?,
+                    )),
                     None => None,
                 },
             });
@@ -93,8 +96,8 @@ impl Cuda {
         let ((qh, qw), (kh, kw)) = grids.unwrap_or(((0, 0), (0, 0)));
         let nr = if grids.is_some() { kh + kw } else { 0 };
         let rows = b * heads * lq;
-        let lse = self.scratch(rows)?;
-        let dr = self.scratch(rows)?;
+        let lse = self.scratch("attention_backward", rows)?;
+        let dr = self.scratch("attention_backward", rows)?;
         let smem_kv = attention_bwd_smem(d);
         // attn_bwd_dq accumulates its rows' dS sums per ky / kx in shared memory when the
         // device has room for them, else straight in gs (which must then start at zero).
@@ -102,8 +105,8 @@ impl Cuda {
         let rel_smem = nr > 0 && smem_q_rel <= self.max_smem_optin.max(0) as usize;
         let smem_q = if rel_smem { smem_q_rel } else { smem_kv };
         // rq: the forward's bias terms per query row; gs: the dS row sums per ky / kx.
-        let rq = self.scratch(rows * nr)?;
-        let gs = self.scratch(rows * nr)?;
+        let rq = self.scratch("attention_backward", rows * nr)?;
+        let gs = self.scratch("attention_backward", rows * nr)?;
         let (rh, rw) = match &rel {
             Some(r) => (r.rh.ptr(), r.rw.ptr()),
             None => (0, 0),
@@ -132,9 +135,9 @@ impl Cuda {
             }
         }
         let has_rel = rel.is_some() as i32;
-        let dq = self.empty(sq)?;
-        let dk = self.empty(sk)?;
-        let dv = self.empty(sk)?;
+        let dq = self.empty("attention_backward", sq)?;
+        let dk = self.empty("attention_backward", sk)?;
+        let dv = self.empty("attention_backward", sk)?;
         let detail = |what: &str| {
             format!(
                 "detail: {what} b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{}",
@@ -237,7 +240,7 @@ impl Cuda {
     ) -> Result<CudaTensor> {
         let total = np * nr * d;
         if total == 0 {
-            return self.empty(&[total]);
+            return self.empty("rel_table_grad", &[total]);
         }
         let n = b * heads * ns;
         if n > i32::MAX as usize || total > i32::MAX as usize {
@@ -251,7 +254,7 @@ impl Cuda {
         let nsplit = (264usize.div_ceil(np * rblocks))
             .min(n.div_ceil(32))
             .clamp(1, 65535);
-        let part = self.scratch(nsplit * total)?;
+        let part = self.scratch("rel_table_grad", nsplit * total)?;
         self.launch(
             "attn_bwd_relgrad",
             (rblocks as u32, np as u32, nsplit as u32),

@@ -30,8 +30,8 @@ impl Scratch {
 
 impl Cuda {
     /// `n` f32 of uninitialised scratch.
-    pub(super) fn scratch(&self, n: usize) -> Result<Scratch> {
-        let (ptr, size) = self.pool.alloc(n.max(1) * 4)?;
+    pub(super) fn scratch(&self, op: &str, n: usize) -> Result<Scratch> {
+        let (ptr, size) = self.pool.alloc(op, n.max(1) * 4)?;
         Ok(Scratch(DevBuf {
             ptr,
             size,
@@ -61,15 +61,15 @@ impl Cuda {
     }
 
     /// A zero-filled tensor.
-    pub(super) fn zeros_dev(&self, shape: &[usize]) -> Result<CudaTensor> {
-        let y = self.empty(shape)?;
+    pub(super) fn zeros_dev(&self, op: &str, shape: &[usize]) -> Result<CudaTensor> {
+        let y = self.empty(op, shape)?;
         self.memset0(y.ptr(), y.numel() * self.precision.size())?;
         Ok(y)
     }
 
     /// `y[c] = sum_p part[p, c]` (f32 partials `[nparts, cols]`) in fixed order, as storage.
     pub(super) fn colsum_fin(&self, part: u64, nparts: usize, cols: usize) -> Result<CudaTensor> {
-        let y = self.empty(&[cols])?;
+        let y = self.empty("colsum_fin", &[cols])?;
         if cols > 0 {
             self.launch(
                 "colsum_fin",
@@ -105,7 +105,7 @@ impl Cuda {
         let nparts = rows.div_ceil(64).clamp(1, COLSUM_MAX_PARTS);
         let chunk = rows.div_ceil(nparts).max(1);
         let nparts = rows.div_ceil(chunk);
-        let part = self.scratch(nparts * cols)?;
+        let part = self.scratch("sum_rows", nparts * cols)?;
         if nparts > 0 {
             self.launch(
                 "colsum_part",
@@ -142,7 +142,7 @@ impl Cuda {
             Act::Gelu => 1,
             Act::Relu => 2,
         };
-        let dx = self.empty(&x.shape)?;
+        let dx = self.empty("activate_backward", &x.shape)?;
         let n = x.numel();
         if n > 0 {
             self.launch(
@@ -223,12 +223,12 @@ impl Cuda {
         let mut out = s[..s.len() - 1].to_vec();
         out.push(k);
         if rows == 0 || k == 0 {
-            return self.empty(&out);
+            return self.empty("linear_backward_input", &out);
         }
         if n == 0 {
-            return self.zeros_dev(&out);
+            return self.zeros_dev("linear_backward_input", &out);
         }
-        let dx = self.empty(&out)?;
+        let dx = self.empty("linear_backward_input", &out)?;
         self.gemm_dx(dy.ptr(), w.ptr(), dx.ptr(), rows, n, k)?;
         Ok(dx)
     }
@@ -251,9 +251,9 @@ impl Cuda {
             ));
         }
         let dw = if rows == 0 {
-            self.zeros_dev(&[n, k])?
+            self.zeros_dev("linear_backward_weight", &[n, k])?
         } else {
-            let dw = self.empty(&[n, k])?;
+            let dw = self.empty("linear_backward_weight", &[n, k])?;
             if n * k > 0 {
                 self.gemm_dw(x.ptr(), dy.ptr(), dw.ptr(), rows, n, k)?;
             }
@@ -261,7 +261,7 @@ impl Cuda {
         };
         let db = if bias {
             Some(if n == 0 {
-                self.empty(&[0])?
+                self.empty("linear_backward_weight", &[0])?
             } else {
                 self.sum_rows_impl(dy, n)?
             })
@@ -289,13 +289,17 @@ impl Cuda {
         if rows > i32::MAX as usize {
             return Err(shape_err("layer_norm_backward", format!("{rows} rows")));
         }
-        let dx = self.empty(&x.shape)?;
+        let dx = self.empty("layer_norm_backward", &x.shape)?;
         if rows == 0 || c == 0 {
-            return Ok((dx, self.zeros_dev(&[c])?, self.zeros_dev(&[c])?));
+            return Ok((
+                dx,
+                self.zeros_dev("layer_norm_backward", &[c])?,
+                self.zeros_dev("layer_norm_backward_impl", &[c])?,
+            ));
         }
         let nblk = rows.min(LN_BWD_MAX_BLOCKS);
-        let pg = self.scratch(nblk * c)?;
-        let pb = self.scratch(nblk * c)?;
+        let pg = self.scratch("layer_norm_backward", nblk * c)?;
+        let pb = self.scratch("layer_norm_backward", nblk * c)?;
         self.launch(
             "layernorm_bwd",
             (nblk as u32, 1, 1),
@@ -360,9 +364,9 @@ impl Cuda {
         let (m, kk) = (bn * ho * wo, c * kh * kw);
         // dW [co, kk] = dy^T [co, m] @ cols [m, kk] (cols = im2col(x), the forward's operand).
         let dw = if m == 0 || co * kk == 0 {
-            self.zeros_dev(ws)?
+            self.zeros_dev("conv2d_backward", ws)?
         } else {
-            let cols = self.empty(&[m, kk])?;
+            let cols = self.empty("conv2d_backward", &[m, kk])?;
             self.launch(
                 "im2col",
                 Self::grid1d(cols.numel()),
@@ -383,7 +387,7 @@ impl Cuda {
                     Arg::I(wo as i32),
                 ],
             )?;
-            let dw = self.empty(ws)?;
+            let dw = self.empty("conv2d_backward", ws)?;
             self.gemm_dw(cols.ptr(), dy.ptr(), dw.ptr(), m, co, kk)?;
             dw
         };
@@ -391,13 +395,13 @@ impl Cuda {
         let dx = if !need_dx {
             None
         } else if x.numel() == 0 {
-            Some(self.empty(s)?)
+            Some(self.empty("conv2d_backward", s)?)
         } else if m == 0 || co == 0 {
-            Some(self.zeros_dev(s)?)
+            Some(self.zeros_dev("conv2d_backward", s)?)
         } else {
-            let dcols = self.empty(&[m, kk])?;
+            let dcols = self.empty("conv2d_backward", &[m, kk])?;
             self.gemm_dx(dy.ptr(), w.ptr(), dcols.ptr(), m, co, kk)?;
-            let dx = self.empty(s)?;
+            let dx = self.empty("conv2d_backward", s)?;
             self.launch(
                 "col2im",
                 Self::grid1d(dx.numel()),
@@ -423,7 +427,7 @@ impl Cuda {
         let db = if !bias {
             None
         } else if co == 0 {
-            Some(self.empty(&[0])?)
+            Some(self.empty("conv2d_backward", &[0])?)
         } else {
             Some(self.sum_rows_impl(dy, co)?)
         };

@@ -35,7 +35,7 @@ impl Cuda {
             (h + 2 * pad - kh) / stride + 1,
             (wd + 2 * pad - kw) / stride + 1,
         );
-        let cols = self.empty(&[bn * ho * wo, c * kh * kw])?;
+        let cols = self.empty("conv2d", &[bn * ho * wo, c * kh * kw])?;
         if cols.numel() > 0 {
             self.launch(
                 "im2col",
@@ -88,7 +88,7 @@ impl Cuda {
         let m = bn * h * wd;
         // tmp [m, co*4] = x [m, ci] @ W [ci, co*4]: column-major tmp^T = W^T x^T with W^T read
         // transposed from its row-major [ci, co*4] storage.
-        let tmp = self.empty(&[m, co * 4])?;
+        let tmp = self.empty("conv_transpose2x2", &[m, co * 4])?;
         if m > 0 {
             let spec = GemmSpec {
                 transa: false,
@@ -107,7 +107,7 @@ impl Cuda {
             };
             self.gemm(spec, w.ptr(), x.ptr(), tmp.ptr(), None)?;
         }
-        let y = self.empty(&[bn, 2 * h, 2 * wd, co])?;
+        let y = self.empty("conv_transpose2x2", &[bn, 2 * h, 2 * wd, co])?;
         if y.numel() > 0 {
             self.launch(
                 "scatter2x2",
@@ -139,7 +139,7 @@ impl Cuda {
         if s.len() != 4 || s[2] == 0 || s[3] == 0 || h == 0 || w == 0 {
             return Err(shape_err(kernel, format!("{s:?} -> {h}x{w}")));
         }
-        let y = self.empty(&[s[0], s[1], h, w])?;
+        let y = self.empty("resize", &[s[0], s[1], h, w])?;
         let bc = s[0] * s[1];
         if bc > 0 {
             self.launch(

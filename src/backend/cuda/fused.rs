@@ -80,8 +80,8 @@ impl Cuda {
                 ),
             ));
         }
-        let s = self.empty(&a.shape)?;
-        let y = self.empty(&a.shape)?;
+        let s = self.empty("add_layer_norm", &a.shape)?;
+        let y = self.empty("add_layer_norm", &a.shape)?;
         let rows = a.numel() / c.max(1);
         if rows > 0 && c > 0 {
             let warp = self.layernorm_warp_fits(c, &[a, b, &s, g, bias, &y]);

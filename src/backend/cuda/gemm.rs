@@ -91,7 +91,7 @@ impl Blas {
                 "cannot start cuBLASLt (is libcublasLt.so on the library path?): {e:?}"
             ))
         })?;
-        let workspace = pool.alloc(WORKSPACE)?;
+        let workspace = pool.alloc("the cuBLASLt workspace", WORKSPACE)?;
         Ok(Blas {
             handle,
             workspace,

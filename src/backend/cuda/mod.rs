@@ -264,11 +264,22 @@ impl Cuda {
     /// backend's own launch code and the kernels' own source, on host memory; GEMMs (cuBLASLt
     /// on a device) are computed on the CPU. Orders of magnitude slower than a GPU: for tests
     /// of the CUDA code on machines without one. It reports the shared-memory limit of sm_90.
+    ///
+    /// `MEDSA_CUDA_EMULATOR_BYTES` (an emulator diagnostic) gives the emulated device that much
+    /// memory, so out-of-memory handling can be tested without a GPU.
     pub fn emulated(library: &std::path::Path, precision: Precision) -> Result<Self> {
         let emu = emu::Emu::load(library)?;
+        let pool = match std::env::var("MEDSA_CUDA_EMULATOR_BYTES") {
+            Ok(v) => Pool::emulated_with_budget(v.trim().parse().map_err(|_| {
+                Error::Input(format!(
+                    "MEDSA_CUDA_EMULATOR_BYTES=\"{v}\": expected a number of bytes"
+                ))
+            })?),
+            Err(_) => Pool::new(None),
+        };
         Ok(Self::with_device(
             Device::Emu(emu),
-            Arc::new(Pool::new(None)),
+            Arc::new(pool),
             format!("emulated CUDA device (kemu on the CPU, {precision:?})"),
             precision,
             emu::MAX_SMEM_OPTIN,
@@ -422,10 +433,10 @@ impl Cuda {
         }
     }
 
-    /// An uninitialised tensor.
-    pub(crate) fn empty(&self, shape: &[usize]) -> Result<CudaTensor> {
+    /// An uninitialised tensor for `op` (named if the device is out of memory).
+    pub(crate) fn empty(&self, op: &str, shape: &[usize]) -> Result<CudaTensor> {
         let n: usize = shape.iter().product();
-        let (ptr, size) = self.pool.alloc(n * self.precision.size())?;
+        let (ptr, size) = self.pool.alloc(op, n * self.precision.size())?;
         Ok(CudaTensor {
             shape: shape.to_vec(),
             buf: Arc::new(DevBuf {

@@ -90,7 +90,7 @@ impl Cuda {
                 ));
             }
         }
-        let y = self.empty(&shape)?;
+        let y = self.empty("linear_ex", &shape)?;
         if m == 0 {
             return Ok((y, gelu));
         }
@@ -126,7 +126,7 @@ impl Cuda {
 
 impl Cuda {
     fn upload_inner(&self, t: &Tensor) -> Result<CudaTensor> {
-        let y = self.empty(t.shape())?;
+        let y = self.empty("upload", t.shape())?;
         if t.numel() == 0 {
             return Ok(y);
         }
@@ -233,7 +233,7 @@ impl Backend for Cuda {
         }
         let st = strides(&x.shape);
         let out: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
-        let y = self.empty(&out)?;
+        let y = self.empty("permute", &out)?;
         let n = x.numel();
         if n == 0 {
             return Ok(y);
@@ -283,7 +283,7 @@ impl Backend for Cuda {
             }
             out[dim] += x.shape[dim];
         }
-        let y = self.empty(&out)?;
+        let y = self.empty("concat", &out)?;
         let outer: usize = out[..dim].iter().product();
         let inner: usize = out[dim + 1..].iter().product();
         let mut off = 0;
@@ -304,7 +304,7 @@ impl Backend for Cuda {
         }
         let mut out = x.shape.clone();
         out[dim] = len;
-        let y = self.empty(&out)?;
+        let y = self.empty("narrow", &out)?;
         let outer: usize = x.shape[..dim].iter().product();
         let inner: usize = x.shape[dim + 1..].iter().product();
         self.copy_block(x, &y, (outer, x.shape[dim], start, len, 0, len, inner))?;
@@ -324,7 +324,7 @@ impl Backend for Cuda {
         }
         let mut out = x.shape.clone();
         out[0] = index.len();
-        let y = self.empty(&out)?;
+        let y = self.empty("index_select0", &out)?;
         let inner: usize = x.shape[1..].iter().product();
         for (o, &i) in index.iter().enumerate() {
             self.copy_block(x, &y, (1, rows, i, index.len(), o, 1, inner))?;
@@ -365,7 +365,7 @@ impl Backend for Cuda {
                 format!("{:?} + {:?}", a.shape, b.shape),
             ));
         }
-        let y = self.empty(&a.shape)?;
+        let y = self.empty("add_scaled", &a.shape)?;
         if n > 0 {
             self.launch(
                 "add_scaled",
@@ -387,7 +387,7 @@ impl Backend for Cuda {
     }
 
     fn activate(&self, x: &CudaTensor, act: Act) -> Result<CudaTensor> {
-        let y = self.empty(&x.shape)?;
+        let y = self.empty("activate", &x.shape)?;
         let code = match act {
             Act::None => 0,
             Act::Gelu => 1,
@@ -466,7 +466,7 @@ impl Backend for Cuda {
                 format!("{sa:?} x {sb:?} (trans_b {trans_b})"),
             ));
         }
-        let y = self.empty(&[bt, m, n])?;
+        let y = self.empty("matmul", &[bt, m, n])?;
         if bt * m * n == 0 {
             return Ok(y);
         }
@@ -507,7 +507,7 @@ impl Backend for Cuda {
                 format!("x {:?}, g {:?}, b {:?}", x.shape, g.shape, b.shape),
             ));
         }
-        let y = self.empty(&x.shape)?;
+        let y = self.empty("layer_norm", &x.shape)?;
         let rows = x.numel() / c.max(1);
         if rows > 0 && c > 0 {
             // The warp-per-row kernel is opt-in (`RunOptions::layernorm_rows`) until a device

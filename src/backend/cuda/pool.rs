@@ -22,6 +22,8 @@ pub struct Pool {
     in_use: AtomicUsize,
     peak: AtomicUsize,
     reserved: AtomicUsize,
+    /// The emulated device's memory size (`None`: unlimited host memory).
+    budget: Option<usize>,
 }
 
 fn round(bytes: usize) -> usize {
@@ -43,11 +45,21 @@ impl Pool {
             in_use: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             reserved: AtomicUsize::new(0),
+            budget: None,
         }
     }
 
-    /// A block of at least `bytes`; returns `(pointer, rounded size)`.
-    pub fn alloc(&self, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
+    /// A host-memory pool for the emulator that behaves like a device of `bytes` memory: an
+    /// allocation past it fails as a full device would (tests of out-of-memory handling).
+    pub fn emulated_with_budget(bytes: usize) -> Self {
+        let mut p = Pool::new(None);
+        p.budget = Some(bytes);
+        p
+    }
+
+    /// A block of at least `bytes` for `op` (named in the out-of-memory error); returns
+    /// `(pointer, rounded size)`.
+    pub fn alloc(&self, op: &str, bytes: usize) -> Result<(sys::CUdeviceptr, usize)> {
         let size = round(bytes);
         let cached = self
             .free
@@ -58,25 +70,13 @@ impl Pool {
         let ptr = match cached {
             Some(p) => p,
             None => {
-                let Some(ctx) = &self.ctx else {
-                    let p = host_alloc(size)?;
-                    self.reserved.fetch_add(size, Ordering::Relaxed);
-                    let now = self.in_use.fetch_add(size, Ordering::Relaxed) + size;
-                    self.peak.fetch_max(now, Ordering::Relaxed);
-                    return Ok((p, size));
-                };
-                ctx.bind_to_thread().map_err(dev)?;
-                let p = match unsafe { result::malloc_sync(size) } {
+                let p = match self.fresh(size) {
                     Ok(p) => p,
                     Err(_) => {
                         // Out of memory with blocks cached: give them back and retry once.
                         self.trim()?;
-                        unsafe { result::malloc_sync(size) }.map_err(|e| {
-                            Error::Device(format!(
-                                "out of device memory allocating {size} bytes ({} in use): {e}",
-                                self.in_use.load(Ordering::Relaxed)
-                            ))
-                        })?
+                        self.fresh(size)
+                            .map_err(|e| self.out_of_memory(op, size, e))?
                     }
                 };
                 self.reserved.fetch_add(size, Ordering::Relaxed);
@@ -86,6 +86,38 @@ impl Pool {
         let now = self.in_use.fetch_add(size, Ordering::Relaxed) + size;
         self.peak.fetch_max(now, Ordering::Relaxed);
         Ok((ptr, size))
+    }
+
+    /// A new block from the driver (or the emulator's host memory, within its budget).
+    fn fresh(&self, size: usize) -> std::result::Result<sys::CUdeviceptr, String> {
+        match &self.ctx {
+            Some(ctx) => {
+                ctx.bind_to_thread().map_err(|e| e.to_string())?;
+                // SAFETY: a plain allocation on the bound context; freed by trim/drop.
+                unsafe { result::malloc_sync(size) }.map_err(|e| e.to_string())
+            }
+            None => {
+                let reserved = self.reserved.load(Ordering::Relaxed);
+                if self.budget.is_some_and(|b| reserved + size > b) {
+                    return Err("over the emulated device's budget".into());
+                }
+                host_alloc(size).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The out-of-memory error: the op, what it asked for and what the device has free.
+    fn out_of_memory(&self, op: &str, size: usize, why: String) -> Error {
+        let in_use = self.in_use.load(Ordering::Relaxed);
+        let (free, total) = match (&self.ctx, self.budget) {
+            (Some(_), _) => result::mem_get_info().unwrap_or((0, 0)),
+            (None, Some(b)) => (b.saturating_sub(self.reserved.load(Ordering::Relaxed)), b),
+            (None, None) => (0, 0),
+        };
+        Error::Device(format!(
+            "out of device memory in {op}: requested {size} bytes, {free} bytes free of {total} \
+             ({in_use} bytes in use by this process; {why})"
+        ))
     }
 
     /// Returns a block to the cache.

@@ -16,7 +16,7 @@ impl Cuda {
         }
         let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
         let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
-        let y = self.empty(&[b * nh * nw, ws, ws, c])?;
+        let y = self.empty("window_partition", &[b * nh * nw, ws, ws, c])?;
         let args = [
             Arg::P(x.ptr()),
             Arg::P(y.ptr()),
@@ -61,7 +61,7 @@ impl Cuda {
             ));
         }
         let (b, c) = (s[0] / (nh * nw), s[3]);
-        let y = self.empty(&[b, h, w, c])?;
+        let y = self.empty("window_unpartition", &[b, h, w, c])?;
         let args = [
             Arg::P(x.ptr()),
             Arg::P(y.ptr()),

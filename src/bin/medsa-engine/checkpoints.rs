@@ -139,6 +139,19 @@ pub(super) fn info(path: &Path, flavour: Option<DecoderFlavour>) -> Result<()> {
         frac(pc.encoder_adapters + pc.decoder_adapters),
         frac(pc.encoder_adapters + pc.mask_decoder)
     );
+    let bad = ws.non_finite()?;
+    if bad.is_empty() {
+        println!("non-finite      none (every weight is a finite number)");
+    } else {
+        let total: usize = bad.iter().map(|b| b.1).sum();
+        println!(
+            "non-finite      {total} NaN/Inf values in {} tensors: the checkpoint will not load",
+            bad.len()
+        );
+        for (k, n) in &bad {
+            println!("  {k:<40} {n}");
+        }
+    }
     Ok(())
 }
 

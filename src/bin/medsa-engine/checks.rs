@@ -42,13 +42,7 @@ pub(super) fn selftest(device: &str, precision: &str, fixtures: &Path) -> Result
 }
 
 fn load_mask(path: &Path) -> Result<(Vec<bool>, [usize; 2])> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("{}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("{}", path.display()))?
-        .decode()
-        .map_err(|e| anyhow!("{}: cannot decode mask: {e}", path.display()))?
-        .to_luma16();
+    let img = medsa::pipeline::decode_image(path, "mask")?.to_luma16();
     let (w, h) = (img.width() as usize, img.height() as usize);
     Ok((img.into_raw().into_iter().map(|v| v > 0).collect(), [h, w]))
 }

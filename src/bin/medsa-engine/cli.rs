@@ -20,6 +20,14 @@ use medsa::sam::DecoderFlavour;
 pub(super) struct Cli {
     #[command(subcommand)]
     pub(super) cmd: Cmd,
+    /// Refuse a NIfTI volume (scan or label) with more voxels than this, before reading its data
+    /// [default: 1073741824, or MEDSA_MAX_VOXELS].
+    #[arg(long, global = true, value_name = "N")]
+    pub(super) max_voxels: Option<u64>,
+    /// Refuse a PNG/JPEG image with more pixels than this, before decoding it [default:
+    /// 268435456].
+    #[arg(long, global = true, value_name = "N")]
+    pub(super) max_pixels: Option<u64>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -537,6 +545,31 @@ pub(super) struct SegmentArgs {
     /// For volumes, also write <name>_overview.png: prompted slices with the mask in red.
     #[arg(long)]
     pub(super) overview: bool,
+    /// Volumes: segment each object through the volume from one prompt: a 2D box on slice z
+    /// ("x0,y0,z,x1,y1,z"), the middle slice of a 3D box (which then bounds it), or clicks on one
+    /// slice; each next slice is prompted with the previous mask's box. No label is read.
+    #[arg(long)]
+    pub(super) propagate: bool,
+    /// With --propagate: pixels added on every side of the previous slice's mask box.
+    #[arg(long, default_value_t = 2.0, requires = "propagate")]
+    pub(super) propagate_margin: f32,
+    /// With --propagate: a slice whose mask has fewer pixels ends the walk.
+    #[arg(long, default_value_t = 10, requires = "propagate")]
+    pub(super) propagate_min_area: usize,
+    /// With --propagate: a slice whose mask has a lower predicted IoU ends the walk.
+    #[arg(long, default_value_t = 0.75, requires = "propagate")]
+    pub(super) propagate_min_iou: f32,
+    /// With --propagate: a slice whose mask has a lower stability score (IoU of the masks at
+    /// logits +1 and -1) ends the walk.
+    #[arg(long, default_value_t = 0.75, requires = "propagate")]
+    pub(super) propagate_min_stability: f32,
+    /// With --propagate: at most this many slices on each side of the seed slice.
+    #[arg(long, requires = "propagate")]
+    pub(super) propagate_max_slices: Option<usize>,
+    /// With --propagate: also prompt each slice with the previous slice's low-res logits (for
+    /// models trained with mask inputs).
+    #[arg(long, requires = "propagate")]
+    pub(super) propagate_mask_input: bool,
     /// No progress bar.
     #[arg(long)]
     pub(super) quiet: bool,

@@ -32,6 +32,14 @@ fn main() {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let mut limits = medsa::limits::Limits::from_env()?;
+    if let Some(n) = cli.max_voxels {
+        limits.max_voxels = n;
+    }
+    if let Some(n) = cli.max_pixels {
+        limits.max_pixels = n;
+    }
+    medsa::limits::set_default(limits);
     match cli.cmd {
         Cmd::Info {
             checkpoint,

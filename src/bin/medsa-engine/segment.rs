@@ -77,6 +77,12 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         });
     }
     let label_id = a.label_id.or(meta.label_id);
+    if a.propagate && a.prompt_from_label.is_some() {
+        bail!(
+            "--propagate segments from the prompts you give; --prompt-from-label (prompts from \
+             the ground truth) is for evaluation without it"
+        );
+    }
     if a.prompt_from_label.is_some() && label_id.is_none() {
         bail!("--prompt-from-label needs --label-id N (the model's metadata names no label)");
     }
@@ -104,6 +110,15 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         } else {
             vec![object]
         },
+        out_dir: out_dir.clone(),
+        propagate: a.propagate.then_some(batch::Propagation {
+            margin: a.propagate_margin,
+            min_area: a.propagate_min_area,
+            min_iou: a.propagate_min_iou,
+            min_stability: a.propagate_min_stability,
+            max_slices: a.propagate_max_slices,
+            mask_input: a.propagate_mask_input,
+        }),
         global_from_label: a
             .prompt_from_label
             .clone()

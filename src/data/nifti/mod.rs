@@ -35,7 +35,6 @@
 //! `cal_min = cal_max = 0`, the intent fields cleared, `descrip`, and the magic `n+1`. No
 //! extensions. The data follow in the header's byte order.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
@@ -276,8 +275,47 @@ fn io_err(path: &Path, source: std::io::Error) -> Error {
 
 impl NiftiHeader {
     /// Parses and validates a NIfTI-1 header from the start of `bytes` (the whole decompressed
-    /// file). `path` is only used in error messages.
+    /// file), including that the voxel data fit in it. `path` is only used in error messages.
+    #[cfg(test)]
     fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let h = Self::parse_header(bytes, path)?;
+        h.check_data_fits(bytes.len() as u64, path)?;
+        Ok(h)
+    }
+
+    /// Bytes of voxel data the header describes (checked not to overflow by `parse_header`).
+    fn data_len(&self) -> usize {
+        let size = DType::from_code(self.datatype).map_or(1, DType::size);
+        self.dims.iter().product::<usize>() * size
+    }
+
+    /// Checks that a file of `total` bytes holds the header's voxel data after `vox_offset`.
+    fn check_data_fits(&self, total: u64, path: &Path) -> Result<()> {
+        let err = |msg: String| format_err(path, msg);
+        let vox_offset = self.vox_offset as u64;
+        if vox_offset > total {
+            return Err(err(format!(
+                "vox_offset = {vox_offset} is past the end of the file ({total} bytes)"
+            )));
+        }
+        let need = self.data_len() as u64;
+        let have = total - vox_offset;
+        if have < need {
+            let dtype = DType::from_code(self.datatype).map_err(err)?;
+            return Err(err(format!(
+                "voxel data is {have} bytes after vox_offset {vox_offset}, but dims {:?} of \
+                 {} ({} bytes each) need {need} (file truncated?)",
+                self.dims,
+                dtype.name(),
+                dtype.size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parses and validates the 348-byte header at the start of `bytes` (what follows is not
+    /// looked at). `path` is only used in error messages.
+    fn parse_header(bytes: &[u8], path: &Path) -> Result<Self> {
         let err = |msg: String| format_err(path, msg);
         if bytes.len() < 4 {
             return Err(err(format!(
@@ -362,25 +400,9 @@ impl NiftiHeader {
             )));
         }
         let vox_offset = vo as usize;
-        if vox_offset > bytes.len() {
-            return Err(err(format!(
-                "vox_offset = {vox_offset} is past the end of the file ({} bytes)",
-                bytes.len()
-            )));
-        }
-        let need = dims
-            .iter()
+        dims.iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| err(format!("dims {dims:?} are too large to address")))?;
-        let have = bytes.len() - vox_offset;
-        if have < need {
-            return Err(err(format!(
-                "voxel data is {have} bytes after vox_offset {vox_offset}, but dims {dims:?} of \
-                 {} ({} bytes each) need {need} (file truncated?)",
-                dtype.name(),
-                dtype.size()
-            )));
-        }
 
         let mut pixdim = [0f32; 8];
         for (d, v) in pixdim.iter_mut().enumerate() {
@@ -577,35 +599,6 @@ fn has_gz_name(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The file's bytes, gunzipped when they are gzip.
-fn read_bytes(path: &Path) -> Result<Vec<u8>> {
-    let raw = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let is_gzip = raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b;
-    if !is_gzip {
-        if has_gz_name(path) {
-            let head = &raw[..raw.len().min(4)];
-            return Err(format_err(
-                path,
-                format!("name ends in .gz but the file is not gzip (first bytes {head:02x?})"),
-            ));
-        }
-        return Ok(raw);
-    }
-    // The gzip trailer holds the uncompressed size mod 2^32: a capacity hint, capped so a
-    // corrupt trailer cannot ask for more than deflate's maximum ratio.
-    let hint = if raw.len() >= 18 {
-        let t = &raw[raw.len() - 4..];
-        u32::from_le_bytes([t[0], t[1], t[2], t[3]]) as usize
-    } else {
-        0
-    };
-    let mut out = Vec::with_capacity(hint.min(raw.len().saturating_mul(1032)));
-    flate2::read::MultiGzDecoder::new(&raw[..])
-        .read_to_end(&mut out)
-        .map_err(|e| format_err(path, format!("gzip data is corrupt or truncated: {e}")))?;
-    Ok(out)
-}
-
 /// Converts `src` (exactly `n * size` bytes of `dtype`) to f32, applying `scale`.
 fn decode(src: &[u8], dtype: DType, big: bool, scale: Option<(f64, f64)>) -> Vec<f32> {
     macro_rules! conv {
@@ -642,25 +635,8 @@ fn decode(src: &[u8], dtype: DType, big: bool, scale: Option<(f64, f64)>) -> Vec
     }
 }
 
-/// Reads a NIfTI-1 volume (`.nii` or `.nii.gz`); see the module documentation for what is
-/// supported. Every malformed input is an `Err` naming the file and the field.
-pub fn read_nifti(path: &Path) -> Result<NiftiVolume> {
-    let bytes = read_bytes(path)?;
-    let header = NiftiHeader::parse(&bytes, path)?;
-    // parse() checked the datatype and that the data fit in the file.
-    let dtype = DType::from_code(header.datatype).map_err(|m| format_err(path, m))?;
-    let [nx, ny, nz] = header.dims;
-    let len = nx * ny * nz * dtype.size();
-    let src = &bytes[header.vox_offset..header.vox_offset + len];
-    let data = decode(src, dtype, header.big_endian, header.effective_scaling());
-    Ok(NiftiVolume {
-        dims: header.dims,
-        data,
-        header,
-        path: path.to_path_buf(),
-    })
-}
-
+mod read;
+pub use read::{read_nifti, read_nifti_limited};
 mod write;
 pub use write::{write_f32, write_labels};
 
