@@ -10,9 +10,10 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     static BUDGET: Once = Once::new();
-    // A voxel budget keeps legitimately huge (but tiny-on-disk, e.g. gzip bomb) volumes from
-    // being reported as out-of-memory findings; the reader honours this variable once main has
-    // it, and ignores it before. Set once, before any read, while the process is one thread.
+    // A voxel budget of 2^24 (64 MiB as f32) instead of the default 2^30, so that a volume a
+    // header can declare but the 2048 MB fuzzing memory limit cannot hold is refused by the
+    // reader's own budget check (which is what is under test) rather than reported as an
+    // out-of-memory finding. Set once, before any read, while the process is one thread.
     BUDGET.call_once(|| std::env::set_var("MEDSA_MAX_VOXELS", "16777216"));
     let Some((&mode, rest)) = data.split_first() else {
         return;
