@@ -160,3 +160,21 @@ fn err(path: &Path, msg: impl Into<String>) -> Error {
         msg: msg.into(),
     }
 }
+
+/// Entry point for fuzzing (`fuzz/fuzz_targets/pickle.rs`), not a stable API: runs the pickle
+/// virtual machine over raw `data.pkl` bytes exactly as [`read_checkpoint`] does, then picks the
+/// state dict and checks and materialises every tensor view against a stub storage resolver
+/// (each storage record is 16 KiB of zeros, enough for the
+/// views in the seed pickles), so the fuzzer reaches the VM and the view checks
+/// without having to build a zip archive around them. Malformed input is an `Err`; a panic is
+/// a bug.
+#[doc(hidden)]
+pub fn fuzz_pickle(pickle: &[u8]) -> Result<()> {
+    static STUB: [u8; 16384] = [0; 16384];
+    let path = Path::new("fuzz/data.pkl");
+    let top = pickle::Vm::new(path, pickle).run()?;
+    let reader = Reader { path, bytes: &[] };
+    let resolve = |_: &str| Some(Ok(&STUB[..]));
+    reader.state_dict(&top.value, "fuzz/", &resolve)?;
+    Ok(())
+}

@@ -68,6 +68,72 @@ impl Value {
     }
 }
 
+/// The unpickled object with the [`Arena`] that owns its containers; see there for why they
+/// travel together. Field order matters: `value` drops first, while the arena still holds
+/// every container, so its drop never recurses.
+pub(super) struct Pickled {
+    pub(super) value: Value,
+    _arena: Arena,
+}
+
+/// A tuple, list or dict the VM made.
+enum Node {
+    // Never read: held only so that the tuple outlives every value pointing at it.
+    #[allow(dead_code)]
+    Tuple(Rc<Vec<Value>>),
+    List(Rc<RefCell<Vec<Value>>>),
+    Dict(Dict),
+}
+
+/// Every tuple, list and dict the VM made, in creation order, torn down without recursion.
+///
+/// Two things in hostile pickles would otherwise go wrong when the values are dropped: a list
+/// or dict can be put inside itself (DUP, then APPEND), a cycle `Rc` never frees (a leak per
+/// file); and a few hundred kilobytes of TUPLE1 opcodes nest values so deep that the default
+/// recursive drop overflows the stack (an abort, not an `Err`). Holding a strong reference to
+/// each container here means no drop elsewhere ever frees a nested one; this drop then empties
+/// the lists and dicts (breaking every cycle: tuples are immutable and only hold older values)
+/// and frees the containers newest first, so each free only decrements children still held.
+#[derive(Default)]
+struct Arena {
+    nodes: Vec<Node>,
+}
+
+impl Arena {
+    fn tuple(&mut self, items: Vec<Value>) -> Value {
+        let t = Rc::new(items);
+        self.nodes.push(Node::Tuple(t.clone()));
+        Value::Tuple(t)
+    }
+    fn list(&mut self) -> Value {
+        let l: Rc<RefCell<Vec<Value>>> = Default::default();
+        self.nodes.push(Node::List(l.clone()));
+        Value::List(l)
+    }
+    fn dict(&mut self) -> Dict {
+        let d: Dict = Default::default();
+        self.nodes.push(Node::Dict(d.clone()));
+        d
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        let mut loose = Vec::new();
+        for n in &self.nodes {
+            match n {
+                Node::List(l) => loose.append(&mut l.borrow_mut()),
+                Node::Dict(d) => loose.extend(d.borrow_mut().drain(..).flat_map(|(k, v)| [k, v])),
+                Node::Tuple(_) => {}
+            }
+        }
+        drop(loose);
+        while let Some(n) = self.nodes.pop() {
+            drop(n);
+        }
+    }
+}
+
 pub(super) struct Vm<'a> {
     path: &'a Path,
     code: &'a [u8],
@@ -75,6 +141,8 @@ pub(super) struct Vm<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// Last, so it drops after the stack and memo on an early `Err` (see [`Arena`]).
+    arena: Arena,
 }
 
 impl<'a> Vm<'a> {
@@ -86,6 +154,7 @@ impl<'a> Vm<'a> {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
+            arena: Arena::default(),
         }
     }
 
@@ -175,7 +244,7 @@ impl<'a> Vm<'a> {
         Ok(())
     }
 
-    pub(super) fn run(mut self) -> Result<Value> {
+    pub(super) fn run(mut self) -> Result<Pickled> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -189,9 +258,18 @@ impl<'a> Vm<'a> {
                 0x95 => {
                     self.u64()?; // FRAME: a size hint
                 }
-                b'}' => self.stack.push(Value::Dict(Default::default())),
-                b']' => self.stack.push(Value::List(Default::default())),
-                b')' => self.stack.push(Value::Tuple(Default::default())),
+                b'}' => {
+                    let d = self.arena.dict();
+                    self.stack.push(Value::Dict(d));
+                }
+                b']' => {
+                    let l = self.arena.list();
+                    self.stack.push(l);
+                }
+                b')' => {
+                    let t = self.arena.tuple(Vec::new());
+                    self.stack.push(t);
+                }
                 b'(' => self.marks.push(self.stack.len()),
                 b'X' => {
                     let n = self.u32()? as u64;
@@ -254,7 +332,8 @@ impl<'a> Vm<'a> {
                 b'N' => self.stack.push(Value::None),
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let t = self.arena.tuple(items);
+                    self.stack.push(t);
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -263,7 +342,8 @@ impl<'a> Vm<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let t = self.arena.tuple(items);
+                    self.stack.push(t);
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -367,8 +447,11 @@ impl<'a> Vm<'a> {
                     self.pop_mark()?;
                 }
                 b'.' => {
-                    let v = self.pop()?;
-                    return Ok(v);
+                    let value = self.pop()?;
+                    return Ok(Pickled {
+                        value,
+                        _arena: std::mem::take(&mut self.arena),
+                    });
                 }
                 _ => {
                     self.pos = at;
@@ -424,7 +507,7 @@ impl<'a> Vm<'a> {
         }
     }
 
-    fn call(&self, f: Value, args: Value) -> Result<Value> {
+    fn call(&mut self, f: Value, args: Value) -> Result<Value> {
         let g = match f {
             Value::Global(g) => g,
             Value::Object(g) => return Ok(Value::Object(g)),
@@ -441,7 +524,7 @@ impl<'a> Vm<'a> {
         };
         match g.as_str() {
             "collections.OrderedDict" | "builtins.dict" | "__builtin__.dict" => {
-                let d: Dict = Default::default();
+                let d = self.arena.dict();
                 if let Some(Value::List(items)) = args.first() {
                     for it in items.borrow().iter() {
                         if let Value::Tuple(kv) = it {

@@ -2,22 +2,24 @@
 //! `data.pkl`, picks the state dict out of the saved object and maps each tensor view onto its
 //! storage bytes (bounds-checked), materialising floating-point tensors as contiguous f32.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 use super::pickle::{Dict, TensorRef, Value, Vm};
-use super::zip::{entry_data, zip_entries, Entry};
+use super::zip::{entry_data, zip_entries};
 use super::{err, DType, PthTensor};
+
+/// Gives a storage record's bytes by its archive name, `None` when there is no such record.
+pub(super) type Resolve<'r, 'a> = dyn Fn(&str) -> Option<Result<&'a [u8]>> + 'r;
 
 pub(super) struct Reader<'a> {
     pub(super) path: &'a Path,
     pub(super) bytes: &'a [u8],
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn err(&self, msg: impl Into<String>) -> Error {
         err(self.path, msg)
     }
@@ -71,7 +73,21 @@ impl Reader<'_> {
         }
         let data = entry_data(self.path, b, &entries[&pkl], &pkl)?;
         let top = Vm::new(self.path, data).run()?;
-        let sd = self.find_state_dict(&top)?;
+        let resolve = |name: &str| entries.get(name).map(|e| entry_data(self.path, b, e, name));
+        self.state_dict(&top.value, prefix, &resolve)
+    }
+
+    /// Picks the state dict out of the unpickled object and maps each tensor view onto its
+    /// storage. `resolve` gives the bytes of a storage record by its archive name (`None` when
+    /// the archive has no such record); kept apart from the zip so the pickle alone can be
+    /// fuzzed against stub storages ([`super::fuzz_pickle`]).
+    pub(super) fn state_dict(
+        &self,
+        top: &Value,
+        prefix: &str,
+        resolve: &Resolve<'_, 'a>,
+    ) -> Result<Vec<PthTensor>> {
+        let sd = self.find_state_dict(top)?;
         let mut out = Vec::new();
         for (k, v) in sd.borrow().iter() {
             let key = match k {
@@ -94,10 +110,10 @@ impl Reader<'_> {
             };
             let name = key.strip_prefix("module.").unwrap_or(&key).to_string();
             let tensor = if t.storage.dtype.is_float() {
-                Some(self.materialise(&entries, prefix, &key, t)?)
+                Some(self.materialise(resolve, prefix, &key, t)?)
             } else {
                 // Still check the view fits its storage, so a bad file fails here too.
-                self.storage_bytes(&entries, prefix, &key, t)?;
+                self.storage_bytes(resolve, prefix, &key, t)?;
                 None
             };
             out.push(PthTensor {
@@ -166,21 +182,20 @@ impl Reader<'_> {
     }
 
     /// The storage's bytes and the largest element index the view touches (checked).
-    fn storage_bytes<'b>(
-        &'b self,
-        entries: &HashMap<String, Entry>,
+    fn storage_bytes(
+        &self,
+        resolve: &Resolve<'_, 'a>,
         prefix: &str,
         key: &str,
         t: &TensorRef,
-    ) -> Result<&'b [u8]> {
+    ) -> Result<&'a [u8]> {
         let s = &t.storage;
         let name = format!("{prefix}data/{}", s.key);
-        let e = entries.get(&name).ok_or_else(|| {
+        let bytes = resolve(&name).ok_or_else(|| {
             self.err(format!(
                 "tensor `{key}`: storage record `{name}` is missing from the archive"
             ))
-        })?;
-        let bytes = entry_data(self.path, self.bytes, e, &name)?;
+        })??;
         let need = s.numel.checked_mul(s.dtype.size());
         if need.is_none_or(|n| n > bytes.len()) {
             return Err(self.err(format!(
@@ -218,17 +233,28 @@ impl Reader<'_> {
 
     fn materialise(
         &self,
-        entries: &HashMap<String, Entry>,
+        resolve: &Resolve<'_, 'a>,
         prefix: &str,
         key: &str,
         t: &TensorRef,
     ) -> Result<Tensor> {
-        let bytes = self.storage_bytes(entries, prefix, key, t)?;
+        let bytes = self.storage_bytes(resolve, prefix, key, t)?;
         let numel = t
             .size
             .iter()
             .try_fold(1usize, |a, &n| a.checked_mul(n))
             .ok_or_else(|| self.err(format!("tensor `{key}`: size {:?} overflows", t.size)))?;
+        // A view that fits its storage can still have far more elements than the storage when
+        // strides overlap (stride 0, as `expand` makes): a few bytes of pickle would then ask
+        // for terabytes. No state-dict tensor needs that, so materialise at most the storage.
+        if numel > t.storage.numel {
+            return Err(self.err(format!(
+                "tensor `{key}`: view (size {:?}, stride {:?}) has {numel} elements, more than \
+                 its storage of {}: overlapping (expanded) views are not supported; save the \
+                 tensor with .contiguous()",
+                t.size, t.stride, t.storage.numel
+            )));
+        }
         let dtype = t.storage.dtype;
         let get = |i: usize| -> f32 {
             let es = dtype.size();
