@@ -63,6 +63,24 @@ pub fn decode_image(path: &Path, what: &str) -> Result<image::DynamicImage> {
         .into_dimensions()
         .map_err(|e| Error::Input(format!("{}: cannot decode {what}: {e}", path.display())))?;
     limits.check_pixels(path, w as u64, h as u64)?;
+    // A header can claim any size, and the JPEG decoder fills missing data with zeros: a
+    // 300-byte file claiming 16 M pixels decodes "fine". No real PNG or JPEG holds more than a
+    // few thousand pixels per byte (deflate's 1032:1 on 1-bit rows; a JPEG block needs a few
+    // bits, or a progressive EOB run), so more than 10,000 is a truncated file or a bomb.
+    const MAX_PIXELS_PER_BYTE: u64 = 10_000;
+    let bytes = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let pixels = w as u64 * h as u64;
+    if pixels > bytes.saturating_mul(MAX_PIXELS_PER_BYTE) {
+        return Err(Error::Input(format!(
+            "{}: {what} claims {w}x{h} pixels in {bytes} bytes: the file is truncated or corrupt",
+            path.display()
+        )));
+    }
     let mut reader = open()?;
     let mut l = image::Limits::default();
     l.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(512 << 20));

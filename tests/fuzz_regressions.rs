@@ -194,3 +194,27 @@ fn stored_zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
     out.extend_from_slice(&0u16.to_le_bytes());
     out
 }
+
+/// image-1 (the image target, a timeout): a 309-byte JPEG whose header claims 65521x248 pixels
+/// decoded as 16 M zero-filled pixels, in full, through both image readers. Refused now from the
+/// header and the file size, before decoding.
+#[test]
+fn image_1_jpeg_claiming_far_more_pixels_than_its_bytes_is_refused() {
+    // The target's first byte picks the extension (odd: .jpg); the file is the rest.
+    let bytes = &include_bytes!("fuzz_regressions/image-1.bin")[1..];
+    let p = write("image-1", "jpg", bytes);
+    let t0 = std::time::Instant::now();
+    for e in [
+        medsa::pipeline::load_image(&p).map(|_| ()).unwrap_err(),
+        medsa::batch::load_label_png(&p).map(|_| ()).unwrap_err(),
+    ] {
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&p.display().to_string())
+                && msg.contains("65521x248")
+                && msg.contains("truncated or corrupt"),
+            "{msg}"
+        );
+    }
+    assert!(t0.elapsed().as_secs_f64() < 1.0, "took {:?}", t0.elapsed());
+}
