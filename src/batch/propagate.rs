@@ -205,10 +205,16 @@ fn seed_of(case: &str, k: usize, o: &Object, dims: [usize; 3]) -> Result<Seed> {
                 point_slice.unwrap_or(z)
             )));
         }
-        // With a box, points on the seed slice join it; others are refinements of their slice.
-        if o.bbox.is_none() || z == seed.z {
-            seed.points.push([p[0], p[1], p[3]]);
+        // With a box, points join it on the seed slice; a click elsewhere is a refinement, and
+        // dropping it silently would lose the user's prompt.
+        if o.bbox.is_some() && z != seed.z {
+            return Err(Error::Input(format!(
+                "{case}: object {k}: a point on slice {z} is not on the box's seed slice {}; \
+                 give clicks on other slices as interactions",
+                seed.z
+            )));
         }
+        seed.points.push([p[0], p[1], p[3]]);
     }
     if let Some(z) = point_slice {
         seed.z = z;
@@ -470,5 +476,12 @@ mod tests {
         };
         let e = seed_of("c", 1, &o, dims).unwrap_err().to_string();
         assert!(e.contains("object 1") && e.contains("one slice"), "{e}");
+        let o = Object {
+            bbox: Some([1.0, 1.0, 2.0, 5.0, 5.0, 6.0]),
+            points: vec![[2.0, 2.0, 4.0, 1.0], [3.0, 2.0, 5.0, 1.0]],
+            ..Default::default()
+        };
+        let e = seed_of("c", 0, &o, dims).unwrap_err().to_string();
+        assert!(e.contains("slice 5") && e.contains("interactions"), "{e}");
     }
 }
