@@ -70,24 +70,6 @@ fn segment(c: &mut Command, model: &str, input: &Path, out: &Path) {
         .arg("--quiet");
 }
 
-/// A little-endian NIfTI-1 header (352 bytes with the extension flag) for `dims` of `datatype`.
-fn nifti_header(dims: [i16; 3], datatype: i16, bitpix: i16) -> Vec<u8> {
-    let mut b = vec![0u8; 352];
-    b[0..4].copy_from_slice(&348i32.to_le_bytes());
-    let dim = [3, dims[0], dims[1], dims[2], 1, 1, 1, 1];
-    for (i, d) in dim.iter().enumerate() {
-        b[40 + 2 * i..42 + 2 * i].copy_from_slice(&d.to_le_bytes());
-    }
-    b[70..72].copy_from_slice(&datatype.to_le_bytes());
-    b[72..74].copy_from_slice(&bitpix.to_le_bytes());
-    for d in 0..4 {
-        b[76 + 4 * d..80 + 4 * d].copy_from_slice(&1f32.to_le_bytes());
-    }
-    b[108..112].copy_from_slice(&352f32.to_le_bytes());
-    b[344..348].copy_from_slice(b"n+1\0");
-    b
-}
-
 #[test]
 fn a_nifti_bomb_is_refused_before_its_data_is_read() {
     let d = tmpdir("bomb");
@@ -98,7 +80,7 @@ fn a_nifti_bomb_is_refused_before_its_data_is_read() {
         std::fs::File::create(&bomb).unwrap(),
         flate2::Compression::best(),
     );
-    gz.write_all(&nifti_header([2048, 2048, 2048], 2, 8))
+    gz.write_all(&common::nifti_header([2048, 2048, 2048], 2, 8))
         .unwrap();
     let zeros = vec![0u8; 1 << 20];
     for _ in 0..256 {

@@ -221,22 +221,21 @@ impl<'a, B: Backend> Job<'a, B> {
         Ok(Loaded2d { prep, prompts, gt })
     }
 
-    /// Decodes one object's prompts against embedding `b` of `emb`: the mask logits at the
-    /// original size (the mask with the best predicted IoU when multimask) and its low-res
-    /// logits `[1, 1, h, w]` (what a next prompt's `mask_input` takes), and its predicted IoU.
+    /// Decodes one object's prompts against `one`, a single image's embeddings `[1, C, h, w]`:
+    /// the mask logits at the original size (the mask with the best predicted IoU when
+    /// multimask), its low-res logits `[1, 1, h, w]` (what a next prompt's `mask_input` takes),
+    /// and its predicted IoU.
     pub(super) fn decode_logits(
         &self,
-        emb: &B::Tensor,
-        b: usize,
+        one: &B::Tensor,
         prep: &Prepared,
         prompts: &Prompts,
     ) -> Result<(Vec<f32>, Tensor, f32)> {
         let be = self.be;
-        let one = be.index_select0(emb, &[b])?;
         let out = MaskOutput::from_multimask(self.opts.multimask);
         let (low, iou) = self.model.decode(
             be,
-            &one,
+            one,
             (self.size, self.size),
             prompts,
             out,
@@ -280,9 +279,11 @@ impl<'a, B: Backend> Job<'a, B> {
         let (oh, ow) = prep.original_size;
         let mut labels = vec![0u8; oh * ow];
         let mut prob = vec![0f32; oh * ow];
+        // One copy of the image's embeddings for all its objects.
+        let one = self.be.index_select0(emb, &[b])?;
         for (p, &id) in prompts.iter().zip(ids) {
             let (m, _, _) = self
-                .decode_logits(emb, b, prep, p)
+                .decode_logits(&one, prep, p)
                 .map_err(|e| Error::Input(format!("object {id}: {e}")))?;
             for (i, &v) in m.iter().enumerate() {
                 if v > 0.0 {

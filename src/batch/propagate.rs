@@ -277,7 +277,8 @@ impl<B: Backend> Job<'_, B> {
             .pop()
             .unwrap_or_default();
         p.mask_inputs = mask_input.cloned();
-        let (logits, low, iou) = self.decode_logits(e, b, prep, &p)?;
+        let one = self.be.index_select0(e, &[b])?;
+        let (logits, low, iou) = self.decode_logits(&one, prep, &p)?;
         Ok(SliceState {
             bbox,
             points: points.to_vec(),

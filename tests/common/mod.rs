@@ -184,3 +184,31 @@ pub fn litemedsam_pth() -> Option<PathBuf> {
     );
     None
 }
+
+/// A little-endian NIfTI-1 header (352 bytes with the extension flag) for `dims` of `datatype`
+/// with 1 mm voxels: hand-made volumes for tests (data follow at offset 352).
+pub fn nifti_header(dims: [usize; 3], datatype: i16, bitpix: i16) -> Vec<u8> {
+    let mut b = vec![0u8; 352];
+    b[0..4].copy_from_slice(&348i32.to_le_bytes());
+    let dim = [
+        3,
+        dims[0] as i16,
+        dims[1] as i16,
+        dims[2] as i16,
+        1,
+        1,
+        1,
+        1,
+    ];
+    for (i, d) in dim.iter().enumerate() {
+        b[40 + 2 * i..42 + 2 * i].copy_from_slice(&d.to_le_bytes());
+    }
+    b[70..72].copy_from_slice(&datatype.to_le_bytes());
+    b[72..74].copy_from_slice(&bitpix.to_le_bytes());
+    for d in 0..4 {
+        b[76 + 4 * d..80 + 4 * d].copy_from_slice(&1f32.to_le_bytes());
+    }
+    b[108..112].copy_from_slice(&352f32.to_le_bytes());
+    b[344..348].copy_from_slice(b"n+1\0");
+    b
+}
