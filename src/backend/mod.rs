@@ -16,7 +16,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod fused;
 pub mod options;
-pub use options::{AttentionOptions, RunOptions};
+pub use options::{AttentionOptions, Precision, RunOptions};
 
 use crate::error::Result;
 use crate::tensor::Tensor;

@@ -5,6 +5,47 @@
 
 use crate::error::{Error, Result};
 
+/// Storage and product precision: on CUDA the element type of device storage; on the CPU the
+/// operands of the products (storage stays f32 there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 storage and f32 products (no TF32 on CUDA): the reference.
+    F32,
+    /// bf16 operands, f32 accumulation: the fast mode (on CUDA bf16 storage as well).
+    Bf16,
+}
+
+impl Precision {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        }
+    }
+
+    /// Kernel name suffix (CUDA).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::Input(format!(
+                "precision \"{s}\": expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
 /// The opt-in options of the CUDA tensor-core attention kernels (bf16, head dim 64 or 80), each
 /// off by default until a device run has verified and measured it (docs/PERF.md). The CPU
 /// ignores them.

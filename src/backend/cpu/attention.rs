@@ -24,7 +24,8 @@ use crate::backend::RelPos;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::linalg::{gemm_into, Mat};
+use super::bf16::{gemm_packed, Bf16Kernel, PackedB, Prec};
+use super::linalg::{product, Mat};
 use super::{make, math, SendPtr};
 
 /// Largest query block per task: big enough that gemm's packed K/V panels are reused across many
@@ -176,6 +177,7 @@ pub(crate) fn attention(
     heads: usize,
     scale: f32,
     rel: Option<RelPos<'_, Tensor>>,
+    prec: Prec,
 ) -> Result<Tensor> {
     let (sq, sk, sv) = (q.shape(), k.shape(), v.shape());
     let bad = |msg: String| Error::shape("attention", msg);
@@ -228,8 +230,14 @@ pub(crate) fn attention(
     // operands many times per call, and head slices with row stride H*d measured ~25% slower
     // than contiguous ones in these thin products.
     let panel = lk * d;
-    let mut packed = super::with_capacity(b * heads * 2 * panel);
-    {
+    // bf16 packs its own K^T and V panels from q/k/v (below); the f32 ones are not built.
+    let f32_panels = if prec == Prec::F32 {
+        b * heads * 2 * panel
+    } else {
+        0
+    };
+    let mut packed = super::with_capacity(f32_panels);
+    if f32_panels > 0 {
         let spare = packed.spare_capacity_mut();
         let fill = |(bh, dst): (usize, &mut [std::mem::MaybeUninit<f32>])| {
             let (bi, h) = (bh / heads, bh % heads);
@@ -257,9 +265,40 @@ pub(crate) fn attention(
                 .for_each(fill);
         }
     }
-    // SAFETY: all b*heads*2*panel elements were initialised by `fill`.
-    unsafe { packed.set_len(b * heads * 2 * panel) };
+    // SAFETY: all f32_panels elements were initialised by `fill` (none in bf16).
+    unsafe { packed.set_len(f32_panels) };
     let packed = &packed[..];
+    // bf16: each (batch, head)'s K^T and V packed once for all its query blocks.
+    let packed_bf16: Option<(Bf16Kernel, Vec<(PackedB, PackedB)>)> = match prec {
+        Prec::F32 => None,
+        Prec::Bf16(kernel) => Some((
+            kernel,
+            (0..b * heads)
+                .into_par_iter()
+                .map(|bh| {
+                    let (bi, h) = (bh / heads, bh % heads);
+                    let at = bi * lk * c + h * d;
+                    // SAFETY: head h's columns of batch bi's Lk rows of k and v, row stride c.
+                    unsafe {
+                        let kt = Mat {
+                            ptr: kd.as_ptr().add(at),
+                            rs: 1,
+                            cs: c as isize,
+                        };
+                        let vm = Mat {
+                            ptr: vd.as_ptr().add(at),
+                            rs: c as isize,
+                            cs: 1,
+                        };
+                        (
+                            PackedB::new(kt, lk, d, false),
+                            PackedB::new(vm, d, lk, false),
+                        )
+                    }
+                })
+                .collect(),
+        )),
+    };
     let optr = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
         let (bi, h, blk) = (t / (heads * nblk), (t / nblk) % heads, t % nblk);
@@ -282,26 +321,40 @@ pub(crate) fn attention(
             // SAFETY: qblk is rows x d, the K panel [Lk, d] is read transposed (d x Lk), s is
             // rows x Lk.
             unsafe {
-                gemm_into(
-                    rows,
-                    lk,
-                    d,
-                    s.as_mut_ptr(),
-                    lk,
-                    false,
-                    Mat {
-                        ptr: qblk.as_ptr(),
-                        rs: d as isize,
-                        cs: 1,
-                    },
-                    Mat {
-                        ptr: packed.as_ptr().add(kv0),
-                        rs: 1,
-                        cs: d as isize,
-                    },
-                    scale,
-                    Parallelism::None,
-                );
+                let qm = Mat {
+                    ptr: qblk.as_ptr(),
+                    rs: d as isize,
+                    cs: 1,
+                };
+                match &packed_bf16 {
+                    Some((kernel, p)) => gemm_packed(
+                        *kernel,
+                        rows,
+                        s.as_mut_ptr(),
+                        lk,
+                        false,
+                        qm,
+                        &p[bi * heads + h].0,
+                        scale,
+                    ),
+                    None => product(
+                        prec,
+                        rows,
+                        lk,
+                        d,
+                        s.as_mut_ptr(),
+                        lk,
+                        false,
+                        qm,
+                        Mat {
+                            ptr: packed.as_ptr().add(kv0),
+                            rs: 1,
+                            cs: d as isize,
+                        },
+                        scale,
+                        Parallelism::None,
+                    ),
+                }
             }
             let blk = Block {
                 q: &qblk[..rows * d],
@@ -316,26 +369,33 @@ pub(crate) fn attention(
             // the V panel is Lk x d.
             unsafe {
                 let dst = optr.get().add(o0);
-                gemm_into(
-                    rows,
-                    d,
-                    lk,
-                    dst,
-                    c,
-                    false,
-                    Mat {
-                        ptr: s.as_ptr(),
-                        rs: lk as isize,
-                        cs: 1,
-                    },
-                    Mat {
-                        ptr: packed.as_ptr().add(kv0 + panel),
-                        rs: d as isize,
-                        cs: 1,
-                    },
-                    1.0,
-                    Parallelism::None,
-                );
+                let pm = Mat {
+                    ptr: s.as_ptr(),
+                    rs: lk as isize,
+                    cs: 1,
+                };
+                match &packed_bf16 {
+                    Some((kernel, p)) => {
+                        gemm_packed(*kernel, rows, dst, c, false, pm, &p[bi * heads + h].1, 1.0)
+                    }
+                    None => product(
+                        prec,
+                        rows,
+                        d,
+                        lk,
+                        dst,
+                        c,
+                        false,
+                        pm,
+                        Mat {
+                            ptr: packed.as_ptr().add(kv0 + panel),
+                            rs: d as isize,
+                            cs: 1,
+                        },
+                        1.0,
+                        Parallelism::None,
+                    ),
+                }
                 for (r, &f) in inv[..rows].iter().enumerate() {
                     let orow = std::slice::from_raw_parts_mut(dst.add(r * c), d);
                     for x in orow {

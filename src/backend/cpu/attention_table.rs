@@ -21,7 +21,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::linalg::{gemm_into, Mat};
+use super::bf16::Prec;
+use super::linalg::{gemm_into, product, Mat};
 use super::{make, math, SendPtr};
 
 thread_local! {
@@ -64,6 +65,7 @@ fn check(qkv: &Tensor, table: &Tensor, side: usize, heads: usize) -> Result<Dims
 /// Scores of window `n`, head `h` into `p` (`L x L`), then softmax in place.
 #[allow(clippy::too_many_arguments)]
 fn probs(
+    prec: Prec,
     qd: &[f32],
     dm: &Dims,
     n: usize,
@@ -89,7 +91,8 @@ fn probs(
     };
     // SAFETY: q and k^T cover L rows of d values inside window n of qkv; p is L x L.
     unsafe {
-        gemm_into(
+        product(
+            prec,
             l,
             l,
             d,
@@ -124,6 +127,7 @@ pub(crate) fn attention_table(
     heads: usize,
     scale: f32,
     table: &Tensor,
+    prec: Prec,
 ) -> Result<Tensor> {
     let dm = check(qkv, table, side, heads)?;
     let (l, d, c) = (dm.l, dm.d, dm.heads * dm.d);
@@ -137,7 +141,7 @@ pub(crate) fn attention_table(
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             s.resize(l * l, 0.0);
-            probs(qd, &dm, n, h, scale, td, &idx, &mut s);
+            probs(prec, qd, &dm, n, h, scale, td, &idx, &mut s);
             let pm = Mat {
                 ptr: s.as_ptr(),
                 rs: l as isize,
@@ -151,7 +155,8 @@ pub(crate) fn attention_table(
             let op = optr.get();
             // SAFETY: task (n, h) alone writes the head-h columns of window n's rows.
             unsafe {
-                gemm_into(
+                product(
+                    prec,
                     l,
                     d,
                     l,
@@ -199,7 +204,7 @@ pub(crate) fn attention_table_backward(
         .map(|t| {
             let (n, h) = (t / heads, t % heads);
             let mut p = vec![0.0f32; l * l];
-            probs(qd, &dm, n, h, scale, td, &idx, &mut p);
+            probs(Prec::F32, qd, &dm, n, h, scale, td, &idx, &mut p);
             let wbase = n * l * row;
             let dob = &dod[n * l * c..];
             // dP = dO V^T.

@@ -27,6 +27,7 @@ use crate::backend::Act;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
+use super::bf16::Prec;
 use super::linalg::{gemm_new, par_for, Mat};
 use super::math::{self, madd};
 use super::{for_chunks, make, zeroed, PAR_MIN};
@@ -215,6 +216,7 @@ pub(crate) fn linear_backward_input(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, k) = (ws[0], ws[1]);
     let m: usize = s[..s.len() - 1].iter().product();
     let out = gemm_new(
+        Prec::F32,
         m,
         k,
         n,
@@ -258,6 +260,7 @@ pub(crate) fn linear_backward_weight(
     }
     // dy^T is dy read with swapped strides; the sum runs over the rows.
     let dw = gemm_new(
+        Prec::F32,
         n,
         k,
         rows,
@@ -567,6 +570,7 @@ pub(crate) fn conv2d_backward(
         &col_owned
     };
     let dwr = gemm_new(
+        Prec::F32,
         cout,
         kk,
         m,
@@ -594,6 +598,7 @@ pub(crate) fn conv2d_backward(
             }
         }
         let dcol = gemm_new(
+            Prec::F32,
             m,
             kk,
             cout,
@@ -658,6 +663,7 @@ pub(crate) fn conv_transpose2x2_backward(
     }
     // dx [M, C] = g wr^T.
     let dx = gemm_new(
+        Prec::F32,
         m,
         ci,
         n4,
@@ -667,6 +673,7 @@ pub(crate) fn conv_transpose2x2_backward(
     );
     // dwr [C, (di, dj, o)] = x^T g.
     let dwr = gemm_new(
+        Prec::F32,
         ci,
         n4,
         m,

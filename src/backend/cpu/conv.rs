@@ -15,7 +15,8 @@ use crate::backend::Act;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::linalg::{gemm_into, linear, par_for, Mat};
+use super::bf16::Prec;
+use super::linalg::{linear, par_for, product, Mat};
 use super::{for_chunks, make};
 
 /// 2D convolution via im2col + one GEMM.
@@ -25,6 +26,7 @@ pub(crate) fn conv2d(
     b: Option<&Tensor>,
     stride: usize,
     pad: usize,
+    prec: Prec,
 ) -> Result<Tensor> {
     let (sx, sw) = (x.shape(), w.shape());
     if sx.len() != 4 || sw.len() != 4 || sw[1] != sx[3] || stride == 0 {
@@ -83,13 +85,13 @@ pub(crate) fn conv2d(
         });
         make(col, &[m, kk])?
     };
-    let y = linear(&col, &wr, b, Act::None)
+    let y = linear(&col, &wr, b, Act::None, prec)
         .map_err(|e| Error::shape("conv2d", format!("bias: {e}")))?;
     y.reshape(&[bn, ho, wo, cout])
 }
 
 /// Kernel-2 stride-2 transposed convolution via one GEMM and a scatter.
-pub(crate) fn conv_transpose2x2(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+pub(crate) fn conv_transpose2x2(x: &Tensor, w: &Tensor, b: &Tensor, prec: Prec) -> Result<Tensor> {
     let (sx, sw) = (x.shape(), w.shape());
     if sx.len() != 4 || sw.len() != 4 || sw[0] != sx[3] || sw[2] != 2 || sw[3] != 2 {
         return Err(Error::shape(
@@ -120,7 +122,8 @@ pub(crate) fn conv_transpose2x2(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Te
     let mut y = super::zeroed(m * n4);
     // SAFETY: x is m x cin, wr is cin x n4, y is m x n4, all row-major and live.
     unsafe {
-        gemm_into(
+        product(
+            prec,
             m,
             n4,
             cin,

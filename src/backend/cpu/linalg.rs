@@ -14,6 +14,7 @@ use crate::tensor::Tensor;
 
 use rayon::prelude::*;
 
+use super::bf16::{self, Prec};
 use super::{elementwise::apply_act_serial, make, PAR_MIN};
 
 /// Threading for one product of `m x k` by `k x n`: below ~2 MFLOP the fork/join overhead of
@@ -87,9 +88,37 @@ pub(crate) unsafe fn gemm_into(
     );
 }
 
+/// [`gemm_into`] in the precision `prec` says: f32 operands, or bf16 operands with f32
+/// accumulation ([`bf16::gemm`]). The forward ops take every product through here.
+///
+/// # Safety
+/// As [`gemm_into`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product(
+    prec: Prec,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    scale: f32,
+    par: Parallelism,
+) {
+    match prec {
+        Prec::F32 => gemm_into(m, n, k, dst, dst_rs, accumulate, lhs, rhs, scale, par),
+        Prec::Bf16(kernel) => bf16::gemm(
+            kernel, m, n, k, dst, dst_rs, accumulate, lhs, rhs, scale, par,
+        ),
+    }
+}
+
 /// A fresh `m x n` row-major product `lhs @ rhs`, written by gemm straight into unzeroed memory
 /// (zeroing a buffer gemm overwrites anyway costs a full extra pass over it).
 pub(crate) fn gemm_new(
+    prec: Prec,
     m: usize,
     n: usize,
     k: usize,
@@ -102,7 +131,19 @@ pub(crate) fn gemm_new(
     // SAFETY: with accumulate = false, gemm_into writes every element of the m x n block (zeros
     // when k = 0) before anything reads it, so the length can be set afterwards.
     unsafe {
-        gemm_into(m, n, k, out.as_mut_ptr(), n, false, lhs, rhs, 1.0, par);
+        product(
+            prec,
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            n,
+            false,
+            lhs,
+            rhs,
+            1.0,
+            par,
+        );
         out.set_len(len);
     }
     out
@@ -121,7 +162,13 @@ fn epilogue(rows: &mut [f32], n: usize, bias: Option<&[f32]>, act: Act) {
 }
 
 /// `act(x @ w^T + b)`.
-pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
+pub(crate) fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    act: Act,
+    prec: Prec,
+) -> Result<Tensor> {
     let (sx, sw) = (x.shape(), w.shape());
     if sx.is_empty() || sw.len() != 2 || sw[1] != sx[sx.len() - 1] {
         return Err(Error::shape(
@@ -151,7 +198,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Re
         cs: k as isize,
     };
     let bias = b.map(|b| b.data());
-    let mut out = gemm_new(m, n, k, lhs, rhs, par_for(m, n, k));
+    let mut out = gemm_new(prec, m, n, k, lhs, rhs, par_for(m, n, k));
     if n > 0 && (bias.is_some() || act != Act::None) {
         // Row groups of >= 8K elements so the epilogue runs on all cores when large.
         let rows_per = (8192 / n).max(1);
@@ -168,7 +215,7 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Re
 }
 
 /// Batched `a @ b` or `a @ b^T`.
-pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
+pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool, prec: Prec) -> Result<Tensor> {
     let (sa, sb) = (a.shape(), b.shape());
     let bad = || Error::shape("matmul", format!("a {sa:?} b {sb:?} trans_b={trans_b}"));
     if sa.len() != 3 || sb.len() != 3 || sa[0] != sb[0] {
@@ -193,7 +240,8 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
     let one = |t: usize, dst: &mut [f32], par: Parallelism| {
         // SAFETY: slices of batch t of a, b and out, each exactly the described matrix.
         unsafe {
-            gemm_into(
+            product(
+                prec,
                 m,
                 n,
                 k,

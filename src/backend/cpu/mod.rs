@@ -18,6 +18,7 @@ mod attention;
 mod attention_backward;
 mod attention_table;
 mod backward;
+mod bf16;
 mod conv;
 mod depthwise;
 mod elementwise;
@@ -28,7 +29,10 @@ mod resize;
 
 use rayon::prelude::*;
 
-use super::{Act, AttentionGrads, Backend, RelPos, RunOptions, Tokens};
+pub use bf16::Bf16Kernel;
+use bf16::Prec;
+
+use super::{Act, AttentionGrads, Backend, Precision, RelPos, RunOptions, Tokens};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -36,28 +40,80 @@ use crate::tensor::Tensor;
 /// microseconds, more than copying or transforming a small tensor.
 pub(crate) const PAR_MIN: usize = 1 << 15;
 
-/// The CPU backend. Stateless: threads come from rayon's global pool.
+/// The CPU backend. Threads come from rayon's global pool.
 #[derive(Clone, Debug)]
 pub struct Cpu {
     /// Whether the model takes its fused path ([`RunOptions::fused`]; both paths compute the
     /// same thing).
     fuse: bool,
+    /// The forward products' precision (backward products are always f32).
+    prec: Prec,
 }
 
 impl Cpu {
     /// A CPU backend on rayon's global thread pool, with the default [`RunOptions`] (the host
-    /// pool keeps whatever cap it has).
+    /// pool keeps whatever cap it has), in f32.
     pub fn new() -> Self {
         Cpu {
             fuse: RunOptions::default().fused,
+            prec: Prec::F32,
         }
     }
 
     /// A CPU backend running as `o` says (the attention kernel options are CUDA's; the host
-    /// pool's cap is process-wide and set here).
+    /// pool's cap is process-wide and set here), in f32.
     pub fn with_options(o: &RunOptions) -> Self {
         crate::host_pool::set_cap_mb(o.host_pool_mb);
-        Cpu { fuse: o.fused }
+        Cpu {
+            fuse: o.fused,
+            prec: Prec::F32,
+        }
+    }
+
+    /// The same backend with its forward products in `p`: bf16 operands with f32 accumulation
+    /// on the fastest kernel this CPU has ([`Bf16Kernel::detect`]), or f32. Storage, softmax,
+    /// norms, activations and every backward product stay f32.
+    pub fn with_precision(self, p: Precision) -> Self {
+        match p {
+            Precision::F32 => Cpu {
+                prec: Prec::F32,
+                ..self
+            },
+            Precision::Bf16 => Cpu {
+                prec: Prec::Bf16(Bf16Kernel::detect()),
+                ..self
+            },
+        }
+    }
+
+    /// The same backend with bf16 products on `kernel`, which must run on this CPU (tests use
+    /// it to check every kernel against every other).
+    pub fn with_bf16_kernel(self, kernel: Bf16Kernel) -> Result<Self> {
+        if !kernel.available() {
+            return Err(Error::Input(format!(
+                "the {kernel:?} bf16 kernel does not run on this CPU"
+            )));
+        }
+        Ok(Cpu {
+            prec: Prec::Bf16(kernel),
+            ..self
+        })
+    }
+
+    /// The forward products' precision.
+    pub fn precision(&self) -> Precision {
+        match self.prec {
+            Prec::F32 => Precision::F32,
+            Prec::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// The bf16 kernel in use (`None` in f32).
+    pub fn bf16_kernel(&self) -> Option<Bf16Kernel> {
+        match self.prec {
+            Prec::F32 => None,
+            Prec::Bf16(k) => Some(k),
+        }
     }
 }
 
@@ -316,7 +372,14 @@ impl Backend for Cpu {
     type Tensor = Tensor;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        match self.prec {
+            Prec::F32 => format!("cpu ({} threads)", rayon::current_num_threads()),
+            Prec::Bf16(k) => format!(
+                "cpu ({} threads, bf16 products: {})",
+                rayon::current_num_threads(),
+                k.describe()
+            ),
+        }
     }
 
     fn upload(&self, t: &Tensor) -> Result<Tensor> {
@@ -530,11 +593,11 @@ impl Backend for Cpu {
     }
 
     fn linear(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>, act: Act) -> Result<Tensor> {
-        linalg::linear(x, w, b, act)
+        linalg::linear(x, w, b, act, self.prec)
     }
 
     fn matmul(&self, a: &Tensor, b: &Tensor, trans_b: bool) -> Result<Tensor> {
-        linalg::matmul(a, b, trans_b)
+        linalg::matmul(a, b, trans_b, self.prec)
     }
 
     fn layer_norm(&self, x: &Tensor, g: &Tensor, b: &Tensor, eps: f32) -> Result<Tensor> {
@@ -550,7 +613,7 @@ impl Backend for Cpu {
         scale: f32,
         rel: Option<RelPos<'_, Tensor>>,
     ) -> Result<Tensor> {
-        attention::attention(q, k, v, heads, scale, rel)
+        attention::attention(q, k, v, heads, scale, rel, self.prec)
     }
 
     fn conv2d(
@@ -561,7 +624,7 @@ impl Backend for Cpu {
         stride: usize,
         pad: usize,
     ) -> Result<Tensor> {
-        conv::conv2d(x, w, b, stride, pad)
+        conv::conv2d(x, w, b, stride, pad, self.prec)
     }
 
     fn depthwise_conv2d(
@@ -597,7 +660,7 @@ impl Backend for Cpu {
         scale: f32,
         table: &Tensor,
     ) -> Result<Tensor> {
-        attention_table::attention_table(qkv, side, heads, scale, table)
+        attention_table::attention_table(qkv, side, heads, scale, table, self.prec)
     }
 
     fn attention_table_backward(
@@ -614,7 +677,7 @@ impl Backend for Cpu {
     }
 
     fn conv_transpose2x2(&self, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-        conv::conv_transpose2x2(x, w, b)
+        conv::conv_transpose2x2(x, w, b, self.prec)
     }
 
     fn resize_bilinear(&self, x: &Tensor, size: (usize, usize)) -> Result<Tensor> {

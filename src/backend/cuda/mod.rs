@@ -32,45 +32,7 @@ mod fatbins {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Element type of device storage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    /// f32 storage and f32 GEMMs (no TF32): matches the CPU reference to ~1e-5.
-    F32,
-    /// bf16 storage, f32 accumulation: the fast mode.
-    Bf16,
-}
-
-impl Precision {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Precision::F32 => 4,
-            Precision::Bf16 => 2,
-        }
-    }
-
-    /// Kernel name suffix.
-    pub fn suffix(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "fp32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(Error::Input(format!(
-                "precision \"{s}\": expected f32 or bf16"
-            ))),
-        }
-    }
-}
+pub use crate::backend::Precision;
 
 /// A device allocation, returned to its pool when the last tensor using it is dropped.
 pub struct DevBuf {

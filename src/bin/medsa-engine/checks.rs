@@ -19,9 +19,6 @@ pub(super) fn selftest(device: &str, precision: &str, fixtures: &Path) -> Result
     };
     let mut failed = 0;
     for p in precisions {
-        if device == "cpu" && p != "f32" {
-            continue;
-        }
         let dev = open_device(device, p, &medsa::backend::RunOptions::default())?;
         let (op_tol, model_tol) = if p == "bf16" {
             (selftest::Tolerance::BF16, selftest::Tolerance::BF16_MODEL)

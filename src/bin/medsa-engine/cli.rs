@@ -176,7 +176,7 @@ pub(super) enum Cmd {
         /// Device: cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+        /// Precision: f32, or bf16 (CUDA: bf16 storage; CPU: bf16 products with f32 accumulation).
         #[arg(long, default_value = "f32")]
         precision: String,
         #[command(flatten)]
@@ -269,7 +269,7 @@ pub(super) enum Cmd {
         /// Device: cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+        /// Precision: f32, or bf16 (CUDA: bf16 storage; CPU: bf16 products with f32 accumulation).
         #[arg(long, default_value = "f32")]
         precision: String,
         /// Time full training steps instead of the encoder: forward, BCE loss (pos_weight 2) on
@@ -576,7 +576,7 @@ pub(super) struct SegmentArgs {
     /// Device: cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub(super) device: String,
-    /// Storage precision on CUDA: f32 or bf16 (the CPU computes in f32).
+    /// Precision: f32, or bf16 (CUDA: bf16 storage; CPU: bf16 products with f32 accumulation).
     #[arg(long, default_value = "f32")]
     pub(super) precision: String,
     #[command(flatten)]

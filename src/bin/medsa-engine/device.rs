@@ -93,10 +93,8 @@ impl Dev {
 pub(super) fn open_device(device: &str, precision: &str, opts: &RunOptions) -> Result<Dev> {
     match device {
         "cpu" => {
-            if precision != "f32" {
-                bail!("--precision {precision}: the CPU backend computes in f32");
-            }
-            Ok(Dev::Cpu(Cpu::with_options(opts)))
+            let p: medsa::backend::Precision = precision.parse()?;
+            Ok(Dev::Cpu(Cpu::with_options(opts).with_precision(p)))
         }
         d if d == "cuda" || d.starts_with("cuda:") => {
             let ordinal: usize = match d.strip_prefix("cuda:") {
