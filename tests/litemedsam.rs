@@ -101,11 +101,10 @@ fn litemedsam_preprocessing_matches_the_authors_opencv_pipeline() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-fn litemedsam_reproduces_the_pytorch_package_on_mni152_slices() {
-    let Some(pth) = checkpoint() else { return };
-    let be = Cpu::new();
-    let model = model(&be, &pth);
+/// The encoder's embeddings (every 16th channel), low-res logits, IoU and masks of the three
+/// fixture slices, box-prompted, on `be`.
+fn run_slices(be: &Cpu, pth: &PathBuf) -> [Tensor; 4] {
+    let model = model(be, pth);
     assert!(model.config.tiny_vit.is_some());
     assert_eq!(model.config.img_size(), (256, 256));
     let f = common::open("litemedsam", "real");
@@ -121,7 +120,7 @@ fn litemedsam_reproduces_the_pytorch_package_on_mni152_slices() {
     let images = be
         .upload(&Tensor::from_vec(rgb, &[n, 3, 256, 256]).unwrap())
         .unwrap();
-    let emb = model.encode(&be, &images, None, &mut Trace::off()).unwrap();
+    let emb = model.encode(be, &images, None, &mut Trace::off()).unwrap();
     let emb_host = be.download(&emb).unwrap();
     let c = emb_host.shape()[1];
     let mut sub = Vec::new();
@@ -132,14 +131,6 @@ fn litemedsam_reproduces_the_pytorch_package_on_mni152_slices() {
         }
     }
     let sub = Tensor::from_vec(sub, &[n, c / 16, 64, 64]).unwrap();
-    let mut failures = Vec::new();
-    check(
-        &mut failures,
-        "image_embeddings (every 16th channel)",
-        &sub,
-        &f.tensor("image_embeddings_ch16").unwrap(),
-        1e-4,
-    );
     let boxes = f.tensor("boxes").unwrap();
     let (mut lows, mut ious, mut masks) = (Vec::new(), Vec::new(), Vec::new());
     for b in 0..n {
@@ -154,7 +145,7 @@ fn litemedsam_reproduces_the_pytorch_package_on_mni152_slices() {
         };
         let (low, iou) = model
             .decode(
-                &be,
+                be,
                 &e,
                 (256, 256),
                 &prompts,
@@ -162,34 +153,81 @@ fn litemedsam_reproduces_the_pytorch_package_on_mni152_slices() {
                 &mut Trace::off(),
             )
             .unwrap();
-        let m = postprocess_masks(&be, &low, (256, 256), (256, 216), (233, 197)).unwrap();
+        let m = postprocess_masks(be, &low, (256, 256), (256, 216), (233, 197)).unwrap();
         lows.extend_from_slice(be.download(&low).unwrap().data());
         ious.extend_from_slice(be.download(&iou).unwrap().data());
         masks.extend_from_slice(be.download(&m).unwrap().data());
     }
     let t = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s).unwrap();
+    [
+        sub,
+        t(lows, &[n, 1, 256, 256]),
+        t(ious, &[n, 1]),
+        t(masks, &[n, 1, 233, 197]),
+    ]
+}
+
+#[test]
+fn litemedsam_reproduces_the_pytorch_package_on_mni152_slices() {
+    let Some(pth) = checkpoint() else { return };
+    let [emb, low, iou, masks] = run_slices(&Cpu::new(), &pth);
+    let f = common::open("litemedsam", "real");
+    let mut failures = Vec::new();
+    check(
+        &mut failures,
+        "image_embeddings (every 16th channel)",
+        &emb,
+        &f.tensor("image_embeddings_ch16").unwrap(),
+        1e-4,
+    );
     check(
         &mut failures,
         "low_res_masks",
-        &t(lows, &[n, 1, 256, 256]),
+        &low,
         &f.tensor("low_res_masks").unwrap(),
         1e-4,
     );
     check(
         &mut failures,
         "iou_predictions",
-        &t(ious, &[n, 1]),
+        &iou,
         &f.tensor("iou_predictions").unwrap(),
         1e-4,
     );
     check(
         &mut failures,
         "masks",
-        &t(masks, &[n, 1, 233, 197]),
+        &masks,
         &f.tensor("masks").unwrap(),
         1e-4,
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The CPU's bf16 products on the real model against PyTorch's f32 masks. Measured on these
+/// three zero-shot slices: 99.52% of pixels agree (656 of 137,703 differ, all on the boundary;
+/// with the encoder's linears in f32 it would be 99.96%, so the rounding of their operands is
+/// what moves it). The bar, 99.9% of voxels on the MNI example with the bundled adapter,
+/// is met there (99.924%, docs/PERF.md). Here the bound is 99.4%: the products' bits are the
+/// same on every CPU, but the f32 parts (the vectorised exp and erf, chosen per CPU) are not.
+#[test]
+fn litemedsam_in_bf16_on_the_cpu_keeps_the_pytorch_masks() {
+    let Some(pth) = checkpoint() else { return };
+    let be = Cpu::new().with_precision(medsa::backend::Precision::Bf16);
+    let [_, _, _, masks] = run_slices(&be, &pth);
+    let want = common::open("litemedsam", "real").tensor("masks").unwrap();
+    let fg = |t: &Tensor| t.data().iter().map(|&v| v > 0.0).collect::<Vec<_>>();
+    let (got, want) = (fg(&masks), fg(&want));
+    let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    let agreement = 1.0 - differ as f64 / got.len() as f64;
+    println!(
+        "bf16 ({}) masks agree with PyTorch f32 on {:.4}% of {} pixels ({differ} differ, {} foreground)",
+        be.name(),
+        100.0 * agreement,
+        got.len(),
+        want.iter().filter(|&&v| v).count()
+    );
+    assert!(agreement >= 0.994, "agreement {agreement}");
 }
 
 fn bin() -> std::process::Command {
