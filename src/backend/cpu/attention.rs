@@ -24,7 +24,7 @@ use crate::backend::RelPos;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-use super::bf16::{gemm_packed, Bf16Kernel, PackedB, Prec};
+use super::bf16::{gemm_packed, pack_b_into, packed_len, PackedB, Prec};
 use super::linalg::{product, Mat};
 use super::{make, math, SendPtr};
 
@@ -268,16 +268,21 @@ pub(crate) fn attention(
     // SAFETY: all f32_panels elements were initialised by `fill` (none in bf16).
     unsafe { packed.set_len(f32_panels) };
     let packed = &packed[..];
-    // bf16: each (batch, head)'s K^T and V packed once for all its query blocks.
-    let packed_bf16: Option<(Bf16Kernel, Vec<(PackedB, PackedB)>)> = match prec {
+    // bf16: each (batch, head)'s K^T and V packed once for all its query blocks, into one
+    // buffer (one allocation the system takes back whole, not hundreds left in thread arenas).
+    let (kt_len, v_len) = (packed_len(lk, d), packed_len(d, lk));
+    let mut bf16_panels = Vec::new();
+    let kernel = match prec {
         Prec::F32 => None,
-        Prec::Bf16(kernel) => Some((
-            kernel,
-            (0..b * heads)
-                .into_par_iter()
-                .map(|bh| {
+        Prec::Bf16(kernel) => {
+            bf16_panels.resize(b * heads * (kt_len + v_len), 0u32);
+            bf16_panels
+                .par_chunks_mut(kt_len + v_len)
+                .enumerate()
+                .for_each(|(bh, out)| {
                     let (bi, h) = (bh / heads, bh % heads);
                     let at = bi * lk * c + h * d;
+                    let (kt_out, v_out) = out.split_at_mut(kt_len);
                     // SAFETY: head h's columns of batch bi's Lk rows of k and v, row stride c.
                     unsafe {
                         let kt = Mat {
@@ -290,14 +295,20 @@ pub(crate) fn attention(
                             rs: c as isize,
                             cs: 1,
                         };
-                        (
-                            PackedB::new(kt, lk, d, false),
-                            PackedB::new(vm, d, lk, false),
-                        )
+                        pack_b_into(kt, lk, d, kt_out, false);
+                        pack_b_into(vm, d, lk, v_out, false);
                     }
-                })
-                .collect(),
-        )),
+                });
+            Some(kernel)
+        }
+    };
+    let bf16_panels = &bf16_panels[..];
+    let packed_kv = |bh: usize| {
+        let at = bh * (kt_len + v_len);
+        (
+            PackedB::view(&bf16_panels[at..at + kt_len], lk, d),
+            PackedB::view(&bf16_panels[at + kt_len..at + kt_len + v_len], d, lk),
+        )
     };
     let optr = SendPtr(out.as_mut_ptr());
     let task = |t: usize| {
@@ -326,15 +337,15 @@ pub(crate) fn attention(
                     rs: d as isize,
                     cs: 1,
                 };
-                match &packed_bf16 {
-                    Some((kernel, p)) => gemm_packed(
-                        *kernel,
+                match kernel {
+                    Some(kernel) => gemm_packed(
+                        kernel,
                         rows,
                         s.as_mut_ptr(),
                         lk,
                         false,
                         qm,
-                        &p[bi * heads + h].0,
+                        &packed_kv(bi * heads + h).0,
                         scale,
                     ),
                     None => product(
@@ -374,10 +385,17 @@ pub(crate) fn attention(
                     rs: lk as isize,
                     cs: 1,
                 };
-                match &packed_bf16 {
-                    Some((kernel, p)) => {
-                        gemm_packed(*kernel, rows, dst, c, false, pm, &p[bi * heads + h].1, 1.0)
-                    }
+                match kernel {
+                    Some(kernel) => gemm_packed(
+                        kernel,
+                        rows,
+                        dst,
+                        c,
+                        false,
+                        pm,
+                        &packed_kv(bi * heads + h).1,
+                        1.0,
+                    ),
                     None => product(
                         prec,
                         rows,

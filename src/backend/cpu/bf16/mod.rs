@@ -218,46 +218,64 @@ unsafe fn pack_a(kernel: Bf16Kernel, lhs: Mat, r0: usize, rows: usize, k: usize,
 }
 
 /// A right operand (`k x n`) packed once for any number of products: panels of `NR` columns,
-/// each `[kp][NR]` pairs (columns past `n` zero).
-pub(crate) struct PackedB {
-    data: Vec<u32>,
+/// each `[kp][NR]` pairs (columns past `n` zero). `D` owns the data (`Vec<u32>`) or borrows a
+/// slice of a larger buffer ([`PackedB::view`]).
+pub(crate) struct PackedB<D = Vec<u32>> {
+    data: D,
     n: usize,
     k: usize,
 }
 
-impl PackedB {
-    /// Packs `rhs` (`k x n`), its panels in parallel when `par`.
-    ///
-    /// # Safety
-    /// `rhs` must cover rows `0..k` and columns `0..n`.
-    pub(crate) unsafe fn new(rhs: Mat, n: usize, k: usize, par: bool) -> Self {
-        Self::new_in(Vec::new(), rhs, n, k, par)
-    }
+/// Elements of a packed `k x n` right operand.
+pub(crate) fn packed_len(n: usize, k: usize) -> usize {
+    n.div_ceil(NR) * k.div_ceil(2) * NR
+}
 
-    /// [`PackedB::new`] into `data`'s allocation (reused across calls: a fresh multi-megabyte
-    /// buffer per product costs a page fault per 4 KiB).
+/// Packs `rhs` (`k x n`) into `out` (`packed_len(n, k)` long), its panels in parallel when
+/// `par`.
+///
+/// # Safety
+/// `rhs` must cover rows `0..k` and columns `0..n`.
+pub(crate) unsafe fn pack_b_into(rhs: Mat, n: usize, k: usize, out: &mut [u32], par: bool) {
+    let kp = k.div_ceil(2);
+    if kp == 0 {
+        return;
+    }
+    let rhs = Operand(rhs);
+    let fill = |(j, out): (usize, &mut [u32])| pack_b_panel(rhs.get(), j * NR, n, k, out);
+    if par {
+        out.par_chunks_mut(kp * NR).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(kp * NR).enumerate().for_each(fill);
+    }
+}
+
+impl PackedB {
+    /// [`pack_b_into`] a buffer of its own, reusing `data`'s allocation (kept across calls: a
+    /// fresh multi-megabyte buffer per product costs a page fault per 4 KiB).
     ///
     /// # Safety
-    /// As [`PackedB::new`].
+    /// As [`pack_b_into`].
     unsafe fn new_in(mut data: Vec<u32>, rhs: Mat, n: usize, k: usize, par: bool) -> Self {
-        let kp = k.div_ceil(2);
         data.clear();
-        data.resize(n.div_ceil(NR) * kp * NR, 0);
-        if kp > 0 {
-            let rhs = Operand(rhs);
-            let fill = |(j, out): (usize, &mut [u32])| pack_b_panel(rhs.get(), j * NR, n, k, out);
-            if par {
-                data.par_chunks_mut(kp * NR).enumerate().for_each(fill);
-            } else {
-                data.chunks_mut(kp * NR).enumerate().for_each(fill);
-            }
-        }
+        data.resize(packed_len(n, k), 0);
+        pack_b_into(rhs, n, k, &mut data, par);
         PackedB { data, n, k }
     }
+}
 
+impl<'a> PackedB<&'a [u32]> {
+    /// A `k x n` operand packed by [`pack_b_into`] into `data`.
+    pub(crate) fn view(data: &'a [u32], n: usize, k: usize) -> Self {
+        debug_assert_eq!(data.len(), packed_len(n, k));
+        PackedB { data, n, k }
+    }
+}
+
+impl<D: AsRef<[u32]>> PackedB<D> {
     fn panel(&self, j: usize) -> *const u32 {
         let kp = self.k.div_ceil(2);
-        self.data[j * kp * NR..].as_ptr()
+        self.data.as_ref()[j * kp * NR..].as_ptr()
     }
 }
 
@@ -355,7 +373,7 @@ unsafe fn tiles(
     a: *const u32,
     r0: usize,
     rows: usize,
-    b: &PackedB,
+    b: &PackedB<impl AsRef<[u32]>>,
     panels: std::ops::Range<usize>,
     dst: *mut f32,
     dst_rs: usize,
@@ -392,7 +410,7 @@ pub(crate) unsafe fn gemm_packed(
     dst_rs: usize,
     accumulate: bool,
     lhs: Mat,
-    b: &PackedB,
+    b: &PackedB<impl AsRef<[u32]>>,
     scale: f32,
 ) {
     if m == 0 || b.n == 0 {
