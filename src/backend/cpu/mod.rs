@@ -1,4 +1,5 @@
-//! The CPU reference backend (f32): the executable specification of every op.
+//! The CPU reference backend (f32, or bf16 products with f32 accumulation): the executable
+//! specification of every op.
 //!
 //! Tensors are host [`Tensor`]s (shape + shared contiguous row-major buffer), so upload/download
 //! are reference-count clones. Work is spread over rayon's global pool (RAYON_NUM_THREADS or all
@@ -7,7 +8,9 @@
 //!
 //! * `elementwise`: `y = alpha a + beta b` with tiling broadcast, activations;
 //! * [`math`]: vectorised `exp` / `erf` kernels;
-//! * `linalg`: linear and batched matmul (`gemm`);
+//! * `linalg`: linear and batched matmul (`gemm`), and `product`, through which every forward
+//!   product goes in the backend's precision;
+//! * `bf16`: the bf16 products of `--precision bf16` (AVX512-BF16 and portable kernels);
 //! * `norm`: layer norm;
 //! * `attention`: blocked multi-head attention with decomposed relative-position bias;
 //! * `conv`: conv2d (im2col + gemm) and the 2x2 stride-2 transposed conv (gemm + scatter);
