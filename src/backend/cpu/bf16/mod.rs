@@ -257,8 +257,7 @@ impl PackedB {
     /// # Safety
     /// As [`pack_b_into`].
     unsafe fn new_in(mut data: Vec<u32>, rhs: Mat, n: usize, k: usize, par: bool) -> Self {
-        data.clear();
-        data.resize(packed_len(n, k), 0);
+        fit(&mut data, packed_len(n, k));
         pack_b_into(rhs, n, k, &mut data, par);
         PackedB { data, n, k }
     }
@@ -324,6 +323,16 @@ unsafe fn micro(kernel: Bf16Kernel, kp: usize, a: *const u32, b: *const u32, til
     match kernel {
         Bf16Kernel::Avx512Bf16 => avx512::micro(kp, a, b, tile),
         Bf16Kernel::Portable => portable::micro(kp, a, b, tile),
+    }
+}
+
+/// Sets `v`'s length to `len` without touching the elements it keeps: every packer writes all
+/// of its buffer, so zeroing a reused one (a megabyte per attention block) would be wasted.
+fn fit(v: &mut Vec<u32>, len: usize) {
+    if v.len() > len {
+        v.truncate(len);
+    } else {
+        v.resize(len, 0);
     }
 }
 
@@ -419,8 +428,7 @@ pub(crate) unsafe fn gemm_packed(
     let kp = b.k.div_ceil(2);
     PACK.with(|cell| {
         let a = &mut *cell.borrow_mut();
-        a.clear();
-        a.resize(m.div_ceil(MR) * MR * kp, 0);
+        fit(a, m.div_ceil(MR) * MR * kp);
         pack_a(kernel, lhs, 0, m, b.k, a);
         let panels = b.n.div_ceil(NR);
         tiles(
@@ -480,13 +488,11 @@ pub(crate) unsafe fn gemm(
         // Tall products (the encoder's linears): a task per block of rows, which packs its own
         // A rows into per-thread scratch and runs them against every panel, so no packed copy
         // of the whole A is ever held.
-        SPARE.set((a, Vec::new()));
         (0..tall_blocks).into_par_iter().for_each(|rb| {
             let (r0, rows) = (rb * MC_TALL, MC_TALL.min(m - rb * MC_TALL));
             PACK.with(|cell| {
                 let pa = &mut *cell.borrow_mut();
-                pa.clear();
-                pa.resize(rows.div_ceil(MR) * MR * kp, 0);
+                fit(pa, rows.div_ceil(MR) * MR * kp);
                 pack_a(kernel, lhs_s.get(), r0, rows, k, pa);
                 tiles(
                     kernel,
@@ -502,13 +508,11 @@ pub(crate) unsafe fn gemm(
                 );
             });
         });
-        let (a, _) = SPARE.take();
         SPARE.set((a, b.data));
         return;
     }
     // Short and wide: A packed once, in parallel, then tiles of MC rows x NC_PANELS panels.
-    a.clear();
-    a.resize(m.div_ceil(MR) * MR * kp, 0);
+    fit(&mut a, m.div_ceil(MR) * MR * kp);
     if kp > 0 {
         a.par_chunks_mut(MC * kp).enumerate().for_each(|(rb, out)| {
             let rows = MC.min(m - rb * MC);
