@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod nn;
 pub mod pipeline;
 pub mod pth;
+pub mod runtime;
 pub mod sam;
 pub mod selftest;
 pub mod weights;

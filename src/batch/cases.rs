@@ -191,6 +191,58 @@ fn parse_object(v: &serde_json::Value, path: &Path, ctx: &str) -> Result<Object>
     Ok(o)
 }
 
+/// Parses prompted objects from JSON text, written as a manifest's cases write them: one object
+/// `{"box": [...], "points": [[...], ...], "interactions": [...]}` or a list of them (object k
+/// becomes label k + 1). `what` names the text in errors. Within the process prompt budget.
+pub fn parse_objects(text: &str, what: &str) -> Result<Vec<Object>> {
+    let path = Path::new(what);
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| json_err(path, format!("not valid JSON: {e}")))?;
+    let objects = match &v {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(k, o)| parse_object(o, path, &format!("object {k}")))
+            .collect::<Result<Vec<_>>>()?,
+        serde_json::Value::Object(_) => vec![parse_object(&v, path, "object 0")?],
+        _ => {
+            return Err(json_err(
+                path,
+                "expected an object {\"box\": ..., \"points\": ...} or a list of them",
+            ))
+        }
+    };
+    for (k, (o, raw)) in objects
+        .iter()
+        .zip(v.as_array().map_or(vec![&v], |a| a.iter().collect()))
+        .enumerate()
+    {
+        if let Some(m) = raw.as_object() {
+            if let Some(bad) = m
+                .keys()
+                .find(|f| !matches!(f.as_str(), "box" | "points" | "interactions"))
+            {
+                return Err(json_err(
+                    path,
+                    format!(
+                        "object {k}: unknown field `{bad}` (expected box, points, interactions)"
+                    ),
+                ));
+            }
+        } else {
+            return Err(json_err(
+                path,
+                format!("object {k}: expected a JSON object"),
+            ));
+        }
+        if o.points.is_empty() && o.bbox.is_none() && o.interactions.is_empty() {
+            return Err(json_err(path, format!("object {k}: no box and no points")));
+        }
+    }
+    check_prompt_budget(&objects, &crate::limits::current(), path, "prompts")?;
+    Ok(objects)
+}
+
 /// Most objects one case may have: label maps are 8-bit, object k is label k + 1.
 pub const MAX_OBJECTS: usize = 255;
 

@@ -40,11 +40,15 @@ pub(super) fn check_object_count(case: &str, n: usize) -> Result<()> {
 /// Refuses an image or volume with NaN or infinite values: they would poison every slice's
 /// normalisation and come out as an empty mask.
 pub(super) fn check_finite_pixels(path: &std::path::Path, data: &[f32]) -> Result<()> {
+    check_finite_values(&path.display().to_string(), data)
+}
+
+/// [`check_finite_pixels`] for an array named `name`.
+pub(super) fn check_finite_values(name: &str, data: &[f32]) -> Result<()> {
     let bad = data.iter().filter(|v| !v.is_finite()).count();
     if bad > 0 {
         return Err(Error::Input(format!(
-            "{}: {bad} of {} values are NaN or infinite; expected finite intensities",
-            path.display(),
+            "{name}: {bad} of {} values are NaN or infinite; expected finite intensities",
             data.len()
         )));
     }
@@ -57,6 +61,10 @@ pub struct Job<'a, B: Backend> {
     pub(super) model: &'a Sam<B>,
     pub(super) opts: JobOptions,
     pub(super) size: usize,
+    /// Told `(slices encoded, slices in the volume)` after every encoder pass of a volume.
+    pub(super) progress: Option<&'a (dyn Fn(usize, usize) + Sync)>,
+    /// Slices encoded so far in the current volume (for `progress`).
+    pub(super) encoded: std::sync::atomic::AtomicUsize,
 }
 
 impl<'a, B: Backend> Job<'a, B> {
@@ -78,7 +86,96 @@ impl<'a, B: Backend> Job<'a, B> {
             model,
             opts,
             size: h,
+            progress: None,
+            encoded: Default::default(),
         })
+    }
+
+    /// Reports volume progress to `f` (`(slices encoded, slices in the volume)`, after every
+    /// encoder pass): what a library caller shows, where the command line has its progress bar.
+    pub fn with_progress(mut self, f: &'a (dyn Fn(usize, usize) + Sync)) -> Self {
+        self.progress = Some(f);
+        self
+    }
+
+    /// Counts `d` more slices of a volume of `nz` encoded and tells the progress callback.
+    pub(super) fn encoded_slices(&self, d: usize, nz: usize) {
+        use std::sync::atomic::Ordering;
+        let done = self.encoded.fetch_add(d, Ordering::Relaxed) + d;
+        if let Some(f) = self.progress {
+            f(done.min(nz), nz);
+        }
+    }
+
+    /// Segments one image held in memory with `objects` (object k becomes label k + 1), as a
+    /// batch run segments an image file: the job's preset, multimask choice and prompt checks.
+    /// `name` names the image in errors. Returns the label map and the per-pixel maximum
+    /// probability, both `height * width`, row-major.
+    pub fn segment_image(
+        &self,
+        name: &str,
+        img: &pipeline::RgbImage,
+        objects: &[Object],
+    ) -> Result<(Vec<u8>, Vec<f32>)> {
+        crate::limits::current().check_pixels(
+            std::path::Path::new(name),
+            img.width as u64,
+            img.height as u64,
+        )?;
+        check_finite_values(name, &img.data)?;
+        let objs = self.objects_2d(name, objects, img.width, img.height)?;
+        if objs.is_empty() {
+            return Err(Error::Input(format!(
+                "{name}: no prompt (give a box or points)"
+            )));
+        }
+        check_object_count(name, objs.len())?;
+        let prep = pipeline::prepare(img, self.size, self.opts.preset)?;
+        let prompts = object_prompts(&objs, &prep)?;
+        let x = self.be.upload(&prep.tensor)?;
+        let emb = self.model.encode(self.be, &x, None, &mut Trace::off())?;
+        let ids: Vec<u8> = (1..=prompts.len()).map(|k| k as u8).collect();
+        self.decode(&emb, 0, &prep, &prompts, &ids)
+    }
+
+    /// Checks 2D objects against a `w x h` image: points inside with labels 0 or 1, boxes
+    /// inside and ordered. Returns each object's points `(x, y, label)` and box.
+    fn objects_2d(&self, name: &str, objects: &[Object], w: usize, h: usize) -> Result<Vec<Obj2d>> {
+        let mut objs: Vec<Obj2d> = Vec::new();
+        for (k, o) in objects.iter().enumerate() {
+            let mut pts = Vec::new();
+            for p in &o.points {
+                check_inside(name, &format!("object {k} point"), p[0], p[1], w, h)?;
+                if p[3] != 0.0 && p[3] != 1.0 {
+                    return Err(Error::Input(format!(
+                        "{name}: object {k}: point label {} is not 0 or 1",
+                        p[3]
+                    )));
+                }
+                pts.push([p[0], p[1], p[3]]);
+            }
+            let bbox = match o.bbox {
+                Some(b) => {
+                    for (x, y) in [(b[0], b[1]), (b[3], b[4])] {
+                        check_inside(name, &format!("object {k} box corner"), x, y, w, h)?;
+                    }
+                    if b[3] < b[0] || b[4] < b[1] {
+                        return Err(Error::Input(format!(
+                            "{name}: object {k}: box needs x0 <= x1 and y0 <= y1"
+                        )));
+                    }
+                    Some([b[0], b[1], b[3], b[4]])
+                }
+                None => None,
+            };
+            if !o.interactions.is_empty() {
+                return Err(Error::Input(format!(
+                    "{name}: object {k}: interactions refine a propagated volume mask; an image takes points and a box"
+                )));
+            }
+            objs.push((pts, bbox));
+        }
+        Ok(objs)
     }
 
     pub(super) fn objects_of(&self, case: &Case) -> Vec<Object> {
@@ -121,49 +218,7 @@ impl<'a, B: Backend> Job<'a, B> {
     fn load_2d(&self, case: &Case) -> Result<Loaded2d> {
         let img = pipeline::load_image(&case.image)?;
         let (h, w) = (img.height, img.width);
-        let mut objs: Vec<Obj2d> = Vec::new();
-        for (k, o) in self.objects_of(case).iter().enumerate() {
-            let mut pts = Vec::new();
-            for p in &o.points {
-                check_inside(&case.name, &format!("object {k} point"), p[0], p[1], w, h)?;
-                if p[3] != 0.0 && p[3] != 1.0 {
-                    return Err(Error::Input(format!(
-                        "{}: object {k}: point label {} is not 0 or 1",
-                        case.name, p[3]
-                    )));
-                }
-                pts.push([p[0], p[1], p[3]]);
-            }
-            let bbox = match o.bbox {
-                Some(b) => {
-                    check_inside(
-                        &case.name,
-                        &format!("object {k} box corner"),
-                        b[0],
-                        b[1],
-                        w,
-                        h,
-                    )?;
-                    check_inside(
-                        &case.name,
-                        &format!("object {k} box corner"),
-                        b[3],
-                        b[4],
-                        w,
-                        h,
-                    )?;
-                    if b[3] < b[0] || b[4] < b[1] {
-                        return Err(Error::Input(format!(
-                            "{}: object {k}: box needs x0 <= x1 and y0 <= y1",
-                            case.name
-                        )));
-                    }
-                    Some([b[0], b[1], b[3], b[4]])
-                }
-                None => None,
-            };
-            objs.push((pts, bbox));
-        }
+        let mut objs = self.objects_2d(&case.name, &self.objects_of(case), w, h)?;
         if let Some(fl) = self.label_rule_of(case) {
             let (plane, lh, lw) = load_label_png(&fl.path)?;
             if (lh, lw) != (h, w) {

@@ -40,14 +40,14 @@ use crate::medsa::depth_branch::DepthMode;
 use crate::pipeline::Preset;
 
 pub use cases::{
-    discover, is_nifti, output_for, read_manifest, shard, stem, Case, FromLabel, Interaction,
-    Object,
+    discover, is_nifti, output_for, parse_objects, read_manifest, shard, stem, Case, FromLabel,
+    Interaction, Object,
 };
 pub use files::prepare_output;
 pub use intensity::Intensity;
 pub use job::Job;
 pub use prompts::{load_label_png, parse_numbers};
-pub use propagate::Propagation;
+pub use propagate::{Propagation, VolumeMasks};
 pub use report::{Outcome, Summary};
 
 /// Options of a batch run.

@@ -253,7 +253,7 @@ fn mask_box(logits: &[f32], nx: usize, ny: usize, margin: f32) -> Option<[f32; 4
 }
 
 /// The masks of every object of a volume, however they were prompted.
-pub(super) struct VolumeMasks {
+pub struct VolumeMasks {
     /// Label map, `nx * ny * nz`.
     pub labels: Vec<u8>,
     /// Per-voxel maximum probability over the objects.

@@ -12,7 +12,7 @@ use crate::tensor::Tensor;
 
 use super::cases::{Case, FromLabel, Object};
 use super::files::{sibling, write_overview};
-use super::job::{check_finite_pixels, check_object_count, Job};
+use super::job::{check_finite_pixels, check_finite_values, check_object_count, Job};
 use super::prompts::{check_inside, label_prompt, object_prompts, Obj2d};
 use super::propagate::VolumeMasks;
 use super::report::Outcome;
@@ -26,31 +26,8 @@ impl<B: Backend> Job<'_, B> {
         self.opts.intensity.apply(&mut data);
         let objects = self.objects_of(case);
         let label_rule = self.label_rule_of(case);
-        check_object_count(
-            &case.name,
-            objects.len() + usize::from(label_rule.is_some()),
-        )?;
-        let (masks, encoded) = match &self.opts.propagate {
-            Some(rule) => {
-                if label_rule.is_some() {
-                    return Err(Error::Input(format!(
-                        "{}: --propagate segments from the given prompts; prompts from a label \
-                         (--prompt-from-label, \"from_label\") are for evaluation without it",
-                        case.name
-                    )));
-                }
-                self.propagate_volume(&case.name, &data, vol.dims, &objects, rule)?
-            }
-            None => {
-                if objects.iter().any(|o| !o.interactions.is_empty()) {
-                    return Err(Error::Input(format!(
-                        "{}: interactions refine a propagated mask: run with --propagate",
-                        case.name
-                    )));
-                }
-                self.segment_prompted_slices(case, &data, vol.dims, &objects, label_rule)?
-            }
-        };
+        let (masks, encoded) =
+            self.volume_masks(&case.name, &data, vol.dims, &objects, label_rule)?;
         let VolumeMasks {
             labels,
             prob,
@@ -119,12 +96,76 @@ impl<B: Backend> Job<'_, B> {
         })
     }
 
+    /// Segments a volume held in memory, as a batch run segments a NIfTI file: `data` holds the
+    /// raw intensities x fastest (`[nz][ny][nx]`, the order of a NIfTI file's array), `dims` is
+    /// `[nx, ny, nz]`, and object k (voxel-index prompts, as in a manifest) becomes label k + 1.
+    /// The job's intensity mapping, volume preset, chunking and propagation apply. `name` names
+    /// the volume in errors.
+    pub fn segment_volume(
+        &self,
+        name: &str,
+        mut data: Vec<f32>,
+        dims: [usize; 3],
+        objects: &[Object],
+    ) -> Result<VolumeMasks> {
+        let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if dims.contains(&0) || n != Some(data.len()) {
+            return Err(Error::Input(format!(
+                "{name}: a volume of dims {dims:?} needs {} values, got {}",
+                n.map_or("too many".to_string(), |n| n.to_string()),
+                data.len()
+            )));
+        }
+        crate::limits::current().check_voxels(std::path::Path::new(name), dims)?;
+        check_finite_values(name, &data)?;
+        self.opts.intensity.apply(&mut data);
+        let masks = self.volume_masks(name, &data, dims, objects, None)?.0;
+        // Chunks no prompt reaches are never encoded: the run ends short of nz slices.
+        if let Some(f) = self.progress {
+            f(dims[2], dims[2]);
+        }
+        Ok(masks)
+    }
+
+    /// The masks of a volume whose intensities are mapped: propagated from the objects' seeds,
+    /// or (without propagation) on the prompted slices only; also the slices encoded.
+    fn volume_masks(
+        &self,
+        name: &str,
+        data: &[f32],
+        dims: [usize; 3],
+        objects: &[Object],
+        label_rule: Option<FromLabel>,
+    ) -> Result<(VolumeMasks, usize)> {
+        check_object_count(name, objects.len() + usize::from(label_rule.is_some()))?;
+        self.encoded.store(0, std::sync::atomic::Ordering::Relaxed);
+        match &self.opts.propagate {
+            Some(rule) => {
+                if label_rule.is_some() {
+                    return Err(Error::Input(format!(
+                        "{name}: --propagate segments from the given prompts; prompts from a label \
+                         (--prompt-from-label, \"from_label\") are for evaluation without it"
+                    )));
+                }
+                self.propagate_volume(name, data, dims, objects, rule)
+            }
+            None => {
+                if objects.iter().any(|o| !o.interactions.is_empty()) {
+                    return Err(Error::Input(format!(
+                        "{name}: interactions refine a propagated mask: run with --propagate"
+                    )));
+                }
+                self.segment_prompted_slices(name, data, dims, objects, label_rule)
+            }
+        }
+    }
+
     /// Today's rule without propagation: every slice with a prompt (from the objects' 3D
     /// points and boxes, or the label rule) is decoded; the others stay background. Returns the
     /// label map, the probabilities, the prompted slices and the slices encoded.
     fn segment_prompted_slices(
         &self,
-        case: &Case,
+        name: &str,
         data: &[f32],
         dims: [usize; 3],
         objects: &[Object],
@@ -138,12 +179,12 @@ impl<B: Backend> Job<'_, B> {
         for (k, o) in objects.iter().enumerate() {
             let mut slices: std::collections::BTreeMap<usize, Obj2d> = Default::default();
             for p in &o.points {
-                check_inside(&case.name, &format!("object {k} point"), p[0], p[1], nx, ny)?;
+                check_inside(name, &format!("object {k} point"), p[0], p[1], nx, ny)?;
                 let z = p[2].round();
                 if !(z >= 0.0 && z < nz as f32) {
                     return Err(Error::Input(format!(
                         "{}: object {k} point z = {} is outside 0..{}",
-                        case.name,
+                        name,
                         p[2],
                         nz - 1
                     )));
@@ -151,7 +192,7 @@ impl<B: Backend> Job<'_, B> {
                 if p[3] != 0.0 && p[3] != 1.0 {
                     return Err(Error::Input(format!(
                         "{}: object {k}: point label {} is not 0 or 1",
-                        case.name, p[3]
+                        name, p[3]
                     )));
                 }
                 slices
@@ -161,27 +202,13 @@ impl<B: Backend> Job<'_, B> {
                     .push([p[0], p[1], p[3]]);
             }
             if let Some(b) = o.bbox {
-                check_inside(
-                    &case.name,
-                    &format!("object {k} box corner"),
-                    b[0],
-                    b[1],
-                    nx,
-                    ny,
-                )?;
-                check_inside(
-                    &case.name,
-                    &format!("object {k} box corner"),
-                    b[3],
-                    b[4],
-                    nx,
-                    ny,
-                )?;
+                check_inside(name, &format!("object {k} box corner"), b[0], b[1], nx, ny)?;
+                check_inside(name, &format!("object {k} box corner"), b[3], b[4], nx, ny)?;
                 let (z0, z1) = (b[2].round(), b[5].round());
                 if b[3] < b[0] || b[4] < b[1] || z1 < z0 || z0 < 0.0 || z1 >= nz as f32 {
                     return Err(Error::Input(format!(
                         "{}: object {k}: box {b:?} needs x0 <= x1, y0 <= y1 and 0 <= z0 <= z1 < {nz}",
-                        case.name
+                        name
                     )));
                 }
                 for z in z0 as usize..=z1 as usize {
@@ -198,7 +225,7 @@ impl<B: Backend> Job<'_, B> {
             if lab.dims != dims {
                 return Err(Error::Input(format!(
                     "{}: label {} has dims {:?}, the volume {:?}",
-                    case.name,
+                    name,
                     fl.path.display(),
                     lab.dims,
                     dims
@@ -225,10 +252,7 @@ impl<B: Backend> Job<'_, B> {
             }
         }
         if per_slice.iter().all(|s| s.is_empty()) {
-            return Err(Error::Input(format!(
-                "{}: no prompt on any slice",
-                case.name
-            )));
+            return Err(Error::Input(format!("{}: no prompt on any slice", name)));
         }
         let mut labels = vec![0u8; nx * ny * nz];
         let mut prob = vec![
@@ -302,6 +326,7 @@ impl<B: Backend> Job<'_, B> {
             mode: self.opts.depth_mode,
         });
         let emb = self.model.encode(be, &x, depth, &mut Trace::off())?;
+        self.encoded_slices(d, dims[2]);
         Ok((emb, preps))
     }
 }

@@ -15,7 +15,7 @@ use medsa::weights::{save_safetensors, SafetensorsFile};
 use medsa::Tensor;
 
 use crate::cli::{depth_mode_of, DepthModeArg};
-use crate::device::ModelSource;
+use crate::device::{CliSource, ModelSource};
 
 fn parse_pair(s: &str, what: &str) -> Result<(usize, usize)> {
     let v: Vec<&str> = s.split(',').collect();

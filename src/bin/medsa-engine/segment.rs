@@ -15,7 +15,7 @@ use medsa::sam::{MaskOutput, Prompts, Trace};
 use medsa::Tensor;
 
 use crate::cli::{depth_mode_of, preset_arg, preset_of, PresetArg, SegmentArgs};
-use crate::device::ModelSource;
+use crate::device::{CliSource, ModelSource};
 
 fn parse_floats(s: &str, what: &str, n: &[usize]) -> Result<Vec<f32>> {
     Ok(batch::parse_numbers(s, what, n)?)
@@ -87,18 +87,18 @@ pub(super) fn segment_cmd<B: Backend>(be: &B, a: &SegmentArgs) -> Result<()> {
         bail!("--prompt-from-label needs --label-id N (the model's metadata names no label)");
     }
     let model = src.load(be, &meta)?;
+    let d = medsa::runtime::ModelDefaults::of(&src, &meta, model.config.decoder_flavour)?;
     let opts = batch::JobOptions {
-        preset: preset_of(a.preset.or(meta_preset).unwrap_or(PresetArg::Sam)),
-        volume_preset: preset_of(a.volume_preset.or(meta_preset).unwrap_or(PresetArg::Medsa)),
-        intensity: match (&a.intensity, meta.intensity) {
-            (Some(i), _) => batch::Intensity::parse(i)?,
-            (None, Some(i)) => i,
-            (None, None) => batch::Intensity::parse("ct")?,
+        preset: a.preset.map(preset_of).unwrap_or(d.preset),
+        volume_preset: a.volume_preset.map(preset_of).unwrap_or(d.volume_preset),
+        intensity: match &a.intensity {
+            Some(i) => batch::Intensity::parse(i)?,
+            None => d.intensity,
         },
         chunk: a.chunk,
         depth_mode: match a.depth_mode {
             Some(m) => depth_mode_of(m),
-            None => meta.depth_mode_or(model.config.decoder_flavour),
+            None => d.depth_mode,
         },
         batch_size: a.batch_size,
         skip_existing: a.skip_existing,

@@ -133,7 +133,8 @@ fn write_volume(
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp, e));
+        // Named by the file asked for: the temporary name would only puzzle the user.
+        return Err(io_err(path, e));
     }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
