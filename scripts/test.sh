@@ -28,6 +28,9 @@ fi
 if cargo clippy --version >/dev/null 2>&1; then
   echo "== cargo clippy"
   cargo clippy --all-targets --quiet -- -D warnings
+  cargo clippy -p medsa-python -p medsa-c --all-targets --quiet -- -D warnings
 fi
 echo "== cargo test"
 cargo test --all-targets 2>&1
+# The Python package and the C ABI, built and installed as a user gets them.
+bash scripts/test-bindings.sh
