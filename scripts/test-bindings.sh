@@ -15,22 +15,26 @@ echo "== C ABI test (cc against include/medsa.h)"
 work=target/bindings-test
 rm -rf "$work"
 mkdir -p "$work"
-mkdir -p .tools/pywheels
-if ! ls .tools/pywheels/numpy-*.whl .tools/pywheels/pytest-*.whl >/dev/null 2>&1; then
-  echo "fetching numpy and pytest wheels into .tools/pywheels ..."
-  python3 -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
-    -d .tools/pywheels "numpy>=1.21,<3" "pytest>=7,<10"
-fi
 rm -rf .venv-wheel
-python3 -m venv .venv-wheel
-.venv-wheel/bin/pip install --quiet --disable-pip-version-check --no-index \
-  --find-links .tools/pywheels --find-links target/wheels medsa numpy pytest
 clean_env=(env -i "HOME=$HOME" "PATH=$root/.venv-wheel/bin:/usr/bin:/bin" "LANG=C.UTF-8")
+if python3 -m venv .venv-wheel >/dev/null 2>&1 && [ -x .venv-wheel/bin/pip ]; then
+  .venv-wheel/bin/pip install --quiet --disable-pip-version-check --no-index \
+    --find-links .tools/pywheels --find-links target/wheels medsa numpy pytest
+  pyw=("$root/.venv-wheel/bin/python")
+else
+  # Debian's python3 without python3-venv: the same clean install, into a folder of its own.
+  echo "note: python3 cannot make a virtual environment (Debian: python3-venv); installing into .venv-wheel/site instead"
+  rm -rf .venv-wheel
+  python3 -m pip install --quiet --disable-pip-version-check --no-index --target .venv-wheel/site \
+    --find-links .tools/pywheels --find-links target/wheels medsa numpy pytest
+  pyw=("$(python3 -c 'import sys; print(sys.executable)')")
+  clean_env+=("PYTHONPATH=$root/.venv-wheel/site" "PYTHONNOUSERSITE=1")
+fi
 if "${clean_env[@]}" sh -c 'command -v cargo || command -v rustc' >/dev/null; then
   echo "error: the clean environment still finds a Rust toolchain" >&2
   exit 1
 fi
-.venv-wheel/bin/python tests/python/conftest.py tiny points "$work/fixture"
+"${clean_env[@]}" "${pyw[@]}" tests/python/conftest.py tiny points "$work/fixture"
 cc -std=c99 -Wall -Wextra -Werror -O1 -Iinclude tests/c/test_medsa.c -o "$work/test_medsa" \
   -Ltarget/release -lmedsa_c -lm "-Wl,-rpath,$root/target/release"
 "$work/test_medsa" tests/fixtures/tiny/weights.safetensors "$work/fixture"
@@ -54,11 +58,11 @@ fi
 "${clean_env[@]}" MEDSA_ROOT="$root" MEDSA_WHEEL_TEST=1 \
   MEDSA_ENGINE="$root/target/debug/medsa-engine" MEDSA_ENGINE_REQUIRED=1 \
   MEDSA_LITEMEDSAM="${MEDSA_LITEMEDSAM:-}" MEDSA_EXAMPLE_DATA="${MEDSA_EXAMPLE_DATA:-}" \
-  .venv-wheel/bin/python -m pytest -q -p no:cacheprovider tests/python
+  "${pyw[@]}" -m pytest -q -p no:cacheprovider tests/python
 
 echo "== the README's Python example, in the same environment"
 if [ -s .models/lite_medsam.safetensors ] && [ -d examples/data/mni152_val ]; then
-  (cd "$root" && "${clean_env[@]}" .venv-wheel/bin/python examples/python/segment_volume.py)
+  "${clean_env[@]}" "${pyw[@]}" examples/python/segment_volume.py
 elif [ "${MEDSA_EXAMPLE_DATA:-}" = 1 ]; then
   echo "error: MEDSA_EXAMPLE_DATA=1 but the example's model or volume is missing" >&2
   exit 1

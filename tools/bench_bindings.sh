@@ -14,12 +14,11 @@ calls=${2:-2000}
 cli_runs=${3:-20}
 bash scripts/build-bindings.sh >/dev/null
 cargo build --release --quiet --bin medsa-engine
-.venv-py/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
-  target/wheels/medsa-*.whl
-.venv-py/bin/python -c 'import numpy' 2>/dev/null ||
-  .venv-py/bin/pip install --quiet --disable-pip-version-check --no-index --find-links .tools/pywheels numpy
+rm -rf target/bench-py
+python3 -m pip install --quiet --disable-pip-version-check --no-index --target target/bench-py \
+  --find-links .tools/pywheels --find-links target/wheels medsa numpy
 cargo bench --quiet --bench runtime -- --noplot >/dev/null 2>&1
-py=$(.venv-py/bin/python tools/bench_bindings.py target/release/medsa-engine "$rounds" "$calls" "$cli_runs")
+py=$(PYTHONPATH=target/bench-py python3 tools/bench_bindings.py target/release/medsa-engine "$rounds" "$calls" "$cli_runs")
 python3 - "$py" <<'PY'
 import json, sys, platform, subprocess
 py = json.loads(sys.argv[1])

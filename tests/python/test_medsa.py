@@ -300,7 +300,7 @@ def test_metrics_of_shifted_squares():
 def test_the_installed_package_carries_its_stubs():
     here = os.path.dirname(medsa.__file__)
     if os.environ.get("MEDSA_WHEEL_TEST") == "1":
-        assert "site-packages" in here, f"medsa was imported from {here}, not the installed wheel"
+        assert ".venv-wheel" in here, f"medsa was imported from {here}, not the installed wheel"
     for name in ["_medsa.pyi", "py.typed", "metrics.py"]:
         assert os.path.exists(os.path.join(here, name)), name
     assert medsa.__version__ == "0.1.0"
