@@ -55,7 +55,10 @@ echo "== Python package: pytest in a fresh venv with only the wheel, numpy and p
 if [ -s .models/lite_medsam.pth ]; then
   bash scripts/fetch-litemedsam.sh target/debug/medsa-engine
 fi
-"${clean_env[@]}" MEDSA_ROOT="$root" MEDSA_WHEEL_TEST=1 \
+# cargo test built the CPU emulator of the CUDA kernels (when a C++ compiler was there): the
+# package's CUDA path runs on it.
+kemu=$(ls -t target/tmp/libkemu-*.so 2>/dev/null | head -1 || true)
+"${clean_env[@]}" MEDSA_ROOT="$root" MEDSA_WHEEL_TEST=1 MEDSA_TEST_KEMU="${kemu:+$root/$kemu}" \
   MEDSA_ENGINE="$root/target/debug/medsa-engine" MEDSA_ENGINE_REQUIRED=1 \
   MEDSA_LITEMEDSAM="${MEDSA_LITEMEDSAM:-}" MEDSA_EXAMPLE_DATA="${MEDSA_EXAMPLE_DATA:-}" \
   "${pyw[@]}" -m pytest -q -p no:cacheprovider tests/python

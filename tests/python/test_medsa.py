@@ -262,6 +262,11 @@ def test_info_describes_the_model(tiny):
     assert info["device"].startswith("cpu") and info["precision"] == "f32"
     assert info["embedding_shape"] == [32, 6, 6]
     assert json.loads(json.dumps(info)) == info
+    bf16 = medsa.Model(TINY, precision="bf16")
+    assert bf16.info["precision"] == "bf16" and "bf16" in bf16.info["device"]
+    t, _ = read_safetensors(fixture("tiny", "box"))
+    masks, _, _ = bf16.decode(bf16.embed(t["images"]), boxes=t["boxes"])
+    assert masks.shape == (1, 1, 96, 96) and np.isfinite(masks).all()
     assert "medsa.Model" in repr(tiny)
 
 
@@ -304,3 +309,22 @@ def test_the_installed_package_carries_its_stubs():
     for name in ["_medsa.pyi", "py.typed", "metrics.py"]:
         assert os.path.exists(os.path.join(here, name)), name
     assert medsa.__version__ == "0.1.0"
+
+
+def test_the_cuda_backend_on_the_kernel_emulator(monkeypatch):
+    """The CUDA arm of the package (device="cuda": upload, embed, decode, download) on the CPU
+    emulator of kernels/*.cu that cargo test builds (MEDSA_TEST_KEMU names it)."""
+    lib = os.environ.get("MEDSA_TEST_KEMU")
+    if not lib or not os.path.exists(lib):
+        if os.environ.get("MEDSA_TEST_KEMU_REQUIRED") == "1":
+            pytest.fail(f"MEDSA_TEST_KEMU_REQUIRED=1 but MEDSA_TEST_KEMU={lib!r} does not exist")
+        pytest.skip("no kernel emulator library (MEDSA_TEST_KEMU): cargo test builds it")
+    monkeypatch.setenv("MEDSA_CUDA_EMULATOR", lib)
+    for case, run in [("tiny", "points"), ("volume", "per_token")]:
+        model = medsa.Model(fixture(case, "weights"), device="cuda")
+        assert model.info["device"].startswith("emulated CUDA device"), model.info["device"]
+        t, emb, masks, iou, low = _run_fixture(model, case, run)
+        assert_close(emb, t["image_embeddings"], f"emulated cuda {case}/{run} image_embeddings")
+        assert_close(low, t["low_res_masks"], f"emulated cuda {case}/{run} low_res_masks")
+        assert_close(iou, t["iou_predictions"], f"emulated cuda {case}/{run} iou_predictions")
+        assert_close(masks, t["masks"], f"emulated cuda {case}/{run} masks")

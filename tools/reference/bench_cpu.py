@@ -6,10 +6,14 @@ hyper-parameters (embed 768, depth 12, 12 heads, global blocks 2/5/8/11,
 window 14, relative positions, qkv bias, LayerNorm eps 1e-6, 256 output
 channels) on one random 1024x1024 image, with random weights.
 
-Prints a single JSON line:
-  {"impl":"pytorch","torch":...,"threads":N,"median_s":...,"min_s":...,"runs":[...]}
+With --precision bf16 the forward runs under torch.autocast("cpu", dtype=torch.bfloat16)
+(bf16 GEMMs and attention products through oneDNN, fp32 weights kept), PyTorch's own way to use
+the CPU's bf16 instructions.
 
-Usage: .venv-ref/bin/python tools/reference/bench_cpu.py [--threads N] [--repeats 5]
+Prints a single JSON line:
+  {"impl":"pytorch","torch":...,"threads":N,"precision":...,"batch":B,"median_s":...,"min_s":...,"runs":[...]}
+
+Usage: .venv-ref/bin/python tools/reference/bench_cpu.py [--threads N] [--repeats 5] [--batch 1] [--precision fp32|bf16]
 """
 
 import argparse
@@ -33,6 +37,8 @@ def main():
     ap.add_argument("--img-size", type=int, default=1024,
                     help="input side in pixels (1024 for the benchmark; smaller only for smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -63,10 +69,11 @@ def main():
                 p.normal_(0.0, 0.05)
             elif name.endswith("pos_embed"):
                 p.normal_(0.0, 0.1)
-    x = torch.randn(1, 3, args.img_size, args.img_size)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
 
     runs = []
-    with torch.inference_mode():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    with torch.inference_mode(), autocast:
         out = enc(x)  # warm-up
         assert torch.isfinite(out).all()
         for _ in range(args.repeats):
@@ -78,6 +85,8 @@ def main():
         "impl": "pytorch",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "batch": args.batch,
         "median_s": statistics.median(runs),
         "min_s": min(runs),
         "runs": runs,

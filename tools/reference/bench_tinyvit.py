@@ -6,6 +6,7 @@ checkpoint, `image_encoder` only, eval mode, fp32. The input is a random image i
 LiteMedSAM preprocessing's range). Engines, each with 2 threads by default:
 
   pytorch      eager, torch.set_num_threads(N), under torch.inference_mode()
+  pytorch_bf16 the same under torch.autocast("cpu", dtype=torch.bfloat16)
   onnxruntime  torch.onnx.export (TorchScript exporter, opset 17, static shape per batch) into a
                temporary folder; CPUExecutionProvider, intra_op_num_threads=N,
                inter_op_num_threads=1, graph optimisations all
@@ -100,6 +101,14 @@ def main():
             with torch.inference_mode():
                 runs = timed(lambda: enc(x), args.repeats)
             report("pytorch", batch, torch.get_num_threads(), runs, version=versions["torch"])
+
+        if "pytorch_bf16" in args.engines:
+            # PyTorch's own bf16 path on the CPU: autocast (oneDNN bf16 products, fp32 weights).
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = enc(x).float().numpy()
+                runs = timed(lambda: enc(x), args.repeats)
+            report("pytorch_bf16", batch, torch.get_num_threads(), runs, version=versions["torch"],
+                   max_abs_diff_vs_fp32=float(np.abs(out - ref).max()))
 
         if {"onnxruntime", "openvino"} & set(args.engines):
             onnx_path = os.path.join(tmp.name, "encoder_b%d.onnx" % batch)
