@@ -234,7 +234,9 @@ impl Model {
         };
         let (data, s) = match &self.dev {
             Loaded::Cpu(be, sam) => {
-                let e = sam.encode(be, &be.upload(&x)?, depth, &mut Trace::off())?;
+                // The CPU backend's tensors are host tensors: `x` is already one (its upload
+                // would be a second copy of the images).
+                let e = sam.encode(be, &x, depth, &mut Trace::off())?;
                 let s = be.dims(&e).to_vec();
                 (EmbData::Cpu(e), s)
             }
