@@ -232,6 +232,104 @@ impl AttnIo {
     }
 }
 
+/// One attention problem as the kernels of `kernels/attention.cu` and
+/// `kernels/attention_backward.cu` see it (their headers' "Math"): `b` sequences of `lq`
+/// queries and `lk` keys, `heads` heads of dim `d`, the score scale, the rel-pos grids when
+/// there is a bias.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AttnShape {
+    pub b: usize,
+    pub heads: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub scale: f32,
+    /// Query and key grids `(rows, cols)` of the rel-pos bias; `None` without one.
+    pub grids: Option<((usize, usize), (usize, usize))>,
+}
+
+impl AttnShape {
+    /// `(qh, qw, kh, kw)` as the kernels take them (zeros without a bias).
+    pub fn grid_args(&self) -> (i32, i32, i32, i32) {
+        let ((qh, qw), (kh, kw)) = self.grids.unwrap_or(((0, 0), (0, 0)));
+        (qh as i32, qw as i32, kh as i32, kw as i32)
+    }
+
+    pub fn has_rel(&self) -> i32 {
+        self.grids.is_some() as i32
+    }
+}
+
+/// The named arguments of one `attention*` kernel launch family; [`AttnLaunch::args`] lays
+/// them out in the entry points' parameter order (`kernels/attention.cu`'s header). The kernel
+/// keeps its scalar parameter list on purpose: a by-value struct parameter was tried and
+/// changes nvcc's code for these kernels (spills in `attention_exp2_bf16` on sm_80 and
+/// sm_90a), so the struct lives on this side only.
+struct AttnLaunch {
+    io: AttnIo,
+    o: u64,
+    /// The rel-pos tables `rh`, `rw` (0 without a bias).
+    rel: (u64, u64),
+    shape: AttnShape,
+    map: TokenMap,
+    /// `ATT_OPT_*` bits.
+    opts: i32,
+}
+
+/// The arguments of a named argument list, in order.
+pub(super) fn unnamed<const N: usize>(named: [(&'static str, Arg); N]) -> [Arg; N] {
+    named.map(|(_, a)| a)
+}
+
+impl AttnLaunch {
+    /// The kernels' 28 arguments for the launch whose first sequence is `b_off`.
+    fn args(&self, b_off: usize) -> [Arg; 28] {
+        unnamed(self.named_args(b_off))
+    }
+
+    /// [`AttnLaunch::args`] with the kernels' parameter names (a test holds them to the
+    /// parameter list in `kernels/attention.cu`).
+    fn named_args(&self, b_off: usize) -> [(&'static str, Arg); 28] {
+        let s = &self.shape;
+        let (qh, qw, kh, kw) = s.grid_args();
+        let (code, ma, mb, mc, md, pads) = match self.map {
+            TokenMap::Plain => (0, 0, 0, 0, 0, (0, 0, 0)),
+            TokenMap::Windows { ws, h, w, pads } => (1, ws, h, w, w.div_ceil(ws), pads),
+            TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
+        };
+        [
+            ("q", Arg::P(self.io.q)),
+            ("k", Arg::P(self.io.k)),
+            ("v", Arg::P(self.io.v)),
+            ("o", Arg::P(self.o)),
+            ("rh", Arg::P(self.rel.0)),
+            ("rw", Arg::P(self.rel.1)),
+            ("B", Arg::I(s.b as i32)),
+            ("heads", Arg::I(s.heads as i32)),
+            ("Lq", Arg::I(s.lq as i32)),
+            ("Lk", Arg::I(s.lk as i32)),
+            ("d", Arg::I(s.d as i32)),
+            ("scale", Arg::F(s.scale)),
+            ("qh", Arg::I(qh)),
+            ("qw", Arg::I(qw)),
+            ("kh", Arg::I(kh)),
+            ("kw", Arg::I(kw)),
+            ("has_rel", Arg::I(s.has_rel())),
+            ("ldi", Arg::I(self.io.ld as i32)),
+            ("map", Arg::I(code)),
+            ("ma", Arg::I(ma as i32)),
+            ("mb", Arg::I(mb as i32)),
+            ("mc", Arg::I(mc as i32)),
+            ("md", Arg::I(md as i32)),
+            ("b_off", Arg::I(b_off as i32)),
+            ("pad_q", Arg::P(pads.0)),
+            ("pad_k", Arg::P(pads.1)),
+            ("pad_v", Arg::P(pads.2)),
+            ("opts", Arg::I(self.opts)),
+        ]
+    }
+}
+
 impl Cuda {
     /// Launches `attention` over `b` sequences of `lq` queries and `lk` keys whose token rows
     /// `map` places; the output (row stride `heads * d`) has shape `out`.
@@ -253,7 +351,7 @@ impl Cuda {
                 format!("head dim {d} > {ATTN_MAX_D}"),
             ));
         }
-        let (rh, rw, (qh, qw), (kh, kw)) = match &rel {
+        let (rh, rw, grids) = match &rel {
             Some(r) => {
                 if r.q_grid.0 * r.q_grid.1 != lq
                     || r.k_grid.0 * r.k_grid.1 != lk
@@ -268,10 +366,11 @@ impl Cuda {
                         ),
                     ));
                 }
-                (r.rh.ptr(), r.rw.ptr(), r.q_grid, r.k_grid)
+                (r.rh.ptr(), r.rw.ptr(), Some((r.q_grid, r.k_grid)))
             }
-            None => (0, 0, (0, 0), (0, 0)),
+            None => (0, 0, None),
         };
+        let ((_, _), (kh, kw)) = grids.unwrap_or(((0, 0), (0, 0)));
         // The kernel's opts (kernels/attention.cu): REL_MMA when the tables depend on the offset
         // only (the tensor-core path then takes the rel-pos terms from the 2k - 1 distinct rows
         // with mma), TRIM to skip the work of query and key groups past the sequence ends.
@@ -285,11 +384,6 @@ impl Cuda {
         if b * lq == 0 {
             return Ok(o);
         }
-        let (code, ma, mb, mc, md, pads) = match map {
-            TokenMap::Plain => (0, 0, 0, 0, 0, (0, 0, 0)),
-            TokenMap::Windows { ws, h, w, pads } => (1, ws, h, w, w.div_ceil(ws), pads),
-            TokenMap::Depth { p } => (2, p, 0, 0, 0, (0, 0, 0)),
-        };
         // The 128-query variant when chosen, built (bf16, d = 64) and given enough shared memory;
         // the exp2 entries of either on the tensor-core path.
         let q128 = self.q128_applies(d, rel.is_some(), kh, kw);
@@ -316,6 +410,22 @@ impl Cuda {
                 if exp2 { " exp2" } else { "" }
             )
         };
+        let launch = AttnLaunch {
+            io,
+            o: o.ptr(),
+            rel: (rh, rw),
+            shape: AttnShape {
+                b,
+                heads,
+                lq,
+                lk,
+                d,
+                scale,
+                grids,
+            },
+            map,
+            opts,
+        };
         self.timed(detail, || {
             // grid.z is at most 65535: larger batches of sequences take several launches.
             for b_off in (0..b).step_by(65535) {
@@ -325,36 +435,7 @@ impl Cuda {
                     (lq.div_ceil(rows) as u32, heads as u32, nb as u32),
                     (128, 1, 1),
                     smem as u32,
-                    &[
-                        Arg::P(io.q),
-                        Arg::P(io.k),
-                        Arg::P(io.v),
-                        Arg::P(o.ptr()),
-                        Arg::P(rh),
-                        Arg::P(rw),
-                        Arg::I(b as i32),
-                        Arg::I(heads as i32),
-                        Arg::I(lq as i32),
-                        Arg::I(lk as i32),
-                        Arg::I(d as i32),
-                        Arg::F(scale),
-                        Arg::I(qh as i32),
-                        Arg::I(qw as i32),
-                        Arg::I(kh as i32),
-                        Arg::I(kw as i32),
-                        Arg::I(rel.is_some() as i32),
-                        Arg::I(io.ld as i32),
-                        Arg::I(code),
-                        Arg::I(ma as i32),
-                        Arg::I(mb as i32),
-                        Arg::I(mc as i32),
-                        Arg::I(md as i32),
-                        Arg::I(b_off as i32),
-                        Arg::P(pads.0),
-                        Arg::P(pads.1),
-                        Arg::P(pads.2),
-                        Arg::I(opts),
-                    ],
+                    &launch.args(b_off),
                 )?;
             }
             Ok(())
@@ -398,4 +479,102 @@ fn attention_smem(
 fn attention_smem_q128(rel: bool, kh: usize, kw: usize) -> usize {
     let rp = if rel { kh + kw + 2 } else { 0 };
     2 * (128 + 2 * 64) * 72 + 4 * 128 * rp
+}
+
+/// A kernel's parameter list as written in its source: `(name, kind)` per parameter, kind
+/// `'P'` pointer, `'I'` int, `'L'` long long, `'F'` float. The list is the text after `marker`
+/// up to its closing parenthesis when `marker` ends with `(`, else up to the next `#define`
+/// (a parameter-list macro).
+#[cfg(test)]
+pub(super) fn kernel_params(src: &str, marker: &str) -> Vec<(String, char)> {
+    let at = src
+        .find(marker)
+        .expect("the marker is in the kernel source")
+        + marker.len();
+    let rest = &src[at..];
+    let text = if marker.ends_with('(') {
+        &rest[..rest.find(')').expect("a closing parenthesis")]
+    } else {
+        &rest[..rest.find("#define").unwrap_or(rest.len())]
+    };
+    text.replace('\\', " ")
+        .split(',')
+        .map(|p| {
+            let p = p.trim();
+            let name = p
+                .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("");
+            let kind = if p.contains('*') {
+                'P'
+            } else if p.starts_with("long long") {
+                'L'
+            } else if p.starts_with("int") {
+                'I'
+            } else if p.starts_with("float") {
+                'F'
+            } else {
+                panic!("unexpected kernel parameter `{p}`")
+            };
+            (name.to_string(), kind)
+        })
+        .collect()
+}
+
+/// The kind of an argument as [`kernel_params`] names it.
+#[cfg(test)]
+pub(super) fn arg_kind(a: &Arg) -> char {
+    match a {
+        Arg::P(_) => 'P',
+        Arg::I(_) => 'I',
+        Arg::L(_) => 'L',
+        Arg::F(_) => 'F',
+        Arg::Perm(_) => 'S',
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launch_arguments_follow_the_kernel_parameter_list() {
+        let want = kernel_params(
+            include_str!("../../../kernels/attention.cu"),
+            "#define ATT_PARAMS(T)",
+        );
+        assert_eq!(want.len(), 28, "{want:?}");
+        let launch = AttnLaunch {
+            io: AttnIo {
+                q: 1,
+                k: 2,
+                v: 3,
+                ld: 4,
+            },
+            o: 5,
+            rel: (6, 7),
+            shape: AttnShape {
+                b: 8,
+                heads: 2,
+                lq: 6,
+                lk: 6,
+                d: 16,
+                scale: 0.25,
+                grids: Some(((2, 3), (2, 3))),
+            },
+            map: TokenMap::Windows {
+                ws: 2,
+                h: 3,
+                w: 4,
+                pads: (9, 10, 11),
+            },
+            opts: ATT_OPT_TRIM,
+        };
+        let got: Vec<(String, char)> = launch
+            .named_args(0)
+            .iter()
+            .map(|(n, a)| (n.to_string(), arg_kind(a)))
+            .collect();
+        assert_eq!(got, want);
+    }
 }

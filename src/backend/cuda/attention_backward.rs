@@ -3,6 +3,7 @@
 //!
 //! Shapes are checked here; outputs and f32 scratch come from the pool (see `backward.rs`).
 
+use super::attention::{unnamed, AttnShape};
 use super::backward::Scratch;
 use super::{shape_err, Arg, Cuda, CudaTensor};
 use crate::backend::{AttentionGrads, RelPos};
@@ -12,6 +13,164 @@ use crate::error::Result;
 const ATTN_BWD_MAX_D: usize = 128;
 /// Query/key tile of the attention backward kernels.
 const ATTN_TILE: usize = 64;
+
+/// The named arguments of one backward's three launches (`attn_bwd_relq`, `attn_bwd_dq`,
+/// `attn_bwd_dkv`; `kernels/attention_backward.cu`'s header gives each parameter list, which
+/// the methods below follow). Device addresses: the forward's tensors, the gradients written,
+/// the f32 scratch and the rel-pos tables (0 without a bias).
+struct AttnBwdLaunch {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    d_o: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    lse: u64,
+    dr: u64,
+    rq: u64,
+    gs: u64,
+    rh: u64,
+    rw: u64,
+    shape: AttnShape,
+    /// `attn_bwd_dq` accumulates the rel-pos row sums in shared memory (else in `gs`).
+    rel_smem: bool,
+}
+
+impl AttnBwdLaunch {
+    fn relq_args(&self) -> [Arg; 10] {
+        unnamed(self.relq_named())
+    }
+
+    fn relq_named(&self) -> [(&'static str, Arg); 10] {
+        let s = &self.shape;
+        let (_, qw, kh, kw) = s.grid_args();
+        [
+            ("q", Arg::P(self.q)),
+            ("rh", Arg::P(self.rh)),
+            ("rw", Arg::P(self.rw)),
+            ("rq", Arg::P(self.rq)),
+            ("heads", Arg::I(s.heads as i32)),
+            ("Lq", Arg::I(s.lq as i32)),
+            ("d", Arg::I(s.d as i32)),
+            ("qw", Arg::I(qw)),
+            ("kh", Arg::I(kh)),
+            ("kw", Arg::I(kw)),
+        ]
+    }
+
+    fn dq_args(&self) -> Vec<Arg> {
+        self.dq_named().into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn dq_named(&self) -> Vec<(&'static str, Arg)> {
+        let mut a = vec![
+            ("q", Arg::P(self.q)),
+            ("k", Arg::P(self.k)),
+            ("v", Arg::P(self.v)),
+            ("o", Arg::P(self.o)),
+            ("dO", Arg::P(self.d_o)),
+            ("dq", Arg::P(self.dq)),
+            ("lse", Arg::P(self.lse)),
+            ("dr", Arg::P(self.dr)),
+            ("rq", Arg::P(self.rq)),
+            ("gs", Arg::P(self.gs)),
+            ("rh", Arg::P(self.rh)),
+            ("rw", Arg::P(self.rw)),
+        ];
+        a.extend(self.dims());
+        a.push(("rel_smem", Arg::I(self.rel_smem as i32)));
+        a
+    }
+
+    fn dkv_args(&self) -> Vec<Arg> {
+        self.dkv_named().into_iter().map(|(_, a)| a).collect()
+    }
+
+    fn dkv_named(&self) -> Vec<(&'static str, Arg)> {
+        let mut a = vec![
+            ("q", Arg::P(self.q)),
+            ("k", Arg::P(self.k)),
+            ("v", Arg::P(self.v)),
+            ("dO", Arg::P(self.d_o)),
+            ("dk", Arg::P(self.dk)),
+            ("dv", Arg::P(self.dv)),
+            ("lse", Arg::P(self.lse)),
+            ("dr", Arg::P(self.dr)),
+            ("rq", Arg::P(self.rq)),
+        ];
+        a.extend(self.dims());
+        a
+    }
+
+    /// The scalars that follow the pointers in `attn_bwd_dq` and `attn_bwd_dkv`.
+    fn dims(&self) -> [(&'static str, Arg); 9] {
+        let s = &self.shape;
+        let (_, qw, kh, kw) = s.grid_args();
+        [
+            ("heads", Arg::I(s.heads as i32)),
+            ("Lq", Arg::I(s.lq as i32)),
+            ("Lk", Arg::I(s.lk as i32)),
+            ("d", Arg::I(s.d as i32)),
+            ("scale", Arg::F(s.scale)),
+            ("qw", Arg::I(qw)),
+            ("kh", Arg::I(kh)),
+            ("kw", Arg::I(kw)),
+            ("has_rel", Arg::I(s.has_rel())),
+        ]
+    }
+}
+
+/// The named arguments of `attn_bwd_relgrad` (`kernels/attention_backward.cu`'s header): the
+/// partial sums of one rel-pos table's gradient.
+struct RelGradLaunch {
+    gs: u64,
+    q: u64,
+    part: u64,
+    heads: usize,
+    lq: usize,
+    d: usize,
+    /// Row length of `gs` (`kh + kw`).
+    rcols: usize,
+    /// The table's first column in `gs`, its rows, and the (p, s) walk over query positions.
+    off: usize,
+    nr: usize,
+    np: usize,
+    ns: usize,
+    sp: usize,
+    ss: usize,
+    nsplit: usize,
+    /// Rows reduced: `b * heads * ns`.
+    n: usize,
+}
+
+impl RelGradLaunch {
+    fn args(&self) -> [Arg; 15] {
+        unnamed(self.named())
+    }
+
+    fn named(&self) -> [(&'static str, Arg); 15] {
+        let i = |x: usize| Arg::I(x as i32);
+        [
+            ("gs", Arg::P(self.gs)),
+            ("q", Arg::P(self.q)),
+            ("part", Arg::P(self.part)),
+            ("heads", i(self.heads)),
+            ("Lq", i(self.lq)),
+            ("d", i(self.d)),
+            ("R", i(self.rcols)),
+            ("off", i(self.off)),
+            ("nr", i(self.nr)),
+            ("np", i(self.np)),
+            ("ns", i(self.ns)),
+            ("sp", i(self.sp)),
+            ("ss", i(self.ss)),
+            ("nsplit", i(self.nsplit)),
+            ("N", i(self.n)),
+        ]
+    }
+}
 
 impl Cuda {
     #[allow(clippy::too_many_arguments)]
@@ -111,37 +270,51 @@ impl Cuda {
             Some(r) => (r.rh.ptr(), r.rw.ptr()),
             None => (0, 0),
         };
-        if let Some(r) = &rel {
+        let dq = self.empty("attention_backward", sq)?;
+        let dk = self.empty("attention_backward", sk)?;
+        let dv = self.empty("attention_backward", sk)?;
+        let launch = AttnBwdLaunch {
+            q: q.ptr(),
+            k: k.ptr(),
+            v: v.ptr(),
+            o: o.ptr(),
+            d_o: d_o.ptr(),
+            dq: dq.ptr(),
+            dk: dk.ptr(),
+            dv: dv.ptr(),
+            lse: lse.ptr(),
+            dr: dr.ptr(),
+            rq: rq.ptr(),
+            gs: gs.ptr(),
+            rh,
+            rw,
+            shape: AttnShape {
+                b,
+                heads,
+                lq,
+                lk,
+                d,
+                scale,
+                grids,
+            },
+            rel_smem,
+        };
+        if rel.is_some() {
             self.launch(
                 "attn_bwd_relq",
                 (lq as u32, heads as u32, b as u32),
                 (128, 1, 1),
                 0,
-                &[
-                    Arg::P(q.ptr()),
-                    Arg::P(r.rh.ptr()),
-                    Arg::P(r.rw.ptr()),
-                    Arg::P(rq.ptr()),
-                    Arg::I(heads as i32),
-                    Arg::I(lq as i32),
-                    Arg::I(d as i32),
-                    Arg::I(qw as i32),
-                    Arg::I(kh as i32),
-                    Arg::I(kw as i32),
-                ],
+                &launch.relq_args(),
             )?;
             if !rel_smem {
                 self.memset0(gs.ptr(), rows * nr * 4)?;
             }
         }
-        let has_rel = rel.is_some() as i32;
-        let dq = self.empty("attention_backward", sq)?;
-        let dk = self.empty("attention_backward", sk)?;
-        let dv = self.empty("attention_backward", sk)?;
         let detail = |what: &str| {
             format!(
                 "detail: {what} b{b} h{heads} Lq{lq} Lk{lk} d{d} rel{}",
-                has_rel
+                rel.is_some() as u8
             )
         };
         self.timed(
@@ -152,30 +325,7 @@ impl Cuda {
                     (lq.div_ceil(ATTN_TILE) as u32, heads as u32, b as u32),
                     (128, 1, 1),
                     smem_q as u32,
-                    &[
-                        Arg::P(q.ptr()),
-                        Arg::P(k.ptr()),
-                        Arg::P(v.ptr()),
-                        Arg::P(o.ptr()),
-                        Arg::P(d_o.ptr()),
-                        Arg::P(dq.ptr()),
-                        Arg::P(lse.ptr()),
-                        Arg::P(dr.ptr()),
-                        Arg::P(rq.ptr()),
-                        Arg::P(gs.ptr()),
-                        Arg::P(rh),
-                        Arg::P(rw),
-                        Arg::I(heads as i32),
-                        Arg::I(lq as i32),
-                        Arg::I(lk as i32),
-                        Arg::I(d as i32),
-                        Arg::F(scale),
-                        Arg::I(qw as i32),
-                        Arg::I(kh as i32),
-                        Arg::I(kw as i32),
-                        Arg::I(has_rel),
-                        Arg::I(rel_smem as i32),
-                    ],
+                    &launch.dq_args(),
                 )
             },
         )?;
@@ -187,26 +337,7 @@ impl Cuda {
                     (lk.div_ceil(ATTN_TILE) as u32, heads as u32, b as u32),
                     (128, 1, 1),
                     smem_kv as u32,
-                    &[
-                        Arg::P(q.ptr()),
-                        Arg::P(k.ptr()),
-                        Arg::P(v.ptr()),
-                        Arg::P(d_o.ptr()),
-                        Arg::P(dk.ptr()),
-                        Arg::P(dv.ptr()),
-                        Arg::P(lse.ptr()),
-                        Arg::P(dr.ptr()),
-                        Arg::P(rq.ptr()),
-                        Arg::I(heads as i32),
-                        Arg::I(lq as i32),
-                        Arg::I(lk as i32),
-                        Arg::I(d as i32),
-                        Arg::F(scale),
-                        Arg::I(qw as i32),
-                        Arg::I(kh as i32),
-                        Arg::I(kw as i32),
-                        Arg::I(has_rel),
-                    ],
+                    &launch.dkv_args(),
                 )
             },
         )?;
@@ -260,23 +391,24 @@ impl Cuda {
             (rblocks as u32, np as u32, nsplit as u32),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(gs.ptr()),
-                Arg::P(q.ptr()),
-                Arg::P(part.ptr()),
-                Arg::I(heads as i32),
-                Arg::I(lq as i32),
-                Arg::I(d as i32),
-                Arg::I(rcols as i32),
-                Arg::I(off as i32),
-                Arg::I(nr as i32),
-                Arg::I(np as i32),
-                Arg::I(ns as i32),
-                Arg::I(sp as i32),
-                Arg::I(ss as i32),
-                Arg::I(nsplit as i32),
-                Arg::I(n as i32),
-            ],
+            &RelGradLaunch {
+                gs: gs.ptr(),
+                q: q.ptr(),
+                part: part.ptr(),
+                heads,
+                lq,
+                d,
+                rcols,
+                off,
+                nr,
+                np,
+                ns,
+                sp,
+                ss,
+                nsplit,
+                n,
+            }
+            .args(),
         )?;
         self.colsum_fin(part.ptr(), nsplit, total)
     }
@@ -294,4 +426,81 @@ fn attention_bwd_smem(d: usize) -> usize {
         _ => 128,
     };
     4 * (4 * ATTN_TILE * (dp + 1) + ATTN_TILE * 65 + 256)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::attention::{arg_kind, kernel_params};
+    use super::*;
+
+    fn listed(named: &[(&'static str, Arg)]) -> Vec<(String, char)> {
+        named
+            .iter()
+            .map(|(n, a)| (n.to_string(), arg_kind(a)))
+            .collect()
+    }
+
+    #[test]
+    fn launch_arguments_follow_the_kernel_parameter_lists() {
+        let src = include_str!("../../../kernels/attention_backward.cu");
+        let launch = AttnBwdLaunch {
+            q: 1,
+            k: 2,
+            v: 3,
+            o: 4,
+            d_o: 5,
+            dq: 6,
+            dk: 7,
+            dv: 8,
+            lse: 9,
+            dr: 10,
+            rq: 11,
+            gs: 12,
+            rh: 13,
+            rw: 14,
+            shape: AttnShape {
+                b: 2,
+                heads: 2,
+                lq: 6,
+                lk: 6,
+                d: 16,
+                scale: 0.25,
+                grids: Some(((2, 3), (2, 3))),
+            },
+            rel_smem: true,
+        };
+        assert_eq!(
+            listed(&launch.relq_named()),
+            kernel_params(src, "attn_bwd_relq_##S(")
+        );
+        assert_eq!(
+            listed(&launch.dq_named()),
+            kernel_params(src, "attn_bwd_dq_##S(")
+        );
+        assert_eq!(
+            listed(&launch.dkv_named()),
+            kernel_params(src, "attn_bwd_dkv_##S(")
+        );
+        let relgrad = RelGradLaunch {
+            gs: 1,
+            q: 2,
+            part: 3,
+            heads: 2,
+            lq: 6,
+            d: 16,
+            rcols: 5,
+            off: 0,
+            nr: 2,
+            np: 2,
+            ns: 3,
+            sp: 3,
+            ss: 1,
+            nsplit: 1,
+            n: 12,
+        };
+        assert_eq!(
+            listed(&relgrad.named()),
+            kernel_params(src, "attn_bwd_relgrad_##S(")
+        );
+    }
 }
