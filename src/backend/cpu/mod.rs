@@ -4,7 +4,9 @@
 //! Tensors are host [`Tensor`]s (shape + shared contiguous row-major buffer), so upload/download
 //! are reference-count clones. Work is spread over rayon's global pool (RAYON_NUM_THREADS or all
 //! cores); the heavy products go through the `gemm` crate. This file holds the struct and the
-//! memory/layout ops (pure data movement); the arithmetic lives in the sibling modules:
+//! memory/layout ops (pure data movement; their helpers: `buffers` for output allocation and
+//! parallel chunking, `layout` for permutes and window partitions); the arithmetic lives in the
+//! sibling modules:
 //!
 //! * `elementwise`: `y = alpha a + beta b` with tiling broadcast, activations;
 //! * [`math`]: vectorised `exp` / `erf` kernels;
@@ -22,18 +24,20 @@ mod attention_backward;
 mod attention_table;
 mod backward;
 mod bf16;
+mod buffers;
 mod conv;
 mod depthwise;
 mod elementwise;
+mod layout;
 mod linalg;
 pub mod math;
 mod norm;
 mod resize;
 
-use rayon::prelude::*;
-
 pub use bf16::Bf16Kernel;
 use bf16::Prec;
+pub(crate) use buffers::{for_chunks, make, with_capacity, zeroed, SendPtr};
+use layout::{check_perm, partition_padded, permute_data, strides};
 
 use super::{Act, AttentionGrads, Backend, Precision, RelPos, RunOptions, Tokens};
 use crate::error::{Error, Result};
@@ -124,251 +128,6 @@ impl Default for Cpu {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// A raw pointer that may cross threads; used where parallel tasks write provably disjoint parts
-/// of one output buffer that cannot be split into slices up front (strided layouts).
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub *mut f32);
-// SAFETY: every user writes disjoint elements from each task and the buffer outlives the scope.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// The pointer. A method (rather than field access) so closures capture the whole wrapper,
-    /// which is `Sync`, instead of the bare pointer field.
-    #[inline(always)]
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// Buffers at least this large (bytes) are backed by transparent huge pages where the kernel
-/// allows it on request (`madvise` mode): a fresh 50 MB activation otherwise takes ~12K page
-/// faults, which measured ~20% of a large linear layer.
-const HUGE_MIN_BYTES: usize = 4 << 20;
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-extern "C" {
-    fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-}
-
-/// Asks for huge pages over the 2 MiB-aligned interior of `v`'s allocation (a hint: failure or
-/// an unsupported kernel just leaves normal pages).
-fn advise_huge(v: &mut Vec<f32>) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        const HUGE: usize = 2 << 20;
-        const MADV_HUGEPAGE: i32 = 14;
-        let bytes = v.capacity() * 4;
-        if bytes < HUGE_MIN_BYTES {
-            return;
-        }
-        let start = v.as_mut_ptr() as usize;
-        let lo = start.next_multiple_of(HUGE);
-        let hi = (start + bytes) / HUGE * HUGE;
-        if hi > lo {
-            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE changes no
-            // contents, only how future faults are served.
-            unsafe {
-                madvise(lo as *mut std::ffi::c_void, hi - lo, MADV_HUGEPAGE);
-            }
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = v;
-}
-
-/// A zero-filled buffer of `n` floats: a pooled one (`crate::host_pool`) or a fresh one,
-/// huge-page backed when large.
-pub(crate) fn zeroed(n: usize) -> Vec<f32> {
-    if let Some(mut v) = crate::host_pool::take(n) {
-        v.resize(n, 0.0);
-        return v;
-    }
-    // calloc leaves fresh large blocks untouched (the kernel's pages are already zero), so the
-    // advice still applies to every page's first fault.
-    let mut v = vec![0.0f32; n];
-    advise_huge(&mut v);
-    v
-}
-
-/// An empty buffer with room for `n` floats (huge-page backed when large), for producers that
-/// write every element through the raw pointer before `set_len`.
-pub(crate) fn with_capacity(n: usize) -> Vec<f32> {
-    if let Some(v) = crate::host_pool::take(n) {
-        return v;
-    }
-    let mut v = Vec::with_capacity(n);
-    advise_huge(&mut v);
-    v
-}
-
-/// Builds an output tensor; `data.len()` always matches `shape` by construction in this backend.
-pub(crate) fn make(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_vec(data, shape)
-}
-
-/// Splits `out` into chunks of `chunk` elements and runs `f(chunk_index, chunk)` on each, in
-/// parallel when the tensor is large enough to pay for it.
-pub(crate) fn for_chunks(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    if chunk == 0 || out.is_empty() {
-        return;
-    }
-    if out.len() >= PAR_MIN {
-        // Group small chunks so each task moves at least ~4K elements.
-        let per = (4096 / chunk).max(1);
-        out.par_chunks_mut(chunk * per)
-            .enumerate()
-            .for_each(|(g, grp)| {
-                for (i, c) in grp.chunks_mut(chunk).enumerate() {
-                    f(g * per + i, c);
-                }
-            });
-    } else {
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
-            f(i, c);
-        }
-    }
-}
-
-fn check_perm(op: &'static str, rank: usize, perm: &[usize]) -> Result<()> {
-    let mut seen = vec![false; rank];
-    if perm.len() != rank {
-        return Err(Error::shape(
-            op,
-            format!("perm {perm:?} for a rank-{rank} tensor"),
-        ));
-    }
-    for &p in perm {
-        if p >= rank || seen[p] {
-            return Err(Error::shape(
-                op,
-                format!("{perm:?} is not a permutation of 0..{rank}"),
-            ));
-        }
-        seen[p] = true;
-    }
-    Ok(())
-}
-
-fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
-}
-
-/// Offset into the input of the `idx`-th element of a multi-index space `dims` whose axes have
-/// input strides `st` (row-major decomposition).
-#[inline]
-fn offset_of(mut idx: usize, dims: &[usize], st: &[usize]) -> usize {
-    let mut off = 0;
-    for a in (0..dims.len()).rev() {
-        off += (idx % dims[a]) * st[a];
-        idx /= dims[a];
-    }
-    off
-}
-
-/// `permute` on the simplified problem: output axes `dims` with input strides `st` (size-1 axes
-/// dropped and input-adjacent axes merged by the caller).
-fn permute_data(x: &[f32], dims: &[usize], st: &[usize]) -> Vec<f32> {
-    let n: usize = dims.iter().product();
-    let mut out = zeroed(n);
-    let r = dims.len();
-    if r == 0 {
-        out.copy_from_slice(x);
-        return out;
-    }
-    let last = dims[r - 1];
-    if st[r - 1] == 1 {
-        // The output's innermost axis is contiguous in the input too: copy runs.
-        let (od, os) = (&dims[..r - 1], &st[..r - 1]);
-        for_chunks(&mut out, last, |row, dst| {
-            let o = offset_of(row, od, os);
-            dst.copy_from_slice(&x[o..o + last]);
-        });
-        return out;
-    }
-    // Otherwise some other output axis `q` is the input's contiguous one: a (batched) transpose
-    // between axis q and the last axis. Tiles of TxT keep both reads and writes in cache lines.
-    const T: usize = 32;
-    let q = (0..r - 1)
-        .find(|&a| st[a] == 1)
-        .expect("some axis has input stride 1");
-    let qn = dims[q];
-    let s_last = st[r - 1];
-    let ostr = strides(dims);
-    let os_q = ostr[q];
-    let outer_axes: Vec<usize> = (0..r - 1).filter(|&a| a != q).collect();
-    let odims: Vec<usize> = outer_axes.iter().map(|&a| dims[a]).collect();
-    let oin: Vec<usize> = outer_axes.iter().map(|&a| st[a]).collect();
-    let oout: Vec<usize> = outer_axes.iter().map(|&a| ostr[a]).collect();
-    let outer: usize = odims.iter().product();
-    let qblocks = qn.div_ceil(T);
-    let ptr = SendPtr(out.as_mut_ptr());
-    let task = |t: usize| {
-        let (o, qb) = (t / qblocks, t % qblocks);
-        let in_off = offset_of(o, &odims, &oin);
-        let out_off = offset_of(o, &odims, &oout);
-        let q0 = qb * T;
-        let q1 = (q0 + T).min(qn);
-        for l0 in (0..last).step_by(T) {
-            let l1 = (l0 + T).min(last);
-            for qi in q0..q1 {
-                let dst = out_off + qi * os_q;
-                for li in l0..l1 {
-                    // SAFETY: (o, qi, li) enumerates each output element exactly once across
-                    // tasks, and dst + li < n.
-                    unsafe { *ptr.get().add(dst + li) = x[in_off + qi + li * s_last] };
-                }
-            }
-        }
-    };
-    if n >= PAR_MIN {
-        (0..outer * qblocks).into_par_iter().for_each(task);
-    } else {
-        (0..outer * qblocks).for_each(task);
-    }
-    out
-}
-
-/// SAM's `window_partition` of `x` `[B, H, W, C]` into `[B * nh * nw, ws, ws, C]`; padding
-/// positions (bottom/right) are zeros, or the row `pad` `[C]` when given.
-fn partition_padded(x: &Tensor, ws: usize, pad: Option<&[f32]>) -> Result<Tensor> {
-    let s = x.shape();
-    if s.len() != 4 || ws == 0 || pad.is_some_and(|p| p.len() != s[3]) {
-        return Err(Error::shape(
-            "window_partition",
-            format!("{s:?} with window {ws}"),
-        ));
-    }
-    let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
-    let (nh, nw) = (h.div_ceil(ws), w.div_ceil(ws));
-    let nwin = b * nh * nw;
-    let mut out = zeroed(nwin * ws * ws * c);
-    let src = x.data();
-    // One task per window row; what lies outside the image stays zero or gets the pad row.
-    for_chunks(&mut out, ws * c, |idx, dst| {
-        let (win, r) = (idx / ws, idx % ws);
-        let bi = win / (nh * nw);
-        let (wy, wx) = ((win / nw) % nh, win % nw);
-        let y = wy * ws + r;
-        let x0 = wx * ws;
-        let cols = if y < h { ws.min(w - x0) } else { 0 };
-        if cols > 0 {
-            let at = ((bi * h + y) * w + x0) * c;
-            dst[..cols * c].copy_from_slice(&src[at..at + cols * c]);
-        }
-        if let Some(p) = pad {
-            for t in cols..ws {
-                dst[t * c..(t + 1) * c].copy_from_slice(p);
-            }
-        }
-    });
-    make(out, &[nwin, ws, ws, c])
 }
 
 impl Backend for Cpu {
