@@ -27,3 +27,59 @@ pub mod runtime;
 pub mod sam;
 pub mod selftest;
 pub mod weights;
+
+/// The project's size rule (DESIGN.md): no source file over 700 lines, so a file stays one
+/// concern a reader can hold.
+#[cfg(test)]
+mod source_files {
+    use std::path::{Path, PathBuf};
+
+    const CEILING: usize = 700;
+    const FOLDERS: &[&str] = &[
+        "src", "kernels", "tests", "benches", "tools", "scripts", "bindings", "fuzz", "examples",
+    ];
+    const EXTENSIONS: &[&str] = &["rs", "cu", "cuh", "py", "sh", "c", "h", "cpp", "pyi"];
+
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if p.is_dir() {
+                // Fixtures, build outputs and fetched data are not ours to size.
+                if !matches!(
+                    name.as_str(),
+                    "fixtures" | "target" | "data" | "corpus" | "artifacts"
+                ) && !name.starts_with('.')
+                {
+                    walk(&p, out);
+                }
+            } else if p
+                .extension()
+                .is_some_and(|x| EXTENSIONS.contains(&x.to_string_lossy().as_ref()))
+            {
+                out.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn no_source_file_is_over_the_line_ceiling() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = Vec::new();
+        for f in FOLDERS {
+            walk(&root.join(f), &mut files);
+        }
+        assert!(files.len() > 100, "found only {} source files", files.len());
+        let over: Vec<String> = files
+            .iter()
+            .filter_map(|p| {
+                let n = std::fs::read_to_string(p).ok()?.lines().count();
+                (n > CEILING).then(|| format!("{} ({n} lines)", p.display()))
+            })
+            .collect();
+        assert!(over.is_empty(), "over {CEILING} lines: {over:?}");
+    }
+}
