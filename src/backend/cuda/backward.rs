@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 
+use super::conv::ConvGeom;
 use super::gemm::GemmSpec;
 use super::{dev, shape_err, Arg, Cuda, CudaTensor, DevBuf};
 use crate::backend::Act;
@@ -343,25 +344,12 @@ impl Cuda {
                 ),
             )
         };
-        if s.len() != 4
-            || ws.len() != 4
-            || ws[1] != s[3]
-            || stride == 0
-            || s[1] + 2 * pad < ws[2]
-            || s[2] + 2 * pad < ws[3]
-        {
+        let g = ConvGeom::of(s, ws, stride, pad).ok_or_else(bad)?;
+        let co = ws[0];
+        if dy.shape != [g.b, g.ho, g.wo, co] {
             return Err(bad());
         }
-        let (bn, h, wd, c) = (s[0], s[1], s[2], s[3]);
-        let (co, kh, kw) = (ws[0], ws[2], ws[3]);
-        let (ho, wo) = (
-            (h + 2 * pad - kh) / stride + 1,
-            (wd + 2 * pad - kw) / stride + 1,
-        );
-        if dy.shape != [bn, ho, wo, co] {
-            return Err(bad());
-        }
-        let (m, kk) = (bn * ho * wo, c * kh * kw);
+        let (m, kk) = g.cols();
         // dW [co, kk] = dy^T [co, m] @ cols [m, kk] (cols = im2col(x), the forward's operand).
         let dw = if m == 0 || co * kk == 0 {
             self.zeros_dev("conv2d_backward", ws)?
@@ -372,20 +360,7 @@ impl Cuda {
                 Self::grid1d(cols.numel()),
                 (256, 1, 1),
                 0,
-                &[
-                    Arg::P(x.ptr()),
-                    Arg::P(cols.ptr()),
-                    Arg::I(bn as i32),
-                    Arg::I(h as i32),
-                    Arg::I(wd as i32),
-                    Arg::I(c as i32),
-                    Arg::I(kh as i32),
-                    Arg::I(kw as i32),
-                    Arg::I(stride as i32),
-                    Arg::I(pad as i32),
-                    Arg::I(ho as i32),
-                    Arg::I(wo as i32),
-                ],
+                &g.args(x.ptr(), cols.ptr()),
             )?;
             let dw = self.empty("conv2d_backward", ws)?;
             self.gemm_dw(cols.ptr(), dy.ptr(), dw.ptr(), m, co, kk)?;
@@ -407,20 +382,7 @@ impl Cuda {
                 Self::grid1d(dx.numel()),
                 (256, 1, 1),
                 0,
-                &[
-                    Arg::P(dcols.ptr()),
-                    Arg::P(dx.ptr()),
-                    Arg::I(bn as i32),
-                    Arg::I(h as i32),
-                    Arg::I(wd as i32),
-                    Arg::I(c as i32),
-                    Arg::I(kh as i32),
-                    Arg::I(kw as i32),
-                    Arg::I(stride as i32),
-                    Arg::I(pad as i32),
-                    Arg::I(ho as i32),
-                    Arg::I(wo as i32),
-                ],
+                &g.args(dcols.ptr(), dx.ptr()),
             )?;
             Some(dx)
         };

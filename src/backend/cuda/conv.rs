@@ -6,6 +6,89 @@ use super::{shape_err, Arg, Cuda, CudaTensor};
 use crate::backend::Backend;
 use crate::error::Result;
 
+/// A conv2d's geometry as `im2col` (`kernels/elementwise.cu`) and `col2im`
+/// (`kernels/backward.cu`) take it: input `[b, h, w, c]` (channels-last), a `kh x kw` kernel
+/// with `stride` and zero `pad`, output grid `ho x wo`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ConvGeom {
+    pub b: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
+}
+
+impl ConvGeom {
+    /// The geometry of input `x` `[B, H, W, C]` and weight `w` `[Co, C, kh, kw]`; `None` when
+    /// they do not fit (rank, channels, a zero stride, a kernel larger than the padded input).
+    pub fn of(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Option<Self> {
+        if x.len() != 4
+            || w.len() != 4
+            || w[1] != x[3]
+            || stride == 0
+            || x[1] + 2 * pad < w[2]
+            || x[2] + 2 * pad < w[3]
+        {
+            return None;
+        }
+        let (kh, kw) = (w[2], w[3]);
+        Some(ConvGeom {
+            b: x[0],
+            h: x[1],
+            w: x[2],
+            c: x[3],
+            kh,
+            kw,
+            stride,
+            pad,
+            ho: (x[1] + 2 * pad - kh) / stride + 1,
+            wo: (x[2] + 2 * pad - kw) / stride + 1,
+        })
+    }
+
+    /// Rows (`b * ho * wo`) and columns (`c * kh * kw`) of the im2col matrix.
+    pub fn cols(&self) -> (usize, usize) {
+        (self.b * self.ho * self.wo, self.c * self.kh * self.kw)
+    }
+
+    /// The arguments of `im2col` (`src` = x, `dst` = cols) or `col2im` (`src` = dcols, `dst`
+    /// = dx).
+    pub fn args(&self, src: u64, dst: u64) -> Vec<Arg> {
+        self.named(("src", src), ("dst", dst))
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect()
+    }
+
+    /// [`ConvGeom::args`] with the kernels' parameter names (the two pointers named as given).
+    fn named(
+        &self,
+        src: (&'static str, u64),
+        dst: (&'static str, u64),
+    ) -> Vec<(&'static str, Arg)> {
+        let i = |x: usize| Arg::I(x as i32);
+        vec![
+            (src.0, Arg::P(src.1)),
+            (dst.0, Arg::P(dst.1)),
+            ("B", i(self.b)),
+            ("H", i(self.h)),
+            ("W", i(self.w)),
+            ("C", i(self.c)),
+            ("kh", i(self.kh)),
+            ("kw", i(self.kw)),
+            ("stride", i(self.stride)),
+            ("pad", i(self.pad)),
+            ("Ho", i(self.ho)),
+            ("Wo", i(self.wo)),
+        ]
+    }
+}
+
 impl Cuda {
     /// `Backend::conv2d`: im2col (`kernels/elementwise.cu`) + one cuBLASLt GEMM.
     pub(super) fn conv2d_impl(
@@ -17,52 +100,27 @@ impl Cuda {
         pad: usize,
     ) -> Result<CudaTensor> {
         let (s, ws) = (&x.shape, &w.shape);
-        if s.len() != 4
-            || ws.len() != 4
-            || ws[1] != s[3]
-            || stride == 0
-            || s[1] + 2 * pad < ws[2]
-            || s[2] + 2 * pad < ws[3]
-        {
-            return Err(shape_err(
+        let g = ConvGeom::of(s, ws, stride, pad).ok_or_else(|| {
+            shape_err(
                 "conv2d",
                 format!("x {s:?}, w {ws:?}, stride {stride}, pad {pad}"),
-            ));
-        }
-        let (bn, h, wd, c) = (s[0], s[1], s[2], s[3]);
-        let (co, kh, kw) = (ws[0], ws[2], ws[3]);
-        let (ho, wo) = (
-            (h + 2 * pad - kh) / stride + 1,
-            (wd + 2 * pad - kw) / stride + 1,
-        );
-        let cols = self.empty("conv2d", &[bn * ho * wo, c * kh * kw])?;
+            )
+        })?;
+        let (m, kk) = g.cols();
+        let cols = self.empty("conv2d", &[m, kk])?;
         if cols.numel() > 0 {
             self.launch(
                 "im2col",
                 Self::grid1d(cols.numel()),
                 (256, 1, 1),
                 0,
-                &[
-                    Arg::P(x.ptr()),
-                    Arg::P(cols.ptr()),
-                    Arg::I(bn as i32),
-                    Arg::I(h as i32),
-                    Arg::I(wd as i32),
-                    Arg::I(c as i32),
-                    Arg::I(kh as i32),
-                    Arg::I(kw as i32),
-                    Arg::I(stride as i32),
-                    Arg::I(pad as i32),
-                    Arg::I(ho as i32),
-                    Arg::I(wo as i32),
-                ],
+                &g.args(x.ptr(), cols.ptr()),
             )?;
         }
-        let w2 = self.reshape(w, &[co, c * kh * kw])?;
-        let y = self.linear_raw(&cols, &w2, b, bn * ho * wo)?;
-        self.reshape(&y, &[bn, ho, wo, co])
+        let w2 = self.reshape(w, &[ws[0], kk])?;
+        let y = self.linear_raw(&cols, &w2, b, m)?;
+        self.reshape(&y, &[g.b, g.ho, g.wo, ws[0]])
     }
-
     /// `Backend::conv_transpose2x2`.
     pub(super) fn conv_transpose2x2_impl(
         &self,
@@ -159,5 +217,35 @@ impl Cuda {
             )?;
         }
         Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::attention::{arg_kind, kernel_params};
+    use super::*;
+
+    #[test]
+    fn im2col_and_col2im_arguments_follow_the_kernel_parameter_lists() {
+        let g = ConvGeom::of(&[2, 9, 7, 3], &[4, 3, 3, 2], 2, 1).unwrap();
+        assert_eq!((g.ho, g.wo), (5, 4));
+        let listed = |n: Vec<(&'static str, Arg)>| -> Vec<(String, char)> {
+            n.iter()
+                .map(|(n, a)| (n.to_string(), arg_kind(a)))
+                .collect()
+        };
+        assert_eq!(
+            listed(g.named(("x", 1), ("cols", 2))),
+            kernel_params(
+                include_str!("../../../kernels/elementwise.cu"),
+                "im2col_##S("
+            )
+        );
+        assert_eq!(
+            listed(g.named(("dcols", 1), ("dx", 2))),
+            kernel_params(include_str!("../../../kernels/backward.cu"), "col2im_##S(")
+        );
+        assert!(ConvGeom::of(&[2, 9, 7, 3], &[4, 2, 3, 2], 2, 1).is_none());
+        assert!(ConvGeom::of(&[2, 1, 7, 3], &[4, 3, 4, 2], 1, 1).is_none());
     }
 }
