@@ -40,22 +40,14 @@ pub fn scores(pred: &[bool], gt: &[bool], shape: &[usize], spacing: &[f64]) -> R
             "metrics: spacing {spacing:?} must be positive"
         )));
     }
-    let (mut a, mut b, mut both) = (0usize, 0usize, 0usize);
-    for (&p, &g) in pred.iter().zip(gt) {
-        a += p as usize;
-        b += g as usize;
-        both += (p && g) as usize;
-    }
-    let union = a + b - both;
+    let (dice, iou, a, b) = counts(pred, gt);
     if a == 0 && b == 0 {
         return Ok(Scores {
-            dice: 1.0,
-            iou: 1.0,
+            dice,
+            iou,
             hd95: 0.0,
         });
     }
-    let dice = 2.0 * both as f64 / (a + b) as f64;
-    let iou = both as f64 / union as f64;
     if a == 0 || b == 0 {
         return Ok(Scores {
             dice,
@@ -71,6 +63,41 @@ pub fn scores(pred: &[bool], gt: &[bool], shape: &[usize], spacing: &[f64]) -> R
     let ba: Vec<f64> = (0..n).filter(|&i| sb[i]).map(|i| db[i]).collect();
     let hd95 = percentile(ab, 95.0).max(percentile(ba, 95.0));
     Ok(Scores { dice, iou, hd95 })
+}
+
+/// Dice and IoU of `pred` against `gt` (flat boolean masks of one length) without the HD95
+/// (whose distance transforms cost far more than the counts), with [`scores`]' conventions for
+/// empty masks.
+pub fn overlap(pred: &[bool], gt: &[bool]) -> Result<(f64, f64)> {
+    if pred.len() != gt.len() {
+        return Err(Error::Input(format!(
+            "metrics: masks of {} and {} values do not agree",
+            pred.len(),
+            gt.len()
+        )));
+    }
+    let (dice, iou, _, _) = counts(pred, gt);
+    Ok((dice, iou))
+}
+
+/// Dice, IoU and the two foreground counts.
+fn counts(pred: &[bool], gt: &[bool]) -> (f64, f64, usize, usize) {
+    let (mut a, mut b, mut both) = (0usize, 0usize, 0usize);
+    for (&p, &g) in pred.iter().zip(gt) {
+        a += p as usize;
+        b += g as usize;
+        both += (p && g) as usize;
+    }
+    if a == 0 && b == 0 {
+        return (1.0, 1.0, 0, 0);
+    }
+    let union = a + b - both;
+    (
+        2.0 * both as f64 / (a + b) as f64,
+        both as f64 / union as f64,
+        a,
+        b,
+    )
 }
 
 fn strides(shape: &[usize]) -> Vec<usize> {
@@ -291,6 +318,7 @@ mod tests {
         assert!((s.iou - 1.0 / 3.0).abs() < 1e-12);
         // Surfaces are the squares' outlines; the farthest outline points are 2 px = 1 mm away.
         assert!(s.hd95 > 0.0 && s.hd95 <= 1.0 + 1e-12, "{}", s.hd95);
+        assert_eq!(overlap(&sq(2), &sq(4)).unwrap(), (s.dice, s.iou));
         let same = scores(&sq(2), &sq(2), &shape, &[1.0, 1.0]).unwrap();
         assert_eq!(
             same,
@@ -319,5 +347,8 @@ mod tests {
         assert_eq!((s.dice, s.iou), (0.0, 0.0));
         assert!(s.hd95.is_infinite());
         assert!(scores(&one, &e, &[3, 4], &[1.0, 1.0]).is_err());
+        assert_eq!(overlap(&e, &e).unwrap(), (1.0, 1.0));
+        assert_eq!(overlap(&one, &e).unwrap(), (0.0, 0.0));
+        assert!(overlap(&one, &e[..8]).is_err());
     }
 }

@@ -298,6 +298,15 @@ def test_metrics_of_shifted_squares():
     assert medsa.metrics.dice(a, b) == s["dice"] and medsa.metrics.iou(a, b) == s["iou"]
     assert medsa.metrics.hd95(a, b, spacing=(0.5, 0.5)) == pytest.approx(s["hd95"] * 0.5)
     assert medsa.metrics.scores(np.zeros(5), np.zeros(5)) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0}
+    z = np.zeros(5)
+    assert (medsa.metrics.dice(z, z), medsa.metrics.iou(z, z)) == (1.0, 1.0)
+    none = np.zeros_like(b)
+    assert (medsa.metrics.dice(a, none), medsa.metrics.iou(a, none)) == (0.0, 0.0)
+    # F-ordered inputs (nibabel's arrays) give the same counts as C-ordered copies.
+    fa, fb = np.asfortranarray(a[:, :15]), np.asfortranarray(b[:, :15])
+    assert medsa.metrics.dice(fa, fb) == medsa.metrics.scores(fa.copy(), fb.copy())["dice"]
+    with pytest.raises(medsa.MedsaError, match="differs"):
+        medsa.metrics.dice(a, b[:10])
     with pytest.raises(medsa.MedsaError, match="spacing"):
         medsa.metrics.hd95(a, b, spacing=(1.0,))
 

@@ -400,6 +400,24 @@ fn scores(
     Ok((s.dice, s.iou, s.hd95))
 }
 
+/// Dice and IoU of two C-contiguous boolean arrays of one shape (no HD95).
+#[pyfunction]
+fn overlap(
+    py: Python<'_>,
+    pred: PyReadonlyArrayDyn<'_, bool>,
+    truth: PyReadonlyArrayDyn<'_, bool>,
+) -> PyResult<(f64, f64)> {
+    if pred.shape() != truth.shape() {
+        return Err(err(format!(
+            "overlap: prediction shape {:?} differs from ground truth shape {:?}",
+            pred.shape(),
+            truth.shape()
+        )));
+    }
+    let (p, t) = (slice(&pred, "pred")?, slice(&truth, "truth")?);
+    py.detach(|| medsa::metrics::overlap(p, t)).map_err(err)
+}
+
 /// The engine's version.
 #[pyfunction]
 fn version() -> &'static str {
@@ -415,6 +433,7 @@ fn _medsa(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_nifti, m)?)?;
     m.add_function(wrap_pyfunction!(write_nifti, m)?)?;
     m.add_function(wrap_pyfunction!(scores, m)?)?;
+    m.add_function(wrap_pyfunction!(overlap, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())
 }

@@ -17,32 +17,38 @@ from . import _medsa
 __all__ = ["dice", "iou", "hd95", "scores"]
 
 
-def scores(pred: Any, truth: Any, spacing: Optional[Sequence[float]] = None) -> Dict[str, float]:
-    """Dice, IoU and HD95 of ``pred`` against ``truth``: ``{"dice", "iou", "hd95"}``."""
+def _masks(pred: Any, truth: Any, spacing: Optional[Sequence[float]], what: str):
+    """Boolean C-contiguous views of both masks and the spacing in their axis order."""
     p = np.asarray(pred) != 0
     t = np.asarray(truth) != 0
     sp = [1.0] * p.ndim if spacing is None else [float(s) for s in spacing]
     if len(sp) != p.ndim:
         raise _medsa.MedsaError(
-            f"scores: {len(sp)} spacing values for an array of {p.ndim} dimensions"
+            f"{what}: {len(sp)} spacing values for an array of {p.ndim} dimensions"
         )
     # The engine reads C order; an F-ordered array is read as its transpose (no copy).
     if not p.flags.c_contiguous and p.flags.f_contiguous and t.flags.f_contiguous:
         p, t, sp = p.T, t.T, sp[::-1]
-    p = np.ascontiguousarray(p)
-    t = np.ascontiguousarray(t)
+    return np.ascontiguousarray(p), np.ascontiguousarray(t), sp
+
+
+def scores(pred: Any, truth: Any, spacing: Optional[Sequence[float]] = None) -> Dict[str, float]:
+    """Dice, IoU and HD95 of ``pred`` against ``truth``: ``{"dice", "iou", "hd95"}``."""
+    p, t, sp = _masks(pred, truth, spacing, "scores")
     d, i, h = _medsa.scores(p, t, sp)
     return {"dice": d, "iou": i, "hd95": h}
 
 
 def dice(pred: Any, truth: Any) -> float:
-    """``2|A∩B| / (|A| + |B|)``."""
-    return scores(pred, truth)["dice"]
+    """``2|A∩B| / (|A| + |B|)`` (counts only: no distance transform)."""
+    p, t, _ = _masks(pred, truth, None, "dice")
+    return _medsa.overlap(p, t)[0]
 
 
 def iou(pred: Any, truth: Any) -> float:
-    """``|A∩B| / |A∪B|``."""
-    return scores(pred, truth)["iou"]
+    """``|A∩B| / |A∪B|`` (counts only: no distance transform)."""
+    p, t, _ = _masks(pred, truth, None, "iou")
+    return _medsa.overlap(p, t)[1]
 
 
 def hd95(pred: Any, truth: Any, spacing: Optional[Sequence[float]] = None) -> float:
