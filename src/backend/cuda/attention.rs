@@ -2,6 +2,7 @@
 //! `kernels/attention.cu` (its token-row maps: plain sequences, windows of a map with padding,
 //! depth sequences of a slice-major volume).
 
+use super::params::unnamed;
 use super::{shape_err, Arg, Cuda, CudaTensor, Precision};
 use crate::backend::{fused, RelPos};
 use crate::error::Result;
@@ -276,11 +277,6 @@ struct AttnLaunch {
     opts: i32,
 }
 
-/// The arguments of a named argument list, in order.
-pub(super) fn unnamed<const N: usize>(named: [(&'static str, Arg); N]) -> [Arg; N] {
-    named.map(|(_, a)| a)
-}
-
 impl AttnLaunch {
     /// The kernels' 28 arguments for the launch whose first sequence is `b_off`.
     fn args(&self, b_off: usize) -> [Arg; 28] {
@@ -481,60 +477,9 @@ fn attention_smem_q128(rel: bool, kh: usize, kw: usize) -> usize {
     2 * (128 + 2 * 64) * 72 + 4 * 128 * rp
 }
 
-/// A kernel's parameter list as written in its source: `(name, kind)` per parameter, kind
-/// `'P'` pointer, `'I'` int, `'L'` long long, `'F'` float. The list is the text after `marker`
-/// up to its closing parenthesis when `marker` ends with `(`, else up to the next `#define`
-/// (a parameter-list macro).
-#[cfg(test)]
-pub(super) fn kernel_params(src: &str, marker: &str) -> Vec<(String, char)> {
-    let at = src
-        .find(marker)
-        .expect("the marker is in the kernel source")
-        + marker.len();
-    let rest = &src[at..];
-    let text = if marker.ends_with('(') {
-        &rest[..rest.find(')').expect("a closing parenthesis")]
-    } else {
-        &rest[..rest.find("#define").unwrap_or(rest.len())]
-    };
-    text.replace('\\', " ")
-        .split(',')
-        .map(|p| {
-            let p = p.trim();
-            let name = p
-                .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .next()
-                .unwrap_or("");
-            let kind = if p.contains('*') {
-                'P'
-            } else if p.starts_with("long long") {
-                'L'
-            } else if p.starts_with("int") {
-                'I'
-            } else if p.starts_with("float") {
-                'F'
-            } else {
-                panic!("unexpected kernel parameter `{p}`")
-            };
-            (name.to_string(), kind)
-        })
-        .collect()
-}
-
-/// The kind of an argument as [`kernel_params`] names it.
-#[cfg(test)]
-pub(super) fn arg_kind(a: &Arg) -> char {
-    match a {
-        Arg::P(_) => 'P',
-        Arg::I(_) => 'I',
-        Arg::L(_) => 'L',
-        Arg::F(_) => 'F',
-        Arg::Perm(_) => 'S',
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::params::{kernel_params, listed};
     use super::*;
 
     #[test]
@@ -570,11 +515,6 @@ mod tests {
             },
             opts: ATT_OPT_TRIM,
         };
-        let got: Vec<(String, char)> = launch
-            .named_args(0)
-            .iter()
-            .map(|(n, a)| (n.to_string(), arg_kind(a)))
-            .collect();
-        assert_eq!(got, want);
+        assert_eq!(listed(&launch.named_args(0)), want);
     }
 }

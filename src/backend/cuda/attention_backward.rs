@@ -3,8 +3,9 @@
 //!
 //! Shapes are checked here; outputs and f32 scratch come from the pool (see `backward.rs`).
 
-use super::attention::{unnamed, AttnShape};
+use super::attention::AttnShape;
 use super::backward::Scratch;
+use super::params::unnamed;
 use super::{shape_err, Arg, Cuda, CudaTensor};
 use crate::backend::{AttentionGrads, RelPos};
 use crate::error::Result;
@@ -430,15 +431,8 @@ fn attention_bwd_smem(d: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::attention::{arg_kind, kernel_params};
+    use super::super::params::{kernel_params, listed};
     use super::*;
-
-    fn listed(named: &[(&'static str, Arg)]) -> Vec<(String, char)> {
-        named
-            .iter()
-            .map(|(n, a)| (n.to_string(), arg_kind(a)))
-            .collect()
-    }
 
     #[test]
     fn launch_arguments_follow_the_kernel_parameter_lists() {

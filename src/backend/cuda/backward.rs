@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use super::conv::ConvGeom;
 use super::gemm::GemmSpec;
+use super::layernorm::{LnBwdLaunch, Rows};
 use super::{dev, shape_err, Arg, Cuda, CudaTensor, DevBuf};
 use crate::backend::Act;
 use crate::error::Result;
@@ -295,28 +296,27 @@ impl Cuda {
             return Ok((
                 dx,
                 self.zeros_dev("layer_norm_backward", &[c])?,
-                self.zeros_dev("layer_norm_backward_impl", &[c])?,
+                self.zeros_dev("layer_norm_backward", &[c])?,
             ));
         }
         let nblk = rows.min(LN_BWD_MAX_BLOCKS);
         let pg = self.scratch("layer_norm_backward", nblk * c)?;
         let pb = self.scratch("layer_norm_backward", nblk * c)?;
+        let launch = LnBwdLaunch {
+            x: x.ptr(),
+            g: g.ptr(),
+            dy: dy.ptr(),
+            dx: dx.ptr(),
+            pg: pg.ptr(),
+            pb: pb.ptr(),
+            rows: Rows { rows, c, eps },
+        };
         self.launch(
             "layernorm_bwd",
             (nblk as u32, 1, 1),
             (128, 1, 1),
             0,
-            &[
-                Arg::P(x.ptr()),
-                Arg::P(g.ptr()),
-                Arg::P(dy.ptr()),
-                Arg::P(dx.ptr()),
-                Arg::P(pg.ptr()),
-                Arg::P(pb.ptr()),
-                Arg::I(rows as i32),
-                Arg::I(c as i32),
-                Arg::F(eps),
-            ],
+            &launch.args(),
         )?;
         let dg = self.colsum_fin(pg.ptr(), nblk, c)?;
         let db = self.colsum_fin(pb.ptr(), nblk, c)?;

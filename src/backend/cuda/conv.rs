@@ -222,27 +222,22 @@ impl Cuda {
 
 #[cfg(test)]
 mod tests {
-    use super::super::attention::{arg_kind, kernel_params};
+    use super::super::params::{kernel_params, listed};
     use super::*;
 
     #[test]
     fn im2col_and_col2im_arguments_follow_the_kernel_parameter_lists() {
         let g = ConvGeom::of(&[2, 9, 7, 3], &[4, 3, 3, 2], 2, 1).unwrap();
         assert_eq!((g.ho, g.wo), (5, 4));
-        let listed = |n: Vec<(&'static str, Arg)>| -> Vec<(String, char)> {
-            n.iter()
-                .map(|(n, a)| (n.to_string(), arg_kind(a)))
-                .collect()
-        };
         assert_eq!(
-            listed(g.named(("x", 1), ("cols", 2))),
+            listed(&g.named(("x", 1), ("cols", 2))),
             kernel_params(
                 include_str!("../../../kernels/elementwise.cu"),
                 "im2col_##S("
             )
         );
         assert_eq!(
-            listed(g.named(("dcols", 1), ("dx", 2))),
+            listed(&g.named(("dcols", 1), ("dx", 2))),
             kernel_params(include_str!("../../../kernels/backward.cu"), "col2im_##S(")
         );
         assert!(ConvGeom::of(&[2, 9, 7, 3], &[4, 2, 3, 2], 2, 1).is_none());

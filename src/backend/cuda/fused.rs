@@ -1,8 +1,7 @@
-//! The fused elementwise-and-GEMM ops: a linear layer with its residual add in the GEMM
-//! (cuBLASLt's C operand) and a residual add followed by LayerNorm in one kernel
-//! (`kernels/layernorm.cu`).
+//! The fused linear layer with its residual add in the GEMM (cuBLASLt's C operand); the fused
+//! residual add + LayerNorm is in `layernorm.rs`.
 
-use super::{shape_err, Arg, Cuda, CudaTensor};
+use super::{shape_err, Cuda, CudaTensor};
 use crate::backend::Backend;
 use crate::error::Result;
 
@@ -49,66 +48,5 @@ impl Cuda {
         let m = x.numel() / k.max(1);
         let (y, _) = self.linear_ex(x, w, b, m, false, Some(r), alpha)?;
         Ok(y)
-    }
-
-    /// Whether rows of `c` elements in `ts` suit the warp-per-row LayerNorm kernels
-    /// (`kernels/layernorm.cu`): the row fits a warp's registers (at most 2048 elements, a
-    /// whole number of 16-byte vectors) and every buffer is 16-byte aligned (the pool's blocks
-    /// are). Otherwise the block-per-row kernels run.
-    pub(super) fn layernorm_warp_fits(&self, c: usize, ts: &[&CudaTensor]) -> bool {
-        let vec = 16 / self.precision.size();
-        c.is_multiple_of(vec) && c <= 2048 && ts.iter().all(|t| t.ptr().is_multiple_of(16))
-    }
-
-    /// [`Backend::add_layer_norm`](crate::backend::Backend::add_layer_norm) on this device.
-    pub(super) fn add_layer_norm_impl(
-        &self,
-        a: &CudaTensor,
-        b: &CudaTensor,
-        beta: f32,
-        g: &CudaTensor,
-        bias: &CudaTensor,
-        eps: f32,
-    ) -> Result<(CudaTensor, CudaTensor)> {
-        let c = *a.shape.last().unwrap_or(&0);
-        if a.shape != b.shape || g.shape != [c] || bias.shape != [c] {
-            return Err(shape_err(
-                "add_layer_norm",
-                format!(
-                    "a {:?}, b {:?}, g {:?}, bias {:?}",
-                    a.shape, b.shape, g.shape, bias.shape
-                ),
-            ));
-        }
-        let s = self.empty("add_layer_norm", &a.shape)?;
-        let y = self.empty("add_layer_norm", &a.shape)?;
-        let rows = a.numel() / c.max(1);
-        if rows > 0 && c > 0 {
-            let warp = self.layernorm_warp_fits(c, &[a, b, &s, g, bias, &y]);
-            let (kernel, grid) = if warp {
-                ("add_layernorm_warp", rows.div_ceil(4))
-            } else {
-                ("add_layernorm", rows)
-            };
-            self.launch(
-                kernel,
-                (grid as u32, 1, 1),
-                (128, 1, 1),
-                0,
-                &[
-                    Arg::P(a.ptr()),
-                    Arg::P(b.ptr()),
-                    Arg::F(beta),
-                    Arg::P(s.ptr()),
-                    Arg::P(g.ptr()),
-                    Arg::P(bias.ptr()),
-                    Arg::P(y.ptr()),
-                    Arg::I(rows as i32),
-                    Arg::I(c as i32),
-                    Arg::F(eps),
-                ],
-            )?;
-        }
-        Ok((s, y))
     }
 }

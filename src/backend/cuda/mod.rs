@@ -9,12 +9,14 @@ mod attention;
 mod attention_backward;
 mod backward;
 mod conv;
+mod copies;
 mod emu;
 mod fused;
 mod gemm;
+mod layernorm;
 mod ops;
+mod params;
 mod pool;
-mod windows;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,7 @@
 //! `Backend for Cuda`: each op checks shapes, allocates its output from the pool and launches
 //! one kernel (or a cuBLASLt GEMM). Launch geometries follow the headers of `kernels/*.cu`.
 
+use super::copies::Block;
 use super::gemm::GemmSpec;
 use super::{shape_err, Arg, Cuda, CudaTensor, PermArgs, Precision};
 use crate::backend::{Act, AttentionGrads, Backend, RelPos, Tokens};
@@ -16,43 +17,6 @@ fn strides(shape: &[usize]) -> Vec<usize> {
 }
 
 impl Cuda {
-    fn copy_block(
-        &self,
-        x: &CudaTensor,
-        y: &CudaTensor,
-        (outer, src_dim, src_off, dst_dim, dst_off, len, inner): (
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-        ),
-    ) -> Result<()> {
-        let n = outer * len * inner;
-        if n == 0 {
-            return Ok(());
-        }
-        self.launch(
-            "copy_block",
-            Self::grid1d(n),
-            (256, 1, 1),
-            0,
-            &[
-                Arg::P(x.ptr()),
-                Arg::P(y.ptr()),
-                Arg::L(outer as i64),
-                Arg::I(src_dim as i32),
-                Arg::I(src_off as i32),
-                Arg::I(dst_dim as i32),
-                Arg::I(dst_off as i32),
-                Arg::I(len as i32),
-                Arg::L(inner as i64),
-            ],
-        )
-    }
-
     /// `y = x W^T (+ b)` for x `[m, k]`, w `[n, k]`: column-major `y^T (n x m) = W (n x k) x^T`.
     pub(super) fn linear_raw(
         &self,
@@ -289,7 +253,19 @@ impl Backend for Cuda {
         let mut off = 0;
         for x in xs {
             let len = x.shape[dim];
-            self.copy_block(x, &y, (outer, len, 0, out[dim], off, len, inner))?;
+            self.copy_block(
+                x,
+                &y,
+                Block {
+                    outer,
+                    src_dim: len,
+                    src_off: 0,
+                    dst_dim: out[dim],
+                    dst_off: off,
+                    len,
+                    inner,
+                },
+            )?;
             off += len;
         }
         Ok(y)
@@ -307,7 +283,19 @@ impl Backend for Cuda {
         let y = self.empty("narrow", &out)?;
         let outer: usize = x.shape[..dim].iter().product();
         let inner: usize = x.shape[dim + 1..].iter().product();
-        self.copy_block(x, &y, (outer, x.shape[dim], start, len, 0, len, inner))?;
+        self.copy_block(
+            x,
+            &y,
+            Block {
+                outer,
+                src_dim: x.shape[dim],
+                src_off: start,
+                dst_dim: len,
+                dst_off: 0,
+                len,
+                inner,
+            },
+        )?;
         Ok(y)
     }
 
@@ -327,7 +315,19 @@ impl Backend for Cuda {
         let y = self.empty("index_select0", &out)?;
         let inner: usize = x.shape[1..].iter().product();
         for (o, &i) in index.iter().enumerate() {
-            self.copy_block(x, &y, (1, rows, i, index.len(), o, 1, inner))?;
+            self.copy_block(
+                x,
+                &y,
+                Block {
+                    outer: 1,
+                    src_dim: rows,
+                    src_off: i,
+                    dst_dim: index.len(),
+                    dst_off: o,
+                    len: 1,
+                    inner,
+                },
+            )?;
         }
         Ok(y)
     }
@@ -500,41 +500,7 @@ impl Backend for Cuda {
         b: &CudaTensor,
         eps: f32,
     ) -> Result<CudaTensor> {
-        let c = *x.shape.last().unwrap_or(&0);
-        if g.shape != [c] || b.shape != [c] {
-            return Err(shape_err(
-                "layer_norm",
-                format!("x {:?}, g {:?}, b {:?}", x.shape, g.shape, b.shape),
-            ));
-        }
-        let y = self.empty("layer_norm", &x.shape)?;
-        let rows = x.numel() / c.max(1);
-        if rows > 0 && c > 0 {
-            // The warp-per-row kernel is opt-in (`RunOptions::layernorm_rows`) until a device
-            // run has verified it; the block-per-row kernel is the verified default.
-            let warp = self.layernorm_rows && self.layernorm_warp_fits(c, &[x, g, b, &y]);
-            let (kernel, grid) = if warp {
-                ("layernorm_warp", rows.div_ceil(4))
-            } else {
-                ("layernorm", rows)
-            };
-            self.launch(
-                kernel,
-                (grid as u32, 1, 1),
-                (128, 1, 1),
-                0,
-                &[
-                    Arg::P(x.ptr()),
-                    Arg::P(g.ptr()),
-                    Arg::P(b.ptr()),
-                    Arg::P(y.ptr()),
-                    Arg::I(rows as i32),
-                    Arg::I(c as i32),
-                    Arg::F(eps),
-                ],
-            )?;
-        }
-        Ok(y)
+        self.layer_norm_impl(x, g, b, eps)
     }
 
     fn attention(
