@@ -377,6 +377,22 @@ fn write_nifti(
     }
 }
 
+/// The two masks of a metric as flat slices, once their shapes agree.
+fn mask_pair<'a>(
+    op: &str,
+    pred: &'a PyReadonlyArrayDyn<'_, bool>,
+    truth: &'a PyReadonlyArrayDyn<'_, bool>,
+) -> PyResult<(&'a [bool], &'a [bool])> {
+    if pred.shape() != truth.shape() {
+        return Err(err(format!(
+            "{op}: prediction shape {:?} differs from ground truth shape {:?}",
+            pred.shape(),
+            truth.shape()
+        )));
+    }
+    Ok((slice(pred, "pred")?, slice(truth, "truth")?))
+}
+
 /// Dice, IoU and HD95 of two C-contiguous boolean arrays of one shape, with per-axis spacing.
 #[pyfunction]
 fn scores(
@@ -385,15 +401,8 @@ fn scores(
     truth: PyReadonlyArrayDyn<'_, bool>,
     spacing: Vec<f64>,
 ) -> PyResult<(f64, f64, f64)> {
-    if pred.shape() != truth.shape() {
-        return Err(err(format!(
-            "scores: prediction shape {:?} differs from ground truth shape {:?}",
-            pred.shape(),
-            truth.shape()
-        )));
-    }
     let shape = pred.shape().to_vec();
-    let (p, t) = (slice(&pred, "pred")?, slice(&truth, "truth")?);
+    let (p, t) = mask_pair("scores", &pred, &truth)?;
     let s = py
         .detach(|| medsa::metrics::scores(p, t, &shape, &spacing))
         .map_err(err)?;
@@ -407,14 +416,7 @@ fn overlap(
     pred: PyReadonlyArrayDyn<'_, bool>,
     truth: PyReadonlyArrayDyn<'_, bool>,
 ) -> PyResult<(f64, f64)> {
-    if pred.shape() != truth.shape() {
-        return Err(err(format!(
-            "overlap: prediction shape {:?} differs from ground truth shape {:?}",
-            pred.shape(),
-            truth.shape()
-        )));
-    }
-    let (p, t) = (slice(&pred, "pred")?, slice(&truth, "truth")?);
+    let (p, t) = mask_pair("overlap", &pred, &truth)?;
     py.detach(|| medsa::metrics::overlap(p, t)).map_err(err)
 }
 

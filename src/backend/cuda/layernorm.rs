@@ -109,18 +109,20 @@ impl Cuda {
 
     /// Launches `ln` on the block-per-row kernel, or on the warp-per-row one with `warp`.
     fn launch_layernorm(&self, ln: &LnLaunch, warp: bool) -> Result<()> {
-        let base = if ln.add.is_some() {
-            "add_layernorm"
-        } else {
-            "layernorm"
+        let kernel = match (ln.add.is_some(), warp) {
+            (false, false) => "layernorm",
+            (false, true) => "layernorm_warp",
+            (true, false) => "add_layernorm",
+            (true, true) => "add_layernorm_warp",
         };
-        let (kernel, grid) = if warp {
-            (format!("{base}_warp"), ln.rows.rows.div_ceil(4))
+        // The warp kernels normalise four rows per 128-thread block.
+        let grid = if warp {
+            ln.rows.rows.div_ceil(4)
         } else {
-            (base.to_string(), ln.rows.rows)
+            ln.rows.rows
         };
         let args: Vec<Arg> = ln.named().into_iter().map(|(_, a)| a).collect();
-        self.launch(&kernel, (grid as u32, 1, 1), (128, 1, 1), 0, &args)
+        self.launch(kernel, (grid as u32, 1, 1), (128, 1, 1), 0, &args)
     }
 
     /// [`Backend::layer_norm`](crate::backend::Backend::layer_norm) on this device.
